@@ -1,0 +1,537 @@
+"""Data for AliTok: ADM preprocessing, the datasets, and ten-crop pre-tokenization for the generator.
+
+Read beside "AliTok" (arXiv 2506.05289), Sec. 4 implementation details and the released training recipe:
+images enter the tokenizer in [0, 1] after the ADM centre crop; the generator trains on ImageNet codes
+pre-tokenized with ten-crop (ADM crop to int(256 * 1.1) = 281 px, four corner and centre 256 crops and
+their mirror images), one of the 10 code sequences drawn at random per visit.
+
+Sources: built-in procedural shapes (the default; no download), ImageNet-layout image folders, and
+uint8 npz arrays. Image items are (image float [3, H, W] in [0, 1], label int); pre-tokenized items are
+(codes int64 [T], label int).
+"""
+import colorsys
+import os
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")  # matched case-insensitively
+TEN_CROP_SCALE = 1.1  # paper recipe: ADM crop to int(256 * 1.1) = 281 px before the 256 px crops
+TEN_CROP_ORDER = ("top_left", "top_right", "bottom_left", "bottom_right", "centre",
+                  "top_left_flipped", "top_right_flipped", "bottom_left_flipped", "bottom_right_flipped",
+                  "centre_flipped")
+CODES_META = ("n_tokens", "codebook_size", "image_size", "num_classes")  # scalar fields of a codes file
+
+
+# ----------------------------------------------------------------------------------------------------
+# Image files and tensors
+# ----------------------------------------------------------------------------------------------------
+
+def load_image(path):
+    """Read an image file fully decoded as a PIL RGB image; raises (OSError, ...) if it is unreadable."""
+    with Image.open(path) as image:
+        return image.convert("RGB")  # convert() decodes now, so a broken file fails here, not later
+
+
+def uint8_to_tensor(array):
+    """uint8 [H, W, 3] array -> float [3, H, W] in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))).float().div_(255)
+
+
+def pil_to_tensor(pil_image):
+    """PIL image -> float [3, H, W] in [0, 1]."""
+    return uint8_to_tensor(np.asarray(pil_image.convert("RGB"), dtype=np.uint8))
+
+
+def save_grid(images, path, nrow=8, padding=2):
+    """Save float [B, 3, H, W] in [0, 1] as a PNG grid: nrow images per row, `padding` black px around each."""
+    x = images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()
+    b, _, h, w = x.shape
+    rows, cols = -(-b // nrow), min(nrow, b)
+    grid = np.zeros((rows * (h + padding) + padding, cols * (w + padding) + padding, 3), np.uint8)
+    for i in range(b):
+        top, left = padding + (i // nrow) * (h + padding), padding + (i % nrow) * (w + padding)
+        grid[top:top + h, left:left + w] = x[i].transpose(1, 2, 0)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(grid).save(path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# ADM centre crop (reference Sec. 3) and ten-crop (training recipe)
+# ----------------------------------------------------------------------------------------------------
+
+def center_crop_adm(pil_image, size):
+    """ADM preprocessing: PIL image of any size -> PIL [size, size] (box halving, bicubic, centre crop)."""
+    image = pil_image
+    # Halving with a box filter first keeps bicubic from aliasing when it shrinks a lot in one step.
+    while min(image.size) >= 2 * size:
+        image = image.resize((image.width // 2, image.height // 2), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize((round(image.width * scale), round(image.height * scale)), resample=Image.BICUBIC)
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def ten_crop_tensor(images, size):
+    """float [..., 3, S, S] (S >= size) -> float [..., 10, 3, size, size] in TEN_CROP_ORDER."""
+    s = images.shape[-1]
+    assert images.shape[-2] == s >= size, f"need square images of side >= {size}, got {tuple(images.shape)}"
+    far, mid = s - size, (s - size) // 2
+    corners = [(0, 0), (0, far), (far, 0), (far, far), (mid, mid)]  # (top, left) of the five crops
+    crops = [images[..., t:t + size, l:l + size] for t, l in corners]
+    return torch.stack(crops + [c.flip(-1) for c in crops], dim=-4)
+
+
+def ten_crop(pil_image, size):
+    """PIL image -> float [10, 3, size, size] in [0, 1]: ADM crop to int(size * 1.1), then the crops
+    top-left, top-right, bottom-left, bottom-right, centre, then the horizontal flips of those five in the
+    same order (TEN_CROP_ORDER)."""
+    big = center_crop_adm(pil_image, int(size * TEN_CROP_SCALE))
+    return ten_crop_tensor(pil_to_tensor(big), size)
+
+
+def _random_flip(image):
+    """float [3, H, W] -> the same, mirrored left-right with probability 1/2 (torch's default RNG)."""
+    return image.flip(-1) if torch.rand(()) < 0.5 else image
+
+
+def _spaced_indices(n_total, n):
+    """n indices spread evenly over range(n_total), so every class appears; all if n is None or >= n_total."""
+    if n is None or n >= n_total:
+        return np.arange(n_total)
+    return np.arange(n) * n_total // n
+
+
+# ----------------------------------------------------------------------------------------------------
+# Built-in procedural shapes: 10 learnable classes drawn from (seed, split, index), no download
+# ----------------------------------------------------------------------------------------------------
+
+SHAPES_CLASSES = ("circle", "square", "triangle", "cross", "ring",
+                  "stripes", "checkerboard", "diagonal", "two_dots", "diamond")
+SHAPES_SPLITS = ("train", "val", "test")  # each split is its own random stream
+SHAPES_DEFAULT_N = 10_000
+# Class hues step 108 degrees, so classes next to each other in the list never share a colour family.
+_SHAPES_HUES = tuple((108 * k % 360) / 360 for k in range(len(SHAPES_CLASSES)))
+
+
+def _shape_sdf(label, x, y, r):
+    """Signed distance (< 0 inside) of class `label` with size r; x [1, W], y [H, 1] relative to the centre,
+    in units where the image spans [-1, 1] and y grows downwards."""
+    ax, ay, root2 = np.abs(x), np.abs(y), np.sqrt(2)
+    if label == 0:  # circle
+        return np.hypot(x, y) - r
+    if label == 1:  # square
+        return np.maximum(ax, ay) - 0.85 * r
+    if label == 2:  # triangle, apex up: three half-planes, inradius 0.6 r
+        return np.max([np.cos(a) * x + np.sin(a) * y for a in np.radians([90, 210, 330])], axis=0) - 0.6 * r
+    if label == 3:  # plus sign: union (min) of two bars
+        bar = 0.3 * r
+        return np.minimum(np.maximum(ax - r, ay - bar), np.maximum(ax - bar, ay - r))
+    if label == 4:  # ring
+        return np.abs(np.hypot(x, y) - r) - 0.25 * r
+    if label == 5:  # horizontal stripes of period r over the whole image
+        return (np.abs((y / r) % 1 - 0.5) - 0.25) * r
+    if label == 6:  # checkerboard of period 1.5 r over the whole image
+        p = 1.5 * r
+        u, v = 0.25 - np.abs((x / p) % 1 - 0.5), 0.25 - np.abs((y / p) % 1 - 0.5)
+        return -np.sign(u * v) * np.minimum(np.abs(u), np.abs(v)) * p
+    if label == 7:  # band along the top-left to bottom-right diagonal
+        return np.abs(x - y) / root2 - 0.4 * r
+    if label == 8:  # two dots side by side
+        return np.minimum(np.hypot(x - 0.8 * r, y), np.hypot(x + 0.8 * r, y)) - 0.45 * r
+    return (ax + ay - 1.1 * r) / root2  # diamond
+
+
+def render_shape(seed, index, size, split="train", antialias=True):
+    """Built-in sample: (image float32 [3, size, size] in [0, 1], label = index % 10); a pure function of
+    (seed, split, index), drawn at `size` directly (no resampling)."""
+    label = index % len(SHAPES_CLASSES)
+    rng = np.random.default_rng([seed, SHAPES_SPLITS.index(split), index])
+    cx, cy, r = rng.uniform(-0.3, 0.3), rng.uniform(-0.3, 0.3), rng.uniform(0.3, 0.5)
+    # Class colour with a little jitter on a desaturated, vertically graded background that is light for
+    # odd classes and dark for even ones: classes whose hues are neighbours (36 degrees) then differ in it.
+    light = label % 2 == 1
+    fg = colorsys.hsv_to_rgb((_SHAPES_HUES[label] + rng.uniform(-1, 1) / 30) % 1, rng.uniform(0.65, 0.95),
+                             rng.uniform(0.55, 0.8) if light else rng.uniform(0.75, 1.0))
+    bg = [colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0, 0.25),
+                              rng.uniform(0.75, 0.95) if light else rng.uniform(0.05, 0.3)) for _ in range(2)]
+    u = (np.arange(size) + 0.5) * (2 / size) - 1  # pixel centres in [-1, 1]
+    x, y = u[None, :], u[:, None]
+    d = np.broadcast_to(_shape_sdf(label, x - cx, y - cy, r), (size, size))
+    pixel = 2 / size
+    # Coverage of each pixel: a one-pixel linear ramp across the edge is cheap anti-aliasing.
+    alpha = np.clip(0.5 - d / pixel, 0, 1) if antialias else (d <= 0).astype(np.float64)
+    t = ((y + 1) / 2)[..., None]  # [H, 1, 1] top-to-bottom blend weight
+    background = np.asarray(bg[0]) * (1 - t) + np.asarray(bg[1]) * t  # [H, 1, 3]
+    image = background * (1 - alpha[..., None]) + np.asarray(fg) * alpha[..., None]  # [H, W, 3]
+    return image.transpose(2, 0, 1).astype(np.float32), label
+
+
+class ShapesDataset(Dataset):
+    """Procedural shapes: items (image float [3, S, S] in [0, 1], label int); item i fixed by (seed, split, i)
+    unless flip is on."""
+
+    def __init__(self, image_size, n_images=SHAPES_DEFAULT_N, seed=0, flip=False, split="train",
+                 antialias=True):
+        if split not in SHAPES_SPLITS:
+            raise ValueError(f"shapes split {split!r}; expected one of {SHAPES_SPLITS}")
+        self.image_size, self.n_images, self.seed, self.flip = image_size, n_images, seed, flip
+        self.split, self.antialias = split, antialias
+        self.num_classes, self.class_names = len(SHAPES_CLASSES), list(SHAPES_CLASSES)
+
+    def __len__(self):
+        return self.n_images
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.n_images:
+            raise IndexError(f"index {i} out of range for {self.n_images} images")
+        image, label = render_shape(self.seed, i, self.image_size, self.split, self.antialias)
+        image = torch.from_numpy(image)
+        return (_random_flip(image) if self.flip else image), label
+
+
+# ----------------------------------------------------------------------------------------------------
+# Image folders (ImageNet layout: root/<class>/<image>)
+# ----------------------------------------------------------------------------------------------------
+
+def _list_images(folder):
+    """Sorted paths of the image files under `folder` (recursive; hidden files and folders skipped)."""
+    found = []
+    for parent, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [os.path.join(parent, f) for f in files
+                  if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(found)
+
+
+def _unreadable(path):
+    """None if PIL recognises the file's header, else the reason as text (cheap: no pixel decoding)."""
+    try:
+        with Image.open(path) as image:
+            image.size
+        return None
+    except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        return f"{type(error).__name__}: {error}"
+
+
+class ImageFolderDataset(Dataset):
+    """ImageNet-layout folder: items (image float [3, S, S] in [0, 1], label = index of the sorted class
+    folder); ADM centre crop, optional random flip. Unreadable files are skipped with a warning; more than
+    max_bad_fraction of them raises RuntimeError."""
+
+    def __init__(self, root, image_size, flip=False, max_bad_fraction=0.01, verify=True, n_images=None):
+        self.root, self.image_size, self.flip = root, image_size, flip
+        self.max_bad_fraction = max_bad_fraction
+        folders = [e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")]
+        self.class_names = sorted(folders)
+        if not self.class_names:
+            raise ValueError(f"{root}: no class sub-folders; expected root/<class name>/<image files> "
+                             "(ImageNet layout)")
+        self.num_classes = len(self.class_names)
+        files = [(path, label) for label, name in enumerate(self.class_names)
+                 for path in _list_images(os.path.join(root, name))]
+        if not files:
+            raise ValueError(f"{root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
+        files = [files[i] for i in _spaced_indices(len(files), n_images)]
+        self.n_files = len(files)
+        # Header check up front: cheap, and a broken dataset fails at start rather than hours in.
+        checking = tqdm(files, desc="checking images", disable=len(files) < 10_000)
+        reasons = [_unreadable(path) for path, _ in checking] if verify else [None] * len(files)
+        self.skipped = {p: why for (p, _), why in zip(files, reasons) if why}  # path -> reason, at start
+        self.failed = {}  # path -> reason, when decoding (per process: each DataLoader worker has its own)
+        self.samples = [item for item, why in zip(files, reasons) if not why]
+        if self.skipped:
+            warnings.warn(f"{root}: skipped {len(self.skipped)} unreadable of {self.n_files} image files: "
+                          + self._list_bad(self.skipped))
+        self._check_bad_fraction()
+
+    def _list_bad(self, bad, shown=10):
+        """'path (reason); ...' for the first `shown` entries of {path: reason}."""
+        items = [f"{p} ({why})" for p, why in list(bad.items())[:shown]]
+        return "; ".join(items) + (f"; ... and {len(bad) - shown} more" if len(bad) > shown else "")
+
+    def _check_bad_fraction(self):
+        n_bad = len(self.skipped) + len(self.failed)
+        if n_bad > self.max_bad_fraction * self.n_files or not self.samples:
+            raise RuntimeError(f"{self.root}: {n_bad} of {self.n_files} image files are unreadable, more "
+                               f"than max_bad_fraction={self.max_bad_fraction:.2%}: "
+                               + self._list_bad({**self.skipped, **self.failed}))
+
+    def __len__(self):
+        return len(self.samples)
+
+    def load(self, i):
+        """(PIL RGB image, label) of sample i; a file that fails to decode is recorded, the next one used."""
+        for step in range(len(self.samples)):
+            path, label = self.samples[(i + step) % len(self.samples)]
+            if path in self.failed:
+                continue
+            try:
+                return load_image(path), label
+            except Exception as error:  # a long training run must survive one truncated JPEG
+                self.failed[path] = f"{type(error).__name__}: {error}"
+                warnings.warn(f"{path}: unreadable ({self.failed[path]}); using the next image instead")
+                self._check_bad_fraction()
+        raise RuntimeError(f"{self.root}: no readable image left")
+
+    def __getitem__(self, i):
+        image, label = self.load(i)
+        x = pil_to_tensor(center_crop_adm(image, self.image_size))
+        return (_random_flip(x) if self.flip else x), label
+
+
+# ----------------------------------------------------------------------------------------------------
+# npz arrays: x_<split>/y_<split> (CIFAR style) or arr_0/arr_1 (ADM reference-batch style)
+# ----------------------------------------------------------------------------------------------------
+
+def _check_arrays(path, images, labels, x_key, y_key):
+    """Raise ValueError unless images are uint8 [N, H, W, 3] and labels integer [N] >= 0."""
+    expected = f"expected {x_key!r} uint8 [N, H, W, 3] (NHWC, values 0..255)"
+    shape = tuple(images.shape)
+    if images.ndim != 4:
+        raise ValueError(f"{path}: {x_key!r} has shape {shape}; {expected}")
+    if images.shape[-1] != 3:
+        hint = " (this looks like NCHW: use x.transpose(0, 2, 3, 1))" if images.shape[1] == 3 else ""
+        raise ValueError(f"{path}: {x_key!r} has shape {shape} with {images.shape[-1]} channels last{hint}; "
+                         + expected)
+    if images.dtype != np.uint8:
+        raise ValueError(f"{path}: {x_key!r} has dtype {images.dtype}; {expected} "
+                         "(from floats in [0, 1]: (x * 255).round().astype(np.uint8))")
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise ValueError(f"{path}: {y_key!r} is {labels.dtype} {tuple(labels.shape)}; "
+                         "expected integer labels [N]")
+    if len(labels) != len(images):
+        raise ValueError(f"{path}: {len(images)} images in {x_key!r} but {len(labels)} labels in {y_key!r}; "
+                         "expected one label per image")
+    if len(images) == 0 or labels.min() < 0:
+        raise ValueError(f"{path}: expected at least one image and labels >= 0")
+
+
+def read_npz_images(path, split="train"):
+    """(images uint8 [N, H, W, 3], labels int64 [N], class names or None) from x_<split>/y_<split>, else
+    arr_0/arr_1 (a single-split ADM file serves any split); ValueError on other layouts."""
+    with np.load(path) as f:
+        keys = set(f.files)
+        if f"x_{split}" in keys:
+            x_key, y_key = f"x_{split}", f"y_{split}"
+        elif "arr_0" in keys:
+            x_key, y_key = "arr_0", "arr_1"
+        else:
+            raise ValueError(f"{path}: keys {sorted(keys)}; expected x_{split} and y_{split}, or arr_0 "
+                             "(images) and arr_1 (labels) as in ADM reference batches")
+        if y_key not in keys:
+            raise ValueError(f"{path}: images {x_key!r} but no labels {y_key!r}; expected integer labels [N]")
+        images, labels = f[x_key], f[y_key]
+        names = _string_array(f, "classes")
+    _check_arrays(path, images, labels, x_key, y_key)
+    return images, labels.astype(np.int64), names
+
+
+def _string_array(npz, key):
+    """npz[key] as a list of str, or None when absent or not a string array (object arrays need pickle)."""
+    try:
+        values = npz[key] if key in npz.files else None
+    except ValueError:  # an object array: numpy refuses to unpickle it, and we do not ask it to
+        return None
+    return [str(v) for v in values] if values is not None and values.dtype.kind in "US" else None
+
+
+class ArrayDataset(Dataset):
+    """uint8 npz images: items (image float [3, S, S] in [0, 1], label int); ADM centre crop when the stored
+    size is not S, optional random flip."""
+
+    def __init__(self, path, image_size, flip=False, split="train", n_images=None):
+        images, labels, names = read_npz_images(path, split)
+        keep = _spaced_indices(len(images), n_images)
+        self.images, self.labels = images[keep], labels[keep]
+        self.path, self.image_size, self.flip = path, image_size, flip
+        self.num_classes = len(names) if names else int(labels.max()) + 1
+        if labels.max() >= self.num_classes:
+            raise ValueError(f"{path}: label {labels.max()} but only {self.num_classes} class names")
+        self.class_names = names or [str(c) for c in range(self.num_classes)]
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        array = self.images[i]
+        if array.shape[:2] != (self.image_size, self.image_size):
+            array = np.asarray(center_crop_adm(Image.fromarray(array), self.image_size))
+        x = uint8_to_tensor(array)
+        return (_random_flip(x) if self.flip else x), int(self.labels[i])
+
+
+# ----------------------------------------------------------------------------------------------------
+# One entry point
+# ----------------------------------------------------------------------------------------------------
+
+def build_dataset(source, image_size, train=True, flip=None, seed=0, n_images=None, split="train",
+                  max_bad_fraction=0.01):
+    """Dataset of (image float [3, image_size, image_size] in [0, 1], label int) with .num_classes and
+    .class_names. source: "shapes" (built-in), an ImageNet-layout folder, or a .npz file. flip (random
+    mirror) defaults to train; seed and split pick the shapes stream; split picks x_<split> of an npz;
+    n_images keeps that many, evenly spaced (shapes default 10,000); max_bad_fraction: folders only."""
+    flip = train if flip is None else flip
+    if isinstance(source, str) and source == "shapes":
+        return ShapesDataset(image_size, SHAPES_DEFAULT_N if n_images is None else n_images, seed, flip, split)
+    path = os.fspath(source)
+    if os.path.isdir(path):
+        return ImageFolderDataset(path, image_size, flip, max_bad_fraction, n_images=n_images)
+    if os.path.isfile(path) and path.lower().endswith(".npz"):
+        return ArrayDataset(path, image_size, flip, split, n_images)
+    expected = ("expected 'shapes' (built-in), a folder root/<class>/<images> (ImageNet layout), or a .npz "
+                "file of uint8 [N, H, W, 3] images with labels")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data source {path!r} does not exist; {expected}")
+    raise ValueError(f"data source {path!r} is neither a folder nor a .npz file; {expected}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pre-tokenization with ten-crop (training recipe), one process or torchrun
+# ----------------------------------------------------------------------------------------------------
+
+def _save_npz_atomic(path, **arrays):
+    """Write an uncompressed npz so that readers see either the old file or the whole new one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:  # a file object stops numpy from appending ".npz" to the name
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def _encode_ten_crops(tokenizer, data, indices, size, batch_size, device, progress, num_workers):
+    """(codes int16 [n, 10, T], labels int64 [n]) of data[indices], each image's crops in TEN_CROP_ORDER."""
+    codebook_size = tokenizer.config.codebook_size
+    loader = DataLoader(Subset(data, indices), batch_size=batch_size, num_workers=num_workers)
+    all_codes, all_labels = [], []
+    for images, labels in tqdm(loader, desc="pre-tokenizing", disable=not progress):
+        crops = ten_crop_tensor(images, size).to(device)  # [B, 10, 3, size, size]
+        # One encoder batch per crop position keeps the encoder batch at batch_size.
+        codes = torch.stack([tokenizer.encode(crops[:, k]) for k in range(10)], dim=1).cpu()  # [B, 10, T]
+        assert 0 <= codes.min() and codes.max() < codebook_size, "encode() gave codes outside the codebook"
+        all_codes.append(codes.to(torch.int16).numpy())
+        all_labels.append(labels.numpy().astype(np.int64))
+    if not all_codes:  # a rank with no share (more ranks than images); T is unknown, 0 marks that
+        return np.zeros((0, 10, 0), np.int16), np.zeros(0, np.int64)
+    return np.concatenate(all_codes), np.concatenate(all_labels)
+
+
+def _merge_rank_parts(parts, n):
+    """(codes [n, 10, T], labels [n]) in index order from per-rank files; rank r held r, r + world, ..."""
+    world = len(parts)
+    codes, labels = None, np.zeros(n, np.int64)
+    for rank, part in enumerate(parts):
+        with np.load(part) as f:
+            share_codes, share_labels = f["codes"], f["labels"]
+        if len(share_codes):  # a rank with no share stored [0, 10, 0]
+            if codes is None:
+                codes = np.zeros((n, 10, share_codes.shape[2]), np.int16)
+            codes[rank::world], labels[rank::world] = share_codes, share_labels
+    return (np.zeros((0, 10, 0), np.int16) if codes is None else codes), labels
+
+
+@torch.no_grad()  # not inference_mode: tensors a module caches here must stay usable for training later
+def pretokenize(tokenizer, source, out_path, batch_size=64, device="cpu", progress=True, num_workers=0):
+    """Encode every train image of `source` with ten-crop; write out_path (npz): codes int16 [N, 10, T] in
+    TEN_CROP_ORDER, labels int64 [N], scalars n_tokens, codebook_size, image_size, num_classes and
+    class_names. source: as build_dataset, or a Dataset of [3, S, S] images (S >= size, no flip). The
+    tokenizer must already be on `device`. Under torch.distributed, rank r encodes indices r::world and rank
+    0 writes the one file in index order (per-rank part files next to out_path, so a filesystem all ranks
+    see). Returns out_path."""
+    size, codebook_size = tokenizer.config.image_size, tokenizer.config.codebook_size
+    assert codebook_size <= 32768, f"codebook_size {codebook_size} does not fit int16 codes"
+    if isinstance(source, (str, os.PathLike)):
+        data = build_dataset(source, int(size * TEN_CROP_SCALE), train=False, flip=False)
+    elif getattr(source, "flip", False):
+        raise ValueError("pretokenize needs a dataset without random flip: the ten crops already mirror")
+    else:
+        data = source
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    was_training = tokenizer.training
+    tokenizer.eval()
+    codes, labels = _encode_ten_crops(tokenizer, data, range(rank, len(data), world), size, batch_size,
+                                      device, progress and rank == 0, num_workers)
+    tokenizer.train(was_training)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    parts = [f"{out_path}.rank{r}of{world}" for r in range(world)]
+    if world > 1:
+        _save_npz_atomic(parts[rank], codes=codes, labels=labels)
+        dist.barrier()
+    if rank == 0:
+        if world > 1:
+            codes, labels = _merge_rank_parts(parts, len(data))
+        _save_npz_atomic(out_path, codes=codes, labels=labels, n_tokens=np.int64(codes.shape[2]),
+                         codebook_size=np.int64(codebook_size), image_size=np.int64(size),
+                         num_classes=np.int64(data.num_classes), class_names=np.array(data.class_names))
+        for part in parts if world > 1 else []:
+            os.remove(part)
+    if world > 1:
+        dist.barrier()  # every rank returns only once the file exists
+    return out_path
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pre-tokenized codes for the generator
+# ----------------------------------------------------------------------------------------------------
+
+class CodesDataset(Dataset):
+    """Pre-tokenized npz: items (codes int64 [T], label int), one of the image's 10 crops per visit.
+
+    The crop is drawn from a numpy generator per process seeded with (seed, worker seed): in a DataLoader
+    worker the worker seed is torch's per-worker seed (fresh each epoch, reproducible under
+    torch.manual_seed), in the main process it is 0. Give each DDP rank its own seed (e.g. seed + rank)."""
+
+    def __init__(self, path, seed=0):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such file; expected the .npz written by pretokenize()")
+        with np.load(path) as f:
+            missing = [k for k in ("codes", "labels") + CODES_META if k not in f.files]
+            if missing:
+                raise ValueError(f"{path}: missing {missing}; expected codes, labels, "
+                                 f"{', '.join(CODES_META)} as written by pretokenize()")
+            self.codes, self.labels = f["codes"], f["labels"]
+            meta = {k: int(f[k]) for k in CODES_META}
+            names = _string_array(f, "class_names")
+        self.n_tokens, self.codebook_size = meta["n_tokens"], meta["codebook_size"]
+        self.image_size, self.num_classes = meta["image_size"], meta["num_classes"]
+        self.class_names = names or [str(c) for c in range(self.num_classes)]
+        self._check(path)
+        self.seed, self._rng, self._rng_key = seed, None, None
+
+    def _check(self, path):
+        codes, labels, n = self.codes, self.labels, len(self.codes)
+        problems = [
+            (codes.dtype == np.int16, f"codes dtype {codes.dtype}, expected int16"),
+            (codes.ndim == 3 and codes.shape[1:] == (10, self.n_tokens),
+             f"codes shape {codes.shape}, expected [N, 10, n_tokens={self.n_tokens}]"),
+            (labels.dtype == np.int64 and labels.shape == (n,), f"labels {labels.dtype} {labels.shape}, "
+                                                                f"expected int64 [{n}] (one per image)"),
+            (n > 0, "no images"),
+        ]
+        for ok, message in problems:
+            if not ok:
+                raise ValueError(f"{path}: {message}")
+        if codes.min() < 0 or codes.max() >= self.codebook_size:
+            raise ValueError(f"{path}: codes outside [0, codebook_size={self.codebook_size})")
+        if labels.min() < 0 or labels.max() >= self.num_classes:
+            raise ValueError(f"{path}: labels outside [0, num_classes={self.num_classes})")
+
+    def _crop_rng(self):
+        """This process's crop generator, made afresh when the DataLoader worker (seed) changes."""
+        info = torch.utils.data.get_worker_info()
+        key = info.seed if info is not None else 0
+        if self._rng_key != key:  # a new worker (or epoch's workers) gets a fresh stream
+            self._rng, self._rng_key = np.random.default_rng([self.seed, key]), key
+        return self._rng
+
+    def __len__(self):
+        return len(self.codes)
+
+    def __getitem__(self, i):
+        crop = self._crop_rng().integers(10)
+        return torch.from_numpy(self.codes[i, crop].astype(np.int64)), int(self.labels[i])

@@ -1,0 +1,261 @@
+"""Loss networks for training the AliTok tokenizer (spec: "Losses of the released recipe").
+
+- ConvNeXt-S perceptual loss: MSE between ImageNet logits of reconstruction and target.
+- LPIPS (VGG16 features + v0.1 linear heads), used early in each stage.
+- PatchGAN-style discriminator (MaskBit style) with hinge losses, switched on late in each stage.
+
+The two frozen networks load from weight files the user names (no downloads); parameter names follow
+torchvision and the lpips package exactly so their files load strictly. Images are NCHW float in [0, 1].
+"""
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LPIPS_SHIFT = (-0.030, -0.088, -0.188)  # lpips ScalingLayer, for inputs in [-1, 1]
+LPIPS_SCALE = (0.458, 0.448, 0.450)
+
+CONVNEXT_SOURCE = ("torchvision's ImageNet-1k ConvNeXt-S weights, convnext_small-0c510722.pth "
+                   "(https://download.pytorch.org/models/convnext_small-0c510722.pth)")
+VGG_SOURCE = ("torchvision's ImageNet-1k VGG16 weights, vgg16-397923af.pth "
+              "(https://download.pytorch.org/models/vgg16-397923af.pth)")
+LPIPS_LIN_SOURCE = ("the LPIPS v0.1 VGG linear heads, vgg.pth, from richzhang/PerceptualSimilarity "
+                    "(lpips/weights/v0.1/vgg.pth, also shipped in the `lpips` pip package)")
+
+
+def _channels(x, values):
+    """A per-channel constant shaped [1, C, 1, 1] on x's device and dtype."""
+    return torch.tensor(values, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# ConvNeXt-S (torchvision layout) and the perceptual loss
+# --------------------------------------------------------------------------------------------------
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an NCHW tensor (torchvision's LayerNorm2d)."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)  # B, H, W, C
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    """x + layer_scale * (7x7 depthwise conv -> LayerNorm -> Linear 4C -> GELU -> Linear C)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.layer_scale = nn.Parameter(torch.full((dim, 1, 1), 1e-6))
+        # Indices 1 and 4 are torchvision's Permute and GELU; the placeholders keep the weight names.
+        self.block = nn.Sequential(
+            nn.Conv2d(dim, dim, 7, padding=3, groups=dim), nn.Identity(), nn.LayerNorm(dim, eps=1e-6),
+            nn.Linear(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x):
+        b = self.block
+        h = b[0](x).permute(0, 2, 3, 1)  # B, H, W, C: LayerNorm and Linears act on channels last
+        h = b[5](F.gelu(b[3](b[2](h)))).permute(0, 3, 1, 2)  # B, C, H, W
+        return x + self.layer_scale * h  # stochastic depth is the identity in eval
+
+
+class ConvNeXtSmall(nn.Module):
+    """torchvision `convnext_small`: images normalised NCHW -> logits [B, num_classes]."""
+
+    def __init__(self, widths=(96, 192, 384, 768), depths=(3, 3, 27, 3), num_classes=1000):
+        super().__init__()
+        # features: stem, stage 1, (downsample, stage) x 3 -- torchvision's flat numbering.
+        layers = [nn.Sequential(nn.Conv2d(3, widths[0], 4, stride=4), LayerNorm2d(widths[0], eps=1e-6))]
+        for i, (width, depth) in enumerate(zip(widths, depths)):
+            if i > 0:
+                layers.append(nn.Sequential(LayerNorm2d(widths[i - 1], eps=1e-6),
+                                            nn.Conv2d(widths[i - 1], width, 2, stride=2)))
+            layers.append(nn.Sequential(*[ConvNeXtBlock(width) for _ in range(depth)]))
+        self.features = nn.Sequential(*layers)
+        # Index 1 is torchvision's Flatten; the placeholder keeps the weight names.
+        self.classifier = nn.Sequential(LayerNorm2d(widths[-1], eps=1e-6), nn.Identity(),
+                                        nn.Linear(widths[-1], num_classes))
+
+    def forward(self, x):
+        x = self.features(x).mean((2, 3), keepdim=True)  # B, C, 1, 1: global average pool
+        return self.classifier[2](self.classifier[0](x).flatten(1))
+
+
+def convnext_input(x, size=224):
+    """Images in [0, 1], [B, 3, H, W] -> [B, 3, size, size]: antialiased bilinear resize, ImageNet norm."""
+    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return (x - _channels(x, IMAGENET_MEAN)) / _channels(x, IMAGENET_STD)
+
+
+def perceptual_loss(net, x, y):
+    """MSE between ConvNeXt logits of x and y (images in [0, 1]); mean over batch and the 1000 logits."""
+    logits = net(convnext_input(torch.cat([x, y])))  # one pass for both: 2B, 1000
+    return F.mse_loss(*logits.chunk(2))
+
+
+# --------------------------------------------------------------------------------------------------
+# LPIPS: VGG16 features (torchvision layout) + v0.1 linear heads
+# --------------------------------------------------------------------------------------------------
+
+VGG16_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+VGG16_TAPS = (3, 8, 15, 22, 29)  # features indices of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+VGG16_TAP_CHANNELS = (64, 128, 256, 512, 512)
+
+
+class VGG16(nn.Module):
+    """torchvision `vgg16` (no batch norm); forward returns the five LPIPS feature taps."""
+
+    def __init__(self):
+        super().__init__()
+        layers, c = [], 3
+        for v in VGG16_CONFIG:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(c, v, 3, padding=1), nn.ReLU()]
+                c = v
+        self.features = nn.Sequential(*layers)
+        # Unused by LPIPS; kept only so that torchvision's file loads strictly.
+        self.classifier = nn.Sequential(
+            nn.Linear(512 * 7 * 7, 4096), nn.ReLU(), nn.Dropout(),
+            nn.Linear(4096, 4096), nn.ReLU(), nn.Dropout(), nn.Linear(4096, 1000))
+
+    def forward(self, x):
+        taps = []
+        for i, layer in enumerate(self.features[:VGG16_TAPS[-1] + 1]):
+            x = layer(x)
+            if i in VGG16_TAPS:
+                taps.append(x)
+        return taps
+
+
+class LPIPS(nn.Module):
+    """LPIPS v0.1 (VGG): images in [-1, 1], [B, 3, H, W] x2 -> distances [B]."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = VGG16()
+        # lin{k}.model = (Dropout, 1x1 conv to 1 channel, no bias): lpips's NetLinLayer, for the weight names.
+        for k, c in enumerate(VGG16_TAP_CHANNELS):
+            self.add_module(f"lin{k}", nn.ModuleDict(
+                {"model": nn.Sequential(nn.Dropout(), nn.Conv2d(c, 1, 1, bias=False))}))
+
+    def forward(self, x, y):
+        xy = torch.cat([x, y])  # one pass for both images
+        feats = self.net((xy - _channels(xy, LPIPS_SHIFT)) / _channels(xy, LPIPS_SCALE))  # lpips ScalingLayer
+        dist = 0
+        for k, f in enumerate(feats):
+            f = f / (f.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)  # unit length per pixel, lpips's eps
+            fx, fy = f.chunk(2)
+            dist = dist + getattr(self, f"lin{k}")["model"]((fx - fy) ** 2).mean((1, 2, 3))  # B
+        return dist
+
+
+def lpips(net, x, y):
+    """LPIPS distance between images x and y in [0, 1], [B, 3, H, W] (no resizing); mean over the batch."""
+    return net(2 * x - 1, 2 * y - 1).mean()
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading the frozen networks from user-named files (no downloads)
+# --------------------------------------------------------------------------------------------------
+
+def _read_weights(path, source, loss_name):
+    """The state dict in `path`, or an error saying which file it is and what works without it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"weight file not found: '{path}'. It should be {source}. Download it on a machine with "
+            f"network access and pass its path. Without it, train with the {loss_name} loss switched off "
+            f"(weight 0); everything else works.")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _check_keys(expected, state, path):
+    """Raise naming missing, unexpected and misshapen keys (10 of each) where state differs from expected."""
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    shapes = sorted(f"{k} {list(state[k].shape)} != {list(v.shape)}"
+                    for k, v in expected.items() if k in state and state[k].shape != v.shape)
+    if missing or extra or shapes:
+        raise RuntimeError(f"{path}: not the expected weights; {len(missing)} missing keys {missing[:10]}, "
+                           f"{len(extra)} unexpected keys {extra[:10]}, "
+                           f"{len(shapes)} wrong shapes {shapes[:10]}")
+
+
+def _frozen(module, state):
+    """Load `state` strictly into a (meta-device) module by assignment; return it in eval mode, frozen."""
+    module.load_state_dict(state, strict=True, assign=True)
+    return module.eval().requires_grad_(False)
+
+
+def load_convnext(path):
+    """ConvNeXt-S from torchvision's file `path` (convnext_small-0c510722.pth); eval mode, frozen."""
+    state = _read_weights(path, CONVNEXT_SOURCE, "perceptual")
+    with torch.device("meta"):  # no random init: every tensor comes from the file
+        net = ConvNeXtSmall()
+    _check_keys(net.state_dict(), state, path)
+    return _frozen(net, state)
+
+
+def load_lpips(vgg_path, lin_path):
+    """LPIPS from torchvision's vgg16-397923af.pth and LPIPS v0.1 vgg.pth; eval mode, frozen."""
+    with torch.device("meta"):
+        net = LPIPS()
+    lin = _read_weights(lin_path, LPIPS_LIN_SOURCE, "LPIPS")  # the small file first: fail fast
+    _check_keys({k: v for k, v in net.state_dict().items() if not k.startswith("net.")}, lin, lin_path)
+    vgg = _read_weights(vgg_path, VGG_SOURCE, "LPIPS")
+    _check_keys(net.net.state_dict(), vgg, vgg_path)
+    return _frozen(net, {**{"net." + k: v for k, v in vgg.items()}, **lin})
+
+
+# --------------------------------------------------------------------------------------------------
+# PatchGAN-style discriminator (MaskBit style) and hinge losses
+# --------------------------------------------------------------------------------------------------
+
+def blur_downsample(x):
+    """Halve H and W of x [B, C, H, W] (H, W even): depthwise [1, 3, 3, 1] outer-product blur, stride 2."""
+    # Blurring before subsampling avoids aliasing that the generator could learn to exploit.
+    k = torch.tensor([1.0, 3.0, 3.0, 1.0], device=x.device, dtype=x.dtype)
+    k = (k[:, None] * k[None, :] / 64).expand(x.shape[1], 1, 4, 4)  # sums to 1: C, 1, 4, 4
+    return F.conv2d(x, k, stride=2, padding=1, groups=x.shape[1])
+
+
+def _group_norm(c):
+    """GroupNorm with up to 32 groups that divide c."""
+    return nn.GroupNorm(math.gcd(32, c), c)
+
+
+class Discriminator(nn.Module):
+    """PatchGAN-style discriminator: images in [0, 1], [B, 3, H, W] -> logits [B, 1, H/8, W/8] (3 stages).
+
+    base_channels: width of the 5x5 stem; channel_mult: one entry per stage, the stage's width as a
+    multiple of base_channels (defaults 128 and (1, 2, 4) give widths 128 -> 128 -> 256 -> 512, as MaskBit).
+    """
+
+    def __init__(self, base_channels=128, channel_mult=(1, 2, 4), in_channels=3):
+        super().__init__()
+        widths = [base_channels] + [base_channels * m for m in channel_mult]
+        self.stem = nn.Conv2d(in_channels, widths[0], 5, padding=2)
+        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1) for a, b in zip(widths, widths[1:]))
+        self.norms = nn.ModuleList(_group_norm(c) for c in widths[1:])
+        self.head = nn.Conv2d(widths[-1], widths[-1], 1)
+        self.to_logits = nn.Conv2d(widths[-1], 1, 5, padding=2)
+
+    def forward(self, x):
+        x = F.leaky_relu(self.stem(2 * x - 1), 0.1)  # the net sees [-1, 1]
+        for conv, norm in zip(self.convs, self.norms):
+            x = F.leaky_relu(norm(blur_downsample(conv(x))), 0.1)
+        return self.to_logits(F.leaky_relu(self.head(x), 0.1))  # B, 1, H / 2^stages, W / 2^stages
+
+
+def hinge_d_loss(logits_real, logits_fake):
+    """Discriminator hinge loss 0.5 * (mean(relu(1 - real)) + mean(relu(1 + fake))) (taming/MaskBit)."""
+    return 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
+
+
+def generator_adv_loss(logits_fake):
+    """Generator adversarial loss -mean(D(x_rec)) on discriminator logits of reconstructions."""
+    return -logits_fake.mean()
