@@ -1,0 +1,719 @@
+"""ImageNet generation metrics (IS, FID, sFID, Precision, Recall): a pure-PyTorch ADM evaluator.
+
+Reproduces OpenAI's ADM evaluator (guided-diffusion/evaluations/evaluator.py, TensorFlow), which produced
+AliTok's numbers and those of the papers it is compared with. Sections follow the evaluator spec: Inception
+network, preprocessing, feature extraction, metrics, file loading, command line.
+
+  python fid.py VIRTUAL_imagenet256_labeled.npz samples.npz --inception pt_inception-2015-12-05-6726825d.pth
+  python fid.py imagenet_val/ --save-stats val_stats.npz --inception ...   (cache statistics only)
+  python fid.py --recon AliTok.pth imagenet_val/ --inception ...           (tokenizer rFID and PSNR)
+
+Inputs (REF, SAMPLES, SOURCE, IMAGES):
+  ADM npz    `arr_0` uint8 [N, H, W, 3] (NHWC, RGB); `arr_1` labels are ignored
+  folder     .png/.jpg/.jpeg/.webp, recursive, RGB, one common size; unreadable files are skipped with a
+             warning and counted; read in a fixed-seed shuffled order (IS splits in order)
+  stats npz  `mu`, `sigma` [, `mu_s`, `sigma_s`] are used for FID [sFID] as they are; `arr_0` (ADM reference
+             batches) or `pool3` (from --save-stats) serve Precision/Recall
+A metric whose inputs are missing (IS of a stats file, sFID without `mu_s`, P/R without images or `pool3`)
+prints n/a, is null in the JSON, and a warning says why.
+
+--save-stats OUT.npz: mu, sigma, mu_s, sigma_s (float64) and the pool3 features of the first 10,000 images
+(float32; ADM's reference size for P/R). With one PATH it only caches; with REF SAMPLES it also scores.
+--recon CKPT IMAGES: reconstructs IMAGES (ADM centre crop to the tokenizer's size) through
+alitok.load_tokenizer(CKPT); reports rFID (reconstructions vs originals, not comparable to gFID) and PSNR.
+
+Weights: pt_inception-2015-12-05-6726825d.pth from the pytorch-fid GitHub release (torch-fidelity hosts the
+same file); nothing is downloaded at run time.
+"""
+import argparse
+import contextlib
+import json
+import os
+import sys
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
+WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_NAME
+MODES = ("adm", "pytorch-fid")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+PR_REFERENCE_SIZE = 10_000  # ADM's reference batches hold 10k images for Precision/Recall
+
+# === The FID Inception network: the 2015-12-05 TF graph in torchvision's names (pytorch-fid's port) ===
+
+
+class BasicConv2d(nn.Module):
+    """conv (no bias) -> BatchNorm -> ReLU; eps 1e-3 is the TF graph's, not torch's default 1e-5."""
+
+    def __init__(self, cin, cout, kernel_size, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel_size, stride=stride, padding=padding, bias=False)
+        self.bn = nn.BatchNorm2d(cout, eps=0.001)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def _avg_pool(x):
+    # TF's SAME average pooling divides by the number of real pixels: count_include_pad=False.
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+
+class InceptionA(nn.Module):
+    """Mixed_5b..5d (35x35): 1x1, 5x5, double 3x3 and average-pool branches."""
+
+    def __init__(self, cin, pool_features):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(cin, 64, 1)
+        self.branch5x5_1 = BasicConv2d(cin, 48, 1)
+        self.branch5x5_2 = BasicConv2d(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 64, 1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, padding=1)
+        self.branch_pool = BasicConv2d(cin, pool_features, 1)
+
+    def forward(self, x):
+        return torch.cat([self.branch1x1(x),
+                          self.branch5x5_2(self.branch5x5_1(x)),
+                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          self.branch_pool(_avg_pool(x))], 1)
+
+
+class InceptionB(nn.Module):
+    """Mixed_6a: 35x35 -> 17x17 reduction (unchanged from torchvision)."""
+
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3 = BasicConv2d(cin, 384, 3, stride=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 64, 1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([self.branch3x3(x),
+                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class InceptionC(nn.Module):
+    """Mixed_6b..6e (17x17): 1x1, factorised 7x7, double factorised 7x7 and average-pool branches."""
+
+    def __init__(self, cin, c7):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(cin, 192, 1)
+        self.branch7x7_1 = BasicConv2d(cin, c7, 1)
+        self.branch7x7_2 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7_3 = BasicConv2d(c7, 192, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = BasicConv2d(cin, c7, 1)
+        self.branch7x7dbl_2 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = BasicConv2d(c7, 192, (1, 7), padding=(0, 3))
+        self.branch_pool = BasicConv2d(cin, 192, 1)
+
+    def forward(self, x):
+        dbl = x
+        for i in range(1, 6):
+            dbl = getattr(self, f"branch7x7dbl_{i}")(dbl)
+        return torch.cat([self.branch1x1(x),
+                          self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))),
+                          dbl,
+                          self.branch_pool(_avg_pool(x))], 1)
+
+
+class InceptionD(nn.Module):
+    """Mixed_7a: 17x17 -> 8x8 reduction (unchanged from torchvision)."""
+
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3_1 = BasicConv2d(cin, 192, 1)
+        self.branch3x3_2 = BasicConv2d(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = BasicConv2d(cin, 192, 1)
+        self.branch7x7x3_2 = BasicConv2d(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv2d(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class InceptionE(nn.Module):
+    """Mixed_7b / 7c (8x8): split 1x3 + 3x1 branches; the TF graph pools by average in 7b, by max in 7c."""
+
+    def __init__(self, cin, pool):
+        super().__init__()
+        self.pool = pool  # "avg" or "max"
+        self.branch1x1 = BasicConv2d(cin, 320, 1)
+        self.branch3x3_1 = BasicConv2d(cin, 384, 1)
+        self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3_2b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = BasicConv2d(cin, 448, 1)
+        self.branch3x3dbl_2 = BasicConv2d(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+        self.branch_pool = BasicConv2d(cin, 192, 1)
+
+    def forward(self, x):
+        b3 = self.branch3x3_1(x)
+        dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        pooled = _avg_pool(x) if self.pool == "avg" else F.max_pool2d(x, 3, stride=1, padding=1)
+        return torch.cat([self.branch1x1(x),
+                          self.branch3x3_2a(b3), self.branch3x3_2b(b3),
+                          self.branch3x3dbl_3a(dbl), self.branch3x3dbl_3b(dbl),
+                          self.branch_pool(pooled)], 1)
+
+
+def spatial_features(mixed_6d):
+    """Mixed_6d output [N, 768, 17, 17] -> sFID features [N, 2023]: channels 0..6, flattened (h, w, c), c fastest."""
+    # torch.cat puts branch1x1 first, so channels 0..6 are its ReLU output (TF's `mixed_6/conv`). TF is NHWC:
+    # the reference mu_s was flattened with c fastest, index (h * 17 + w) * 7 + c.
+    return mixed_6d[:, :7].permute(0, 2, 3, 1).flatten(1)
+
+
+class FIDInception(nn.Module):
+    """Inception-v3 of the FID: normalised images [N, 3, 299, 299] in [-1, 1] -> pool3, spatial, logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)
+        self.Mixed_5b = InceptionA(192, 32)
+        self.Mixed_5c = InceptionA(256, 64)
+        self.Mixed_5d = InceptionA(288, 64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = InceptionC(768, 128)
+        self.Mixed_6c = InceptionC(768, 160)
+        self.Mixed_6d = InceptionC(768, 160)
+        self.Mixed_6e = InceptionC(768, 192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = InceptionE(1280, "avg")
+        self.Mixed_7c = InceptionE(2048, "max")
+        self.fc = nn.Linear(2048, 1008)  # 1008 TF classes (1000 + unused); only its weight is used, for IS
+
+    def forward(self, x):
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        x = F.max_pool2d(x, 3, stride=2)
+        x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, stride=2)
+        x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))
+        x = self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(x)))
+        x = self.Mixed_6d(x)  # N, 768, 17, 17
+        spatial = spatial_features(x)
+        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(self.Mixed_6e(x))))
+        pool3 = x.mean((2, 3))  # N, 2048
+        # ADM's IS graph multiplies pool3 by the softmax weight matrix alone: no bias.
+        return {"pool3": pool3, "spatial": spatial, "logits": pool3 @ self.fc.weight.T}
+
+
+def _missing_weights_message(path):
+    where = repr(str(path)) if path else "no --inception path given"
+    return (f"FID Inception weights not found: {where}. Scoring needs {WEIGHTS_NAME}, the PyTorch port of the "
+            f"2015-12-05 TF Inception graph used by the ADM evaluator. Get it from the pytorch-fid release on "
+            f"GitHub ({WEIGHTS_URL}); torch-fidelity hosts the same file as "
+            f"weights-inception-2015-12-05-6726825d.pth. Nothing is downloaded at run time: pass its path with "
+            f"--inception. Training, sampling and everything else work without it; only scoring needs it.")
+
+
+def load_inception(path):
+    """The FID Inception (eval mode, CPU) from a pytorch-fid weight file; strict except for num_batches_tracked."""
+    if path is None or not os.path.isfile(path):
+        raise FileNotFoundError(_missing_weights_message(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}; expected a state dict of tensors ({WEIGHTS_NAME})")
+    model = FIDInception()
+    expected = model.state_dict()
+    # The BatchNorm step counters are training bookkeeping; pytorch-fid's release file has none.
+    for name, t in expected.items():
+        if name.endswith("num_batches_tracked") and name not in state:
+            state[name] = torch.zeros_like(t)
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
+             for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or extra or wrong:
+        raise ValueError(f"{path} is not the FID Inception state dict: missing {missing[:5]}, "
+                         f"unexpected {extra[:5]}, wrong shapes {wrong[:5]}")
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+# === Preprocessing: uint8 images -> the network's 299x299 input in [-1, 1] ============================
+
+
+def _tf1_axis(n_in, n_out):
+    """Lower and upper source indices [n_out] and upper weights of TF1's legacy bilinear resize on one axis."""
+    # TF1 (align_corners=False, no half-pixel centres) maps dst i to src i * in / out, in float32.
+    scale = torch.tensor(float(n_in), dtype=torch.float32) / n_out
+    src = torch.arange(n_out, dtype=torch.float32) * scale
+    lower = src.floor()
+    upper = src.ceil().clamp(max=n_in - 1)  # the last rows reuse the edge instead of reading past it
+    return lower.long(), upper.long(), src - lower
+
+
+def resize_tf1_bilinear(x, size):
+    """Float NCHW [N, C, H, W] -> [N, C, size, size] with TF1's ResizeBilinear (no antialias), as the TF graph does."""
+    lo, hi, w = _tf1_axis(x.shape[-1], size)
+    left, right = x[..., lo], x[..., hi]
+    x = left + (right - left) * w.to(x.device)  # columns first, then rows, like TF's top/bottom lerps
+    lo, hi, w = _tf1_axis(x.shape[-2], size)
+    top, bottom = x[..., lo, :], x[..., hi, :]
+    return top + (bottom - top) * w.to(x.device)[:, None]
+
+
+def preprocess(images, mode="adm"):
+    """uint8 tensor [N, H, W, 3] in 0..255 -> float32 [N, 3, 299, 299] in [-1, 1], per `mode` (adm | pytorch-fid)."""
+    x = images.permute(0, 3, 1, 2).float()
+    if mode == "adm":  # the TF graph: ResizeBilinear on 0..255, then (x - 128) / 128
+        return (resize_tf1_bilinear(x, 299) - 128) / 128
+    if mode == "pytorch-fid":
+        x = F.interpolate(x / 255, size=(299, 299), mode="bilinear", align_corners=False)
+        return 2 * x - 1
+    raise ValueError(f"unknown preprocessing mode {mode!r}; expected one of {MODES}")
+
+
+# === Feature extraction: one forward pass gives every metric's features ===============================
+
+
+@contextlib.contextmanager
+def _exact_fp32():
+    # TF32 rounds matmul / conv inputs to 10-bit mantissas on Ampere+; that moves FID at the 1e-2 level.
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def check_images(shape, dtype, where):
+    """Raise ValueError unless (shape, dtype) describe uint8 NHWC RGB images [N, H, W, 3]."""
+    expected = "uint8 images [N, H, W, 3] (NHWC, RGB, 0..255), as ADM's samplers write `arr_0`"
+    if len(shape) != 4:
+        raise ValueError(f"{where}: found an array of shape {tuple(shape)}; expected {expected}")
+    if shape[-1] != 3:
+        hint = " - it looks NCHW, transpose it with .transpose(0, 2, 3, 1)" if shape[1] == 3 else ""
+        raise ValueError(f"{where}: found {shape[-1]} channels in shape {tuple(shape)}{hint}; expected {expected}")
+    if np.dtype(dtype) != np.uint8:
+        raise ValueError(f"{where}: found dtype {np.dtype(dtype)}; expected {expected} "
+                         f"(convert floats in [0, 1] with (x * 255).round().clip(0, 255).astype(np.uint8))")
+
+
+@torch.no_grad()
+def extract(model, images, mode="adm", batch_size=50, device=None, progress=True):
+    """Features of uint8 NHWC images [N, H, W, 3]: float32 numpy pool3 [N, 2048], spatial [N, 2023], logits [N, 1008].
+
+    `images` is a numpy array or any sliceable with len() that returns such arrays (ImageFolder, NpzImages);
+    `device=None` uses the model's device, otherwise the model is moved there.
+    """
+    device = next(model.parameters()).device if device is None else torch.device(device)
+    model = model.to(device).eval()
+    out = {"pool3": [], "spatial": [], "logits": []}
+    with _exact_fp32(), tqdm(total=len(images), disable=not progress, desc="inception", unit="img") as bar:
+        for start in range(0, len(images), batch_size):
+            batch = np.asarray(images[start:start + batch_size])
+            bar.update(min(batch_size, len(images) - start))
+            if len(batch) == 0:  # every file of this slice was unreadable
+                continue
+            check_images(batch.shape, batch.dtype, "extract")
+            features = model(preprocess(torch.from_numpy(batch).to(device), mode))
+            for k, v in features.items():
+                out[k].append(v.float().cpu().numpy())
+    if not out["pool3"]:
+        raise ValueError("no images to extract features from")
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+# === Metrics: FID / sFID, Inception Score, Precision / Recall (float64 statistics) ====================
+
+
+def statistics(features):
+    """Mean [D] and unbiased (N - 1) covariance [D, D] of features [N, D], both float64."""
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2 or len(f) < 2:
+        raise ValueError(f"statistics need features [N >= 2, D]; got shape {f.shape}")
+    if len(f) < f.shape[1]:
+        warnings.warn(f"ONLY {len(f)} SAMPLES FOR {f.shape[1]}-D FEATURES: the covariance is singular, so FID/sFID "
+                      f"are biased upwards and not comparable to published numbers (use 50,000 samples)")
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+def _trace_sqrt_product(sigma1, sigma2):
+    """tr sqrt(S1 S2) for PSD S1, S2, via the eigenvalues of the symmetric PSD sqrt(S1) S2 sqrt(S1)."""
+    # S1 S2 is similar to sqrt(S1) S2 sqrt(S1) = V W^1/2 (V^T S2 V) W^1/2 V^T (S1 = V W V^T), itself similar to
+    # B^T S2 B with B = V W^1/2: all share eigenvalues, and eigh on a symmetric matrix is stable (no
+    # scipy.linalg.sqrtm: broken in SciPy 1.11.2-1.12, API change in 1.16).
+    w, v = np.linalg.eigh(sigma1)
+    keep = w > 0  # negative eigenvalues of a covariance are rounding; dropping them is clipping them to 0
+    b = v[:, keep] * np.sqrt(w[keep])  # D, r: fewer columns when S1 is singular (N < D)
+    m = b.T @ sigma2 @ b
+    lam = np.linalg.eigvalsh((m + m.T) / 2)
+    # A negative eigenvalue -a would be an imaginary part sqrt(a) in sqrtm; ADM raises above 1e-3 and keeps
+    # the real part below it.
+    imaginary = np.sqrt(np.clip(-lam, 0, None)).max()
+    if imaginary > 1e-3:
+        raise ValueError(f"Imaginary component {imaginary}: a covariance is not positive semi-definite")
+    return float(np.sqrt(np.clip(lam, 0, None)).sum())
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """Frechet distance of N(mu1, sigma1) and N(mu2, sigma2): |mu1 - mu2|^2 + tr(S1 + S2 - 2 sqrt(S1 S2)), float."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    d = len(mu1)
+    if mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
+        raise ValueError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
+                         f"{sigma2.shape}")
+    if not all(np.isfinite(a).all() for a in (mu1, mu2, sigma1, sigma2)):
+        raise ValueError("statistics contain NaN or inf")
+    try:
+        tr_covmean = _trace_sqrt_product(sigma1, sigma2)
+    except np.linalg.LinAlgError:  # ADM's fallback for a singular product: a small ridge on both diagonals
+        warnings.warn(f"FID: singular product; adding {eps} to the diagonal of both covariances")
+        offset = np.eye(d) * eps
+        tr_covmean = _trace_sqrt_product(sigma1 + offset, sigma2 + offset)
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+def inception_score(logits, split_size=5000):
+    """IS of bias-free logits [N, 1008]: mean over consecutive groups of `split_size` of exp(E KL(p(y|x) || p(y)))."""
+    logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    log_p = logits.log_softmax(1)  # softmax over all 1008 outputs; log-space keeps p log p finite
+    scores = []
+    for start in range(0, len(log_p), split_size):  # file order, as ADM: class-sorted files give a wrong IS
+        part = log_p[start:start + split_size]
+        log_marginal = part.exp().mean(0).log()
+        kl = (part.exp() * (part - log_marginal)).sum(1).mean()
+        scores.append(kl.exp().item())
+    return float(np.mean(scores))
+
+
+def _sq_distances(a, b):
+    """Squared Euclidean distances [n, m] between rows of a [n, D] and b [m, D]."""
+    return (a.pow(2).sum(1)[:, None] - 2 * a @ b.T + b.pow(2).sum(1)[None]).clamp_min(0)
+
+
+def _knn_radii(x, k, block):
+    """Squared distance [N] from each row of x to its k-th nearest other row (self excluded)."""
+    if len(x) <= k:
+        raise ValueError(f"Precision/Recall need more than k={k} points per set; got {len(x)}")
+    radii = []
+    for i in range(0, len(x), block):
+        # the k + 1 smallest of each column block contain the k + 1 smallest overall; index 0 is self (0)
+        cands = [_sq_distances(x[i:i + block], x[j:j + block]).topk(min(k + 1, len(x[j:j + block])), 1,
+                                                                       largest=False).values
+                 for j in range(0, len(x), block)]
+        radii.append(torch.cat(cands, 1).topk(k + 1, 1, largest=False).values[:, k])
+    return torch.cat(radii)
+
+
+def _within(points, centres, radii, block):
+    """Bool [N]: whether each point lies within (<=) some centre's radius (squared distances)."""
+    inside = torch.zeros(len(points), dtype=torch.bool, device=points.device)
+    for i in range(0, len(points), block):
+        for j in range(0, len(centres), block):
+            d = _sq_distances(points[i:i + block], centres[j:j + block])
+            inside[i:i + block] |= (d <= radii[None, j:j + block]).any(1)
+    return inside
+
+
+@torch.no_grad()
+def precision_recall(ref_pool3, sample_pool3, k=3, block=10000, device=None):
+    """Improved precision and recall (k-NN manifolds) of samples [N, 2048] against reference features [M, 2048]."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ref = torch.as_tensor(np.asarray(ref_pool3), dtype=torch.float32, device=device)
+    smp = torch.as_tensor(np.asarray(sample_pool3), dtype=torch.float32, device=device)
+    with _exact_fp32():
+        ref_radii, smp_radii = _knn_radii(ref, k, block), _knn_radii(smp, k, block)
+        precision = _within(smp, ref, ref_radii, block).double().mean().item()
+        recall = _within(ref, smp, smp_radii, block).double().mean().item()
+    return precision, recall
+
+
+# === File loading: ADM npz, image folders, statistics npz =============================================
+
+
+class NpzImages:
+    """Lazy uint8 NHWC [N, H, W, 3] view of an npz's `arr_0`, read slice by slice (50k images need not fit in RAM)."""
+
+    def __init__(self, path, key="arr_0"):
+        self.path, self._zip = str(path), zipfile.ZipFile(path)
+        self._file = self._zip.open(key + ".npy")
+        version = np.lib.format.read_magic(self._file)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f"{path}: `{key}` uses .npy format {version}; expected 1.0 or 2.0 (np.save's)")
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        self.shape, fortran_order, dtype = read(self._file)
+        check_images(self.shape, dtype, f"{path} `{key}`")
+        if fortran_order:
+            raise ValueError(f"{path}: `{key}` is stored in Fortran order; save it C-contiguous")
+        self._start, self._pos, self._row = self._file.tell(), 0, int(np.prod(self.shape[1:]))
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, s):
+        start, stop, _ = s.indices(len(self))
+        n = max(stop - start, 0)
+        if start != self._pos:  # zip members seek cheaply forwards; extract reads in order
+            self._file.seek(self._start + start * self._row)
+        data, self._pos = self._file.read(n * self._row), start + n
+        return np.frombuffer(bytearray(data), np.uint8).reshape(n, *self.shape[1:])  # writable, for torch
+
+    def __del__(self):
+        if hasattr(self, "_file"):
+            self._file.close()
+            self._zip.close()
+
+
+class ImageFolder:
+    """Lazy uint8 NHWC view of the images under `root` (recursive); unreadable files are skipped and counted."""
+
+    def __init__(self, root, transform=None):
+        files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not files:
+            raise ValueError(f"{root}: no {'/'.join(IMAGE_EXTENSIONS)} images found (searched recursively)")
+        # A folder has no meaningful order and is often sorted by class (one subfolder each); IS splits in
+        # order, so shuffle with a fixed seed to keep every 5,000-image split class-balanced.
+        self.files = [files[i] for i in np.random.default_rng(0).permutation(len(files))]
+        self.path, self.transform, self.skipped, self._shape = str(root), transform, [], None
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, s):
+        arrays = []
+        for p in self.files[s]:
+            try:
+                with Image.open(p) as im:
+                    im = im.convert("RGB")
+                    a = np.asarray(self.transform(im) if self.transform else im, dtype=np.uint8)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                warnings.warn(f"skipping unreadable image {p}: {e}")
+                self.skipped.append(str(p))
+                continue
+            self._shape = self._shape or a.shape
+            if a.shape != self._shape:
+                raise ValueError(f"{p} is {a.shape[1]}x{a.shape[0]} but earlier images are {self._shape[1]}x"
+                                 f"{self._shape[0]}: the images of a folder must share one size (centre-crop them)")
+            arrays.append(a)
+        return np.stack(arrays) if arrays else np.zeros((0, 1, 1, 3), np.uint8)
+
+
+STAT_SHAPES = {"mu": (2048,), "sigma": (2048, 2048), "mu_s": (2023,), "sigma_s": (2023, 2023)}
+
+
+def load_source(path, transform=None):
+    """Open REF or SAMPLES: a folder, ADM npz (`arr_0`) or stats npz (`mu`, `sigma`[, `mu_s`, `sigma_s`, `pool3`]).
+
+    Returns a dict with `path`, `images` (lazy uint8 NHWC, or None) and the statistics the file holds.
+    """
+    path = str(path)
+    if os.path.isdir(path):
+        return {"path": path, "images": ImageFolder(path, transform)}
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if not path.endswith(".npz"):
+        raise ValueError(f"{path}: expected a folder of images or an .npz (ADM `arr_0` images or `mu`/`sigma` stats)")
+    src = {"path": path, "images": None}
+    with np.load(path) as data:
+        keys = set(data.files)
+        if "mu" not in keys and "arr_0" not in keys:
+            raise ValueError(f"{path}: found keys {sorted(keys)}; expected `arr_0` (uint8 images [N, H, W, 3], as "
+                             f"ADM writes them) or `mu` and `sigma` (Inception statistics)")
+        for mu, sigma in (("mu", "sigma"), ("mu_s", "sigma_s")):
+            if mu in keys and sigma not in keys:
+                raise ValueError(f"{path}: found `{mu}` but no `{sigma}`; statistics need both")
+        for key, shape in STAT_SHAPES.items():
+            if key in keys:  # a file's own statistics win over recomputing them from its `arr_0`
+                src[key] = data[key].astype(np.float64)
+                if src[key].shape != shape:
+                    raise ValueError(f"{path}: `{key}` has shape {src[key].shape}; expected {shape}")
+        if "pool3" in keys:
+            src["pool3"] = data["pool3"].astype(np.float32)
+    if "arr_0" in keys:
+        src["images"] = NpzImages(path)
+    return src
+
+
+def complete(src, model, need_logits=False, mode="adm", batch_size=50, device=None):
+    """Fill in the features / statistics a source lacks (pool3, mu, sigma, mu_s, sigma_s, logits) from its images."""
+    src = dict(src)
+    needed = ["mu", "mu_s", "pool3"] + (["logits"] if need_logits else [])
+    if src["images"] is None or all(k in src for k in needed):
+        return src
+    print(f"computing Inception features of {src['path']}", file=sys.stderr)
+    f = extract(model, src["images"], mode, batch_size, device)
+    skipped = getattr(src["images"], "skipped", [])
+    if skipped:
+        warnings.warn(f"{src['path']}: {len(skipped)} unreadable image(s) skipped; scored {len(f['pool3'])}")
+    src.update(n=len(f["pool3"]), skipped=len(skipped), logits=f["logits"], pool3=src.get("pool3", f["pool3"]))
+    for mu, sigma, feats in (("mu", "sigma", "pool3"), ("mu_s", "sigma_s", "spatial")):
+        if mu not in src:
+            src[mu], src[sigma] = statistics(f[feats])
+    return src
+
+
+def save_stats(src, out):
+    """Cache a completed source as npz: mu, sigma, mu_s, sigma_s (float64), pool3 of <= 10,000 images (for P/R)."""
+    arrays = {k: src[k] for k in STAT_SHAPES if k in src}
+    if "pool3" in src:  # ADM's reference batches use 10k images for P/R; more would only grow the file
+        arrays["pool3"] = np.asarray(src["pool3"][:PR_REFERENCE_SIZE], np.float32)
+    np.savez(out, **arrays)
+
+
+# === Evaluation and command line ======================================================================
+
+
+def scores(ref, smp, device=None):
+    """ADM's five numbers from completed sources (see `complete`); a metric whose inputs are missing is None."""
+    out = dict.fromkeys(["inception_score", "fid", "sfid", "precision", "recall"])
+    out["fid"] = frechet_distance(ref["mu"], ref["sigma"], smp["mu"], smp["sigma"])
+    if "logits" in smp:  # ADM scores IS on the samples only
+        out["inception_score"] = inception_score(smp["logits"])
+    if "mu_s" in ref and "mu_s" in smp:
+        out["sfid"] = frechet_distance(ref["mu_s"], ref["sigma_s"], smp["mu_s"], smp["sigma_s"])
+    if "pool3" in ref and "pool3" in smp:
+        out["precision"], out["recall"] = precision_recall(ref["pool3"], smp["pool3"], device=device)
+    for metric, key, sources in (("Inception Score", "logits", [smp]), ("sFID", "mu_s", [ref, smp]),
+                                 ("Precision/Recall", "pool3", [ref, smp])):
+        lacking = [s["path"] for s in sources if key not in s]
+        if lacking:
+            warnings.warn(f"{metric} not computed (null): {lacking} hold(s) neither images nor `{key}`")
+    return out | {"num_ref": ref.get("n"), "num_samples": smp.get("n"),
+                  "skipped_ref": ref.get("skipped", 0), "skipped_samples": smp.get("skipped", 0)}
+
+
+def evaluate(ref_path, samples_path, model, mode="adm", batch_size=50, device=None):
+    """IS, FID, sFID, Precision, Recall of SAMPLES against REF (each a folder, ADM npz or statistics npz)."""
+    ref = complete(load_source(ref_path), model, False, mode, batch_size, device)
+    smp = complete(load_source(samples_path), model, True, mode, batch_size, device)
+    return scores(ref, smp, device)
+
+
+def _adm_centre_crop(pil, size):
+    """ADM's centre crop of a PIL image -> uint8 [size, size, 3]: box-halve, bicubic short side to size, crop."""
+    while min(pil.size) >= 2 * size:  # repeated halving approximates an antialiased downscale cheaply
+        pil = pil.resize(tuple(s // 2 for s in pil.size), resample=Image.BOX)
+    scale = size / min(pil.size)
+    pil = pil.resize(tuple(round(s * scale) for s in pil.size), resample=Image.BICUBIC)
+    left, top = (pil.width - size) // 2, (pil.height - size) // 2
+    return np.asarray(pil.convert("RGB"))[top:top + size, left:left + size]
+
+
+def _centre_crop_fn():
+    # Prefer the training pipeline's crop (data.py), so rFID sees exactly what the tokenizer saw.
+    try:
+        from data import center_crop_adm
+        return lambda pil, size: np.asarray(center_crop_adm(pil, size), dtype=np.uint8)
+    except ImportError:
+        return _adm_centre_crop
+
+
+def psnr(a, b):
+    """Per-image PSNR in dB [N] between uint8 images [N, H, W, C] (peak 255); inf where identical."""
+    mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).reshape(len(a), -1).mean(1)
+    with np.errstate(divide="ignore"):
+        return 10 * np.log10(255.0 ** 2 / mse)
+
+
+@torch.no_grad()
+def reconstruction_scores(tokenizer_path, images_path, model, mode="adm", batch_size=50, device=None):
+    """rFID and mean PSNR (dB, on uint8) of a tokenizer's reconstructions against the centre-cropped originals."""
+    from alitok import load_tokenizer  # imported here: scoring samples must not need the tokenizer code
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tok = load_tokenizer(tokenizer_path).to(device).eval()
+    size, crop = tok.config.image_size, _centre_crop_fn()
+    src = load_source(images_path, transform=lambda pil: crop(pil, size))
+    images = src["images"]
+    if images is None:
+        raise ValueError(f"{images_path}: --recon needs real images (a folder or an npz with `arr_0`), not statistics")
+    real_f, rec_f, psnrs = [], [], []
+    for start in tqdm(range(0, len(images), batch_size), desc="reconstruct", unit="batch"):
+        real = np.asarray(images[start:start + batch_size])
+        if len(real) == 0:
+            continue
+        if real.shape[1:3] != (size, size):  # npz images of another size: crop them like a folder's
+            real = np.stack([crop(Image.fromarray(a), size) for a in real])
+        x = torch.from_numpy(real).to(device).permute(0, 3, 1, 2).float() / 255  # B, 3, H, W in [0, 1]
+        rec = tok.decode(tok.encode(x)).clamp(0, 1)
+        rec = (rec * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # scored as saved images
+        psnrs.append(psnr(real, rec))
+        real_f.append(extract(model, real, mode, batch_size, device, progress=False)["pool3"])
+        rec_f.append(extract(model, rec, mode, batch_size, device, progress=False)["pool3"])
+    if not psnrs:
+        raise ValueError(f"{images_path}: no readable images")
+    rfid = frechet_distance(*statistics(np.concatenate(real_f)), *statistics(np.concatenate(rec_f)))
+    return {"rfid": rfid, "psnr": float(np.concatenate(psnrs).mean()), "num_images": int(sum(map(len, psnrs))),
+            "skipped": len(getattr(images, "skipped", [])), "image_size": size, "mode": mode}
+
+
+def build_parser():
+    """The command-line interface (see --help)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="REF SAMPLES; or SOURCE with --save-stats; or IMAGES "
+                   "with --recon")
+    p.add_argument("--inception", metavar="PTH", help=f"the FID Inception weights, {WEIGHTS_NAME} (required)")
+    p.add_argument("--mode", choices=MODES, default="adm",
+                   help="adm (default): TF1 bilinear resize and (x - 128) / 128, as the ADM evaluator and published "
+                   "numbers; pytorch-fid: torch bilinear resize, as pytorch-fid")
+    p.add_argument("--batch-size", type=int, default=50, help="images per forward pass (default 50)")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--json", metavar="OUT.json", help="also write the results as JSON (null for n/a)")
+    p.add_argument("--save-stats", metavar="OUT.npz", help="cache statistics (see above)")
+    p.add_argument("--recon", metavar="TOKENIZER_CKPT", help="score a tokenizer's reconstructions of IMAGES")
+    return p
+
+
+def main(argv=None):
+    """Run the command line; returns the result dict."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    n = len(args.paths)
+    if args.recon and n != 1:
+        parser.error("--recon takes one IMAGES path (a folder or npz of real images)")
+    if not args.recon and n != 2 and not (args.save_stats and n == 1):
+        parser.error("give REF and SAMPLES (or one SOURCE with --save-stats)")
+    if args.inception is None or not os.path.isfile(args.inception):
+        parser.error(_missing_weights_message(args.inception))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_inception(args.inception).to(device)
+    common = dict(mode=args.mode, batch_size=args.batch_size, device=device)
+    if args.recon:
+        result = reconstruction_scores(args.recon, args.paths[0], model, **common)
+        rows = [("rFID", "rfid"), ("PSNR", "psnr")]
+    else:
+        ref = complete(load_source(args.paths[0]), model, False, **common)
+        if args.save_stats:
+            save_stats(ref, args.save_stats)
+            print(f"saved statistics of {args.paths[0]} to {args.save_stats}", file=sys.stderr)
+        if n == 1:
+            result, rows = {"saved_stats": args.save_stats, "num_images": ref.get("n")}, []
+        else:
+            smp = complete(load_source(args.paths[1]), model, True, **common)
+            result = scores(ref, smp, device) | {"mode": args.mode}
+            rows = [("Inception Score", "inception_score"), ("FID", "fid"), ("sFID", "sfid"),
+                    ("Precision", "precision"), ("Recall", "recall")]
+    if rows:
+        print("Computing evaluations...")
+    for label, key in rows:
+        print(f"{label}: {'n/a' if result[key] is None else result[key]}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
