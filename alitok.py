@@ -427,8 +427,8 @@ class KVCache(nn.Module):
 
     def update(self, pos, k, v):
         """Write k, v [B, H, len(pos), D] at positions pos; return the whole cache."""
-        self.k[:, :, pos] = k
-        self.v[:, :, pos] = v
+        self.k[:, :, pos] = k.to(self.k.dtype)      # under autocast k (after the norms) and v differ
+        self.v[:, :, pos] = v.to(self.v.dtype)
         return self.k, self.v
 
 
@@ -544,8 +544,8 @@ class Generator(nn.Module):
 
     @torch.no_grad()
     def generate(self, classes, cfg_scale=None, cfg_power=None, temperature=1.0, top_k=0, top_p=1.0,
-                 generator=None, seeds=None, use_cache=True):
-        """Sample codes [B, n_tokens] for class indices [B].
+                 generator=None, seeds=None, use_cache=True, max_tokens=None):
+        """Sample codes [B, n_tokens] (or the first max_tokens of them) for class indices [B].
 
         Guidance follows the power-cosine schedule (cfg_schedule); scale 1 runs no unconditional half.
         Randomness: one uniform per sample and step, from `seeds` (one int per sample: the result does not
@@ -563,14 +563,16 @@ class Generator(nn.Module):
         codes = torch.zeros(B, T, dtype=torch.long, device=classes.device)
         step = self._cached_steps(ids) if use_cache else self._uncached_steps(ids, codes)
         logits = next(step)
-        for s in range(T):
+        n = T if max_tokens is None else min(max_tokens, T)
+        for s in range(n):
             if g != 1.0:
                 cond, uncond = logits.chunk(2)
                 logits = uncond + cfg_schedule(s, T, g, p) * (cond - uncond)
             codes[:, s] = sample_token(logits, u[:, s], temperature, top_k, top_p)
-            if s + 1 < T:
+            if s + 1 < n:
                 logits = step.send(codes[:, s:s + 1].repeat(ids.shape[0] // B, 1))
-        return codes
+        step.close()                                       # frees the KV cache
+        return codes[:, :n]
 
     def _cached_steps(self, ids):
         """Coroutine: yields logits for the next token; receives each sampled token [B', 1]."""
