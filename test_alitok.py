@@ -1,38 +1,84 @@
-"""Tests for alitok: run with `make test` (CPU, tiny configs); full-size checks are marked slow."""
+"""Tests for alitok: `make test` runs them on the CPU (tiny configs, a few minutes); `make test-slow` adds
+the full-size checks. Sections follow the files: alitok.py, data.py, perceptual.py, train.py, sample.py, fid.py.
+Checks against ../shared/reference (manifests, golden vectors) skip with a reason when it is absent."""
+import json
 import math
+import os
+import re
+import signal
+import socket
+import subprocess
 import sys
+import time
+import types
+import warnings
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
 import alitok
+import data as D
+import fid
+import perceptual as P
+import sample as S
+import train
 from alitok import (ARConfig, Generator, Tokenizer, cfg_schedule, checkpoint, generator_config, load_generator,
-                    load_tokenizer, rotary_table, sample_token, tokenizer_config)
+                    load_tokenizer, rotary_table, sample_token, sample_uniforms, tokenizer_config)
 
-SHARED = Path(__file__).resolve().parent.parent / "shared" / "reference"
-MANIFESTS, GOLDEN = SHARED / "manifests", SHARED / "golden"
-needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="../shared/reference not present beside the checkout")
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent / "shared"
+REFERENCE = SHARED / "reference"
+GOLDEN, MANIFESTS = REFERENCE / "golden", REFERENCE / "manifests"
+INCEPTION_MANIFEST = MANIFESTS / "pt_inception_2015_12_05.txt"
+needs_shared = pytest.mark.skipif(not REFERENCE.exists(), reason="../shared/reference not present beside the checkout")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def recipe():
+    """The golden recipe module (deterministic weights and inputs), or skip when ../shared is absent."""
+    if not (GOLDEN / "recipe.py").is_file():
+        pytest.skip(f"{GOLDEN} absent: golden vectors need ../shared/reference/golden")
+    if str(GOLDEN) not in sys.path:
+        sys.path.insert(0, str(GOLDEN))
+    import recipe as r
+    return r
+
+
 def read_manifest(name):
-    """{tensor name: shape} from a manifest file (the last line is a count)."""
+    """{tensor name: shape} from a manifest file (lines 'name\t[shape]\tdtype', the last a '#' count)."""
+    path = MANIFESTS / name
+    if not path.is_file():
+        pytest.skip(f"{path} absent (the shared reference folder is not checked out next to this repo)")
     out = {}
-    for line in (MANIFESTS / name).read_text().splitlines():
+    for line in path.read_text().splitlines():
         if line and not line.startswith("#"):
             key, shape, _ = line.split("\t")
             out[key] = tuple(int(s) for s in shape.strip("[]").split(",") if s.strip())
     return out
 
 
+
+# ===================================================================================================
+# alitok.py: released layouts, tokenizer, quantizer, generator, golden vectors
+# ===================================================================================================
+
+
+
 def golden(name):
     """A golden npz and the recipe module that made it."""
-    sys.path.insert(0, str(GOLDEN))
-    import recipe
-    return np.load(GOLDEN / name), recipe
+    return np.load(GOLDEN / name), recipe()
 
 
 def tiny_tokenizer(stage=1, **kw):
@@ -346,3 +392,1230 @@ def test_released_sizes_round_trip(tmp_path):
     torch.save(gen.state_dict(), tmp_path / "alitok_b.bin")
     assert load_generator(tmp_path / "alitok_b.bin").config == gen.config
     assert math.isclose(sum(p.numel() for p in gen.parameters()) / 1e6, 177.0, abs_tol=0.1)
+
+
+# ===================================================================================================
+# data.py: ADM crop, shapes, folders, npz, ten-crop, pre-tokenization
+# ===================================================================================================
+
+class PatchColourTokenizer(torch.nn.Module):
+    """Stand-in tokenizer: one code per patch = its mean colour quantised to 8 levels per channel."""
+
+    def __init__(self, image_size=16, patch=8):
+        super().__init__()
+        self.config = SimpleNamespace(image_size=image_size, codebook_size=512)
+        self.patch = patch
+
+    def encode(self, x):
+        # Integer pixel sums (exact in float32 for any summation order), so mirrored patches get equal codes.
+        sums = (F.avg_pool2d((x * 255).round(), self.patch) * self.patch ** 2).long()  # [B, 3, h, w]
+        q = sums * 8 // (255 * self.patch ** 2 + 1)  # 0..7
+        return (q[:, 0] * 64 + q[:, 1] * 8 + q[:, 2]).flatten(1)  # [B, h * w] raster order
+
+
+def write_npz(path, n=5, side=18, seed=0, **extra):
+    """Random uint8 [n, side, side, 3] images with labels 0, 1, 2, 0, ... as x_train/y_train (+ extra keys)."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8)
+    y = np.arange(n, dtype=np.int64) % 3
+    np.savez(path, x_train=x, y_train=y, **extra)
+    return x, y
+
+
+def corner_image(side=44, block=4):
+    """uint8 [side, side, 3] grey with distinct colour blocks in the four corners."""
+    a = np.full((side, side, 3), 128, np.uint8)
+    a[:block, :block] = (255, 0, 0)      # top-left red
+    a[:block, -block:] = (0, 255, 0)     # top-right green
+    a[-block:, :block] = (0, 0, 255)     # bottom-left blue
+    a[-block:, -block:] = (255, 255, 0)  # bottom-right yellow
+    return a
+
+
+# ---------------------------------------------------------------- ADM centre crop
+
+def test_center_crop_adm_size_and_centre():
+    # 60 x 30 (W x H): the centre 30 x 30 is red, the side strips blue; at target 30 only the crop acts.
+    a = np.zeros((30, 60, 3), np.uint8)
+    a[:, :, 2] = 255
+    a[:, 15:45] = (255, 0, 0)
+    out = D.center_crop_adm(Image.fromarray(a), 30)
+    assert out.size == (30, 30)
+    assert (np.asarray(out) == (255, 0, 0)).all()
+    # Shrinking (no halving: 40 < 2 * 20): the centre still red away from the edges.
+    out = np.asarray(D.center_crop_adm(Image.fromarray(a).resize((80, 40)), 20)).astype(int)
+    assert out.shape == (20, 20, 3)
+    assert (out[2:-2, 2:-2, 0] > 240).all() and (out[2:-2, 2:-2, 2] < 15).all()
+
+
+def test_center_crop_adm_box_halving(monkeypatch):
+    calls = []
+    resize = Image.Image.resize
+
+    def spy(self, size, resample=None, *args, **kwargs):
+        calls.append((self.size, tuple(size), resample))
+        return resize(self, size, resample, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", spy)
+    out = D.center_crop_adm(Image.new("RGB", (300, 200)), 32)  # 200 -> 100 -> 50, then bicubic to 32
+    assert out.size == (32, 32)
+    assert [c[2] for c in calls] == [Image.BOX, Image.BOX, Image.BICUBIC]
+    assert calls[0][1] == (150, 100) and calls[1][1] == (75, 50)
+    assert calls[2][1] == (round(75 * 32 / 50), 32)  # each side rounded
+    calls.clear()
+    D.center_crop_adm(Image.new("RGB", (128, 64)), 32)  # shorter side exactly 2 * size: halves once
+    assert [(c[1], c[2]) for c in calls] == [((64, 32), Image.BOX), ((64, 32), Image.BICUBIC)]
+
+
+# ---------------------------------------------------------------- procedural shapes
+
+def test_shapes_deterministic_shapes_and_range():
+    for size in (32, 64):
+        ds = D.build_dataset("shapes", size, train=False, n_images=50)
+        x, y = ds[13]
+        assert x.shape == (3, size, size) and x.dtype == torch.float32
+        assert 0 <= x.min() and x.max() <= 1 and y == 13 % 10
+        assert torch.equal(x, D.build_dataset("shapes", size, train=False, n_images=50)[13][0])
+    assert ds.num_classes == 10 and ds.class_names == list(D.SHAPES_CLASSES)
+    assert not torch.equal(ds[13][0], D.build_dataset("shapes", 64, train=False, seed=1)[13][0])
+    assert not torch.equal(ds[13][0], D.build_dataset("shapes", 64, train=False, split="test")[13][0])
+    x, _ = D.build_dataset("shapes", 32, flip=True)[3]  # flip gives one of the two mirror images
+    ref = D.build_dataset("shapes", 32, flip=False)[3][0]
+    assert torch.equal(x, ref) or torch.equal(x, ref.flip(-1))
+    with pytest.raises(IndexError):
+        ds[50]
+
+
+def test_shapes_classes_separable():
+    train = D.build_dataset("shapes", 32, train=False, n_images=400)
+    test = D.build_dataset("shapes", 32, train=False, n_images=200, split="test")
+    xs = torch.stack([train[i][0] for i in range(len(train))]).flatten(1)
+    ys = torch.tensor([train[i][1] for i in range(len(train))])
+    means = torch.stack([xs[ys == c].mean(0) for c in range(10)])
+    xt = torch.stack([test[i][0] for i in range(len(test))]).flatten(1)
+    yt = torch.tensor([test[i][1] for i in range(len(test))])
+    accuracy = (torch.cdist(xt, means).argmin(1) == yt).float().mean().item()
+    assert accuracy > 0.8, accuracy
+
+
+# ---------------------------------------------------------------- image folders
+
+def make_folder(root, n_per_class, n_corrupt, size=12):
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["b_dog", "a_cat"]):  # sorted order: a_cat = 0, b_dog = 1
+        os.makedirs(root / name)
+        for i in range(n_per_class):
+            colour = (200, 30, 30) if name == "a_cat" else (30, 30, 200)
+            ext = ".PNG" if i % 2 else ".png"  # extensions match case-insensitively
+            Image.new("RGB", (size + i % 3, size), colour).save(root / name / f"{i:03d}{ext}", format="PNG")
+    for i in range(n_corrupt):
+        (root / "a_cat" / f"zz_bad{i}.jpg").write_bytes(rng.integers(0, 256, 200, dtype=np.uint8).tobytes())
+    (root / "a_cat" / "notes.txt").write_text("not an image")
+
+
+def test_folder_dataset_labels_and_corrupt_file(tmp_path):
+    make_folder(tmp_path, 60, 1)  # 1 bad of 121 files is under 1 %
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable.*zz_bad0\.jpg"):
+        ds = D.build_dataset(str(tmp_path), 8, train=True)
+    assert ds.flip and len(ds) == 120 and ds.class_names == ["a_cat", "b_dog"] and ds.num_classes == 2
+    assert list(ds.skipped) == [str(tmp_path / "a_cat" / "zz_bad0.jpg")]
+    x, y = ds[0]
+    assert x.shape == (3, 8, 8) and y == 0 and x[0].mean() > x[2].mean()
+    x, y = ds[len(ds) - 1]
+    assert y == 1 and x[2].mean() > x[0].mean()
+    assert sorted(set(ds.samples[i][1] for i in range(len(ds)))) == [0, 1]
+
+
+def test_folder_dataset_too_many_corrupt_raises(tmp_path):
+    make_folder(tmp_path, 5, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(RuntimeError, match="3 of 13 image files are unreadable"):
+            D.build_dataset(str(tmp_path), 8)
+        assert len(D.build_dataset(str(tmp_path), 8, max_bad_fraction=0.5)) == 10
+
+
+def test_folder_dataset_survives_file_failing_at_load(tmp_path):
+    make_folder(tmp_path, 60, 0)
+    ds = D.build_dataset(str(tmp_path), 8, train=False)
+    path = ds.samples[3][0]
+    with open(path, "rb") as f:
+        payload = f.read()
+    with open(path, "wb") as f:  # header still valid, pixel data cut: fails only when decoded
+        f.write(payload[:len(payload) // 2])
+    with pytest.warns(UserWarning, match="using the next image"):
+        x, y = ds[3]
+    assert torch.equal(x, ds[4][0]) and list(ds.failed) == [path]
+
+
+def test_missing_source_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="expected 'shapes'"):
+        D.build_dataset(str(tmp_path / "nope"), 32)
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(ValueError, match="neither a folder nor a .npz"):
+        D.build_dataset(str(tmp_path / "file.txt"), 32)
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        D.build_dataset(str(tmp_path), 32)
+
+
+# ---------------------------------------------------------------- npz arrays
+
+def test_npz_both_key_styles(tmp_path):
+    x, y = write_npz(tmp_path / "cifar.npz", n=6, side=16, x_test=np.zeros((2, 16, 16, 3), np.uint8),
+                     y_test=np.array([1, 2]), classes=np.array(["a", "b", "c"]))
+    ds = D.build_dataset(str(tmp_path / "cifar.npz"), 16, train=False)
+    assert len(ds) == 6 and ds.class_names == ["a", "b", "c"]
+    image, label = ds[4]
+    assert torch.equal(image, torch.from_numpy(x[4]).permute(2, 0, 1).float() / 255) and label == y[4]
+    test = D.build_dataset(str(tmp_path / "cifar.npz"), 16, split="test")
+    assert len(test) == 2 and test[1][1] == 2 and test.flip
+    np.savez(tmp_path / "adm.npz", arr_0=x, arr_1=y, classes=np.array([1, "a"], dtype=object))
+    adm = D.build_dataset(str(tmp_path / "adm.npz"), 8, train=False, n_images=3)
+    assert len(adm) == 3 and adm[0][0].shape == (3, 8, 8) and adm.num_classes == 3  # object names ignored
+    assert [adm[i][1] for i in range(3)] == [int(y[0]), int(y[2]), int(y[4])]  # evenly spaced subset
+
+
+@pytest.mark.parametrize("arrays, message", [
+    (dict(x_train=np.zeros((2, 8, 8, 3), np.float32), y_train=np.zeros(2, np.int64)), "dtype float32"),
+    (dict(x_train=np.zeros((2, 3, 8, 8), np.uint8), y_train=np.zeros(2, np.int64)), "NCHW"),
+    (dict(x_train=np.zeros((2, 8, 8, 4), np.uint8), y_train=np.zeros(2, np.int64)), "4 channels"),
+    (dict(x_train=np.zeros((2, 8, 8), np.uint8), y_train=np.zeros(2, np.int64)), r"shape \(2, 8, 8\)"),
+    (dict(x_train=np.zeros((2, 8, 8, 3), np.uint8)), "no labels 'y_train'"),
+    (dict(arr_0=np.zeros((2, 8, 8, 3), np.uint8)), "no labels 'arr_1'"),
+    (dict(x_train=np.zeros((2, 8, 8, 3), np.uint8), y_train=np.zeros(3, np.int64)), "2 images .* 3 labels"),
+    (dict(images=np.zeros((2, 8, 8, 3), np.uint8)), "expected x_train and y_train"),
+])
+def test_npz_bad_layouts(tmp_path, arrays, message):
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(ValueError, match=message):
+        D.build_dataset(str(tmp_path / "bad.npz"), 8)
+
+
+# ---------------------------------------------------------------- ten-crop
+
+def test_ten_crop_order():
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]  # TL, TR, BL, BR
+    crops = D.ten_crop(Image.fromarray(corner_image(44)), 40)  # int(40 * 1.1) = 44: no resampling
+    assert crops.shape == (10, 3, 40, 40) and crops.dtype == torch.float32
+    assert len(D.TEN_CROP_ORDER) == 10 and D.TEN_CROP_ORDER[4] == "centre"
+    big = torch.from_numpy(corner_image(44)).permute(2, 0, 1).float() / 255
+    for k, (top, left) in enumerate([(0, 0), (0, 4), (4, 0), (4, 4), (2, 2)]):
+        assert torch.equal(crops[k], big[:, top:top + 40, left:left + 40])
+        assert torch.equal(crops[k + 5], crops[k].flip(-1))
+    for k, colour in enumerate(colours):  # each corner crop holds its own corner's colour and no other
+        pixels = set(map(tuple, (crops[k] * 255).round().int().flatten(1).T.tolist()))
+        assert colour in pixels and not pixels & (set(colours) - {colour})
+    assert torch.equal(crops, D.ten_crop_tensor(big[None], 40)[0])
+
+
+# ---------------------------------------------------------------- pre-tokenization and codes
+
+def test_pretokenize_layout_and_order(tmp_path):
+    x, y = write_npz(tmp_path / "src.npz", n=5, side=18)
+    tok = PatchColourTokenizer(16, 8)
+    out = D.pretokenize(tok, str(tmp_path / "src.npz"), str(tmp_path / "codes.npz"), batch_size=2, progress=False)
+    with np.load(out) as f:
+        assert f["codes"].dtype == np.int16 and f["codes"].shape == (5, 10, 4)
+        assert f["labels"].dtype == np.int64 and f["labels"].tolist() == y.tolist()
+        assert (int(f["n_tokens"]), int(f["codebook_size"]), int(f["image_size"]), int(f["num_classes"])) == \
+            (4, 512, 16, 3)
+        codes = f["codes"]
+    for i in range(5):  # same codes as encoding ten_crop() of the image, crop by crop
+        assert codes[i].tolist() == tok.encode(D.ten_crop(Image.fromarray(x[i]), 16)).tolist()
+    grid = codes.reshape(5, 10, 2, 2)  # the flipped crops' 2 x 2 code grids are mirrored
+    assert (grid[:, 5:] == grid[:, :5, :, ::-1]).all()
+    assert not os.path.exists(str(tmp_path / "codes.npz") + ".tmp" + str(os.getpid()))
+
+
+def test_pretokenize_shapes_and_codes_dataset(tmp_path):
+    tok = PatchColourTokenizer(16, 4)
+    source = D.build_dataset("shapes", 17, train=False, n_images=4)
+    path = D.pretokenize(tok, source, str(tmp_path / "c.npz"), progress=False)
+    ds = D.CodesDataset(path, seed=3)
+    assert len(ds) == 4 and ds.n_tokens == 16 and ds.num_classes == 10 and ds.class_names[2] == "triangle"
+    with np.load(path) as f:
+        options = [tuple(c) for c in f["codes"][2].tolist()]
+    seen = set()
+    for _ in range(100):
+        codes, label = ds[2]
+        assert codes.dtype == torch.int64 and codes.shape == (16,) and label == 2
+        assert tuple(codes.tolist()) in options
+        seen.add(tuple(codes.tolist()))
+    assert len(seen) >= min(5, len(set(options)))
+    a, b = D.CodesDataset(path, seed=5), D.CodesDataset(path, seed=5)  # same seed, same draws
+    assert [a[0][0].tolist() for _ in range(20)] == [b[0][0].tolist() for _ in range(20)]
+    with pytest.raises(ValueError, match="flip"):
+        D.pretokenize(tok, D.build_dataset("shapes", 17, train=True, n_images=4), str(tmp_path / "d.npz"))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda f: f.pop("n_tokens"), "missing"),
+    (lambda f: f.update(codes=f["codes"].astype(np.int32)), "int16"),
+    (lambda f: f.update(codes=f["codes"][:, :9]), "expected .N, 10"),
+    (lambda f: f.update(labels=f["labels"][:2]), "one per image"),
+    (lambda f: f.update(codes=f["codes"] + 600), "outside"),
+])
+def test_codes_dataset_validates(tmp_path, change, message):
+    good = dict(codes=np.zeros((3, 10, 4), np.int16), labels=np.zeros(3, np.int64), n_tokens=4,
+                codebook_size=512, image_size=16, num_classes=2)
+    change(good)
+    np.savez(tmp_path / "bad.npz", **good)
+    with pytest.raises(ValueError, match=message):
+        D.CodesDataset(str(tmp_path / "bad.npz"))
+
+
+def _pretokenize_worker(rank, world, port, source, out_path):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=world)
+    try:
+        D.pretokenize(PatchColourTokenizer(16, 8), source, out_path, batch_size=2, progress=False)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_pretokenize_two_processes_matches_one(tmp_path):
+    write_npz(tmp_path / "src.npz", n=5, side=20)  # 5 images: rank 0 gets 3, rank 1 gets 2
+    source = str(tmp_path / "src.npz")
+    single = D.pretokenize(PatchColourTokenizer(16, 8), source, str(tmp_path / "one.npz"), progress=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = (2, port, source, str(tmp_path / "two.npz"))
+    torch.multiprocessing.spawn(_pretokenize_worker, args=args, nprocs=2)
+    with np.load(single) as one, np.load(tmp_path / "two.npz") as two:
+        assert sorted(one.files) == sorted(two.files)
+        for key in one.files:
+            assert one[key].dtype == two[key].dtype and np.array_equal(one[key], two[key]), key
+    assert sorted(os.listdir(tmp_path)) == ["one.npz", "src.npz", "two.npz"]  # part files removed
+
+
+# ---------------------------------------------------------------- grid
+
+def test_save_grid(tmp_path):
+    images = torch.rand(5, 3, 6, 7)
+    D.save_grid(images, str(tmp_path / "sub" / "grid.png"), nrow=3)
+    grid = np.asarray(Image.open(tmp_path / "sub" / "grid.png"))
+    assert grid.shape == (2 * 8 + 2, 3 * 9 + 2, 3)
+    assert np.array_equal(grid[2:8, 11:18], (images[1] * 255).round().byte().permute(1, 2, 0).numpy())
+    assert (grid[:2] == 0).all() and (grid[:, :2] == 0).all()
+
+
+# ===================================================================================================
+# perceptual.py: ConvNeXt-S, LPIPS, discriminator
+# ===================================================================================================
+
+def shapes(module):
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def golden_filled(cls, rename=lambda k: k, zero=()):
+    """cls() built without random init, every tensor set to recipe.tensor_for(rename(name)) (as recipe.fill_
+    does), except names starting with `zero`, set to zeros (unused by the forward; saves time)."""
+    r = recipe()
+    with torch.device("meta"):
+        m = cls()
+    state = {k: torch.zeros(v.shape) if k.startswith(zero) else r.tensor_for(rename(k), tuple(v.shape))
+             for k, v in m.state_dict().items()}
+    m.load_state_dict(state, strict=True, assign=True)
+    return m.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def convnext():
+    return golden_filled(P.ConvNeXtSmall)
+
+
+@pytest.fixture(scope="module")
+def lpips_net():
+    # Golden filled the VGG by its torchvision names and the heads by the lpips names: strip "net.".
+    return golden_filled(P.LPIPS, lambda k: k.removeprefix("net."), zero=("net.classifier.",))
+
+
+@pytest.fixture(scope="module")
+def perceptual_golden():
+    r = recipe()
+    return r.inputs()["images"], np.load(GOLDEN / "perceptual.npz")
+
+
+def rel_err(a, b):
+    return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
+
+
+# --- layouts ---------------------------------------------------------------------------------------
+
+def test_layouts_match_manifests():
+    with torch.device("meta"):
+        convnext, net = P.ConvNeXtSmall(), P.LPIPS()
+    assert shapes(convnext) == read_manifest("torchvision_convnext_small.txt")
+    assert shapes(net.net) == read_manifest("torchvision_vgg16.txt")
+    lin = {k: v for k, v in shapes(net).items() if not k.startswith("net.")}
+    assert lin == read_manifest("lpips_v0.1_vgg.txt")
+
+
+# --- golden vectors ---------------------------------------------------------------------------------
+
+def test_convnext_golden(convnext, perceptual_golden):
+    images, g = perceptual_golden
+    with torch.no_grad():
+        logits = convnext(P.convnext_input(images))
+        mse = P.perceptual_loss(convnext, images[:1], images[1:])
+    assert rel_err(logits, g["convnext_logits"]) < 1e-4
+    # golden perceptual_mse is the mean over the 1000 logits of the squared difference
+    assert rel_err(mse, g["perceptual_mse"]) < 1e-5
+
+
+def test_lpips_golden(lpips_net, perceptual_golden):
+    images, g = perceptual_golden
+    with torch.no_grad():
+        d = P.lpips(lpips_net, images[:1], images[1:])  # at 256 px: golden did not resize
+    assert rel_err(d, g["lpips_vgg"]) < 1e-5
+
+
+# --- gradients --------------------------------------------------------------------------------------
+
+def test_gradients_reach_inputs_not_nets(convnext, lpips_net):
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    y = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    (P.perceptual_loss(convnext, x, y) + P.lpips(lpips_net, x, y)).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    for net in (convnext, lpips_net):
+        assert not net.training
+        assert all(not p.requires_grad and p.grad is None for p in net.parameters())
+
+
+def test_lpips_is_zero_for_identical_images(lpips_net):
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert P.lpips(lpips_net, x, x).item() == 0.0
+
+
+# --- loading ----------------------------------------------------------------------------------------
+
+def test_load_strict_roundtrip(tmp_path, convnext, lpips_net):
+    torch.save(convnext.state_dict(), tmp_path / "convnext.pth")
+    state = lpips_net.state_dict()
+    torch.save({k[4:]: v for k, v in state.items() if k.startswith("net.")}, tmp_path / "vgg16.pth")
+    torch.save({k: v for k, v in state.items() if not k.startswith("net.")}, tmp_path / "vgg.pth")
+    c = P.load_convnext(tmp_path / "convnext.pth")
+    n = P.load_lpips(tmp_path / "vgg16.pth", tmp_path / "vgg.pth")
+    for loaded, ref in ((c, convnext), (n, lpips_net)):
+        assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+        ref_state = ref.state_dict()
+        assert all(torch.equal(v, ref_state[k]) for k, v in loaded.state_dict().items())
+
+
+def test_load_refuses_wrong_keys(tmp_path, lpips_net):
+    lin = {k: v for k, v in lpips_net.state_dict().items() if not k.startswith("net.")}
+    lin["lin5.model.1.weight"] = lin.pop("lin4.model.1.weight")
+    torch.save(lin, tmp_path / "bad_lin.pth")
+    with pytest.raises(RuntimeError, match=r"bad_lin\.pth.*lin4\.model\.1\.weight.*lin5\.model\.1\.weight"):
+        P.load_lpips(tmp_path / "unused.pth", tmp_path / "bad_lin.pth")
+    # A VGG file without its classifier (features only) is refused: the full torchvision file is expected.
+    good_lin = {k: v for k, v in lpips_net.state_dict().items() if k.startswith("lin")}
+    torch.save(good_lin, tmp_path / "vgg.pth")
+    features = {k[4:]: v for k, v in lpips_net.state_dict().items() if k.startswith("net.features.")}
+    torch.save(features, tmp_path / "features.pth")
+    with pytest.raises(RuntimeError, match=r"features\.pth.*classifier\.0\.bias"):
+        P.load_lpips(tmp_path / "features.pth", tmp_path / "vgg.pth")
+    torch.save({"stem.0.weight": torch.zeros(96, 3, 4, 4)}, tmp_path / "timm.pth")
+    with pytest.raises(RuntimeError, match=r"timm\.pth.*344 missing.*features\.0\.0\.bias.*stem\.0\.weight"):
+        P.load_convnext(tmp_path / "timm.pth")
+    lin["lin4.model.1.weight"] = torch.zeros(1, 256, 1, 1)
+    del lin["lin5.model.1.weight"]
+    torch.save(lin, tmp_path / "bad_lin.pth")
+    with pytest.raises(RuntimeError, match=r"bad_lin\.pth.*lin4\.model\.1\.weight \[1, 256, 1, 1\] != "):
+        P.load_lpips(tmp_path / "unused.pth", tmp_path / "bad_lin.pth")
+
+
+def test_load_missing_file_says_what_and_where(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope\.pth.*convnext_small-0c510722\.pth.*switched off"):
+        P.load_convnext(tmp_path / "nope.pth")
+    with pytest.raises(FileNotFoundError, match=r"nolin\.pth.*PerceptualSimilarity.*switched off"):
+        P.load_lpips(tmp_path / "novgg.pth", tmp_path / "nolin.pth")
+    lin = {f"lin{k}.model.1.weight": torch.zeros(1, c, 1, 1) for k, c in enumerate(P.VGG16_TAP_CHANNELS)}
+    torch.save(lin, tmp_path / "vgg.pth")
+    with pytest.raises(FileNotFoundError, match=r"novgg\.pth.*vgg16-397923af\.pth.*switched off"):
+        P.load_lpips(tmp_path / "novgg.pth", tmp_path / "vgg.pth")
+
+
+# --- discriminator and hinge losses -----------------------------------------------------------------
+
+@pytest.mark.parametrize("size", [32, 256])
+def test_discriminator_patch_logits(size):
+    torch.manual_seed(0)
+    d = P.Discriminator(base_channels=8, channel_mult=(1, 2, 4))
+    x = torch.rand(2, 3, size, size, requires_grad=True)
+    logits = d(x)
+    assert logits.shape == (2, 1, size // 8, size // 8)
+    logits.mean().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_discriminator_default_widths():
+    with torch.device("meta"):
+        d = P.Discriminator()
+    assert [c.out_channels for c in [d.stem, *d.convs]] == [128, 128, 256, 512]
+    assert d.to_logits.out_channels == 1
+
+
+def test_blur_downsample_keeps_constants_inside():
+    x = torch.full((1, 2, 8, 8), 3.0)
+    y = P.blur_downsample(x)
+    assert y.shape == (1, 2, 4, 4)
+    torch.testing.assert_close(y[..., 1:-1, 1:-1], torch.full((1, 2, 2, 2), 3.0))
+
+
+def test_hinge_losses_textbook_values():
+    real = torch.tensor([2.0, 0.5, -1.0])  # relu(1 - real) = 0, 0.5, 2    -> mean 5/6
+    fake = torch.tensor([-2.0, 0.0, 1.0])  # relu(1 + fake) = 0, 1, 2      -> mean 1
+    torch.testing.assert_close(P.hinge_d_loss(real, fake), torch.tensor(0.5 * (5 / 6 + 1)))
+    torch.testing.assert_close(P.hinge_d_loss(torch.ones(4), -torch.ones(4)), torch.tensor(0.0))
+    torch.testing.assert_close(P.generator_adv_loss(fake), torch.tensor(1 / 3))
+
+
+# ===================================================================================================
+# train.py: stages, resume, processes, bad input
+# ===================================================================================================
+
+TINY = ["--batch-size", "8", "--n-images", "64", "--warmup", "5", "--log-every", "5", "--image-every", "1000",
+        "--no-progress"]
+
+
+def run_main(argv):
+    args = train.parse_args(argv)
+    train.main(args)
+    return args
+
+
+def env1():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def fixed_batch(n=16, size=32):
+    import data
+    ds = data.build_dataset("shapes", size, train=False, split="val", n_images=n)
+    return torch.stack([ds[i][0] for i in range(n)]), torch.tensor([ds[i][1] for i in range(n)])
+
+
+def tokenizer_loss_on(tok, x):
+    tok.eval()
+    with torch.no_grad():
+        out = tok(x)
+    return float(alitok.reconstruction_loss(x, out, tok.config.patch_size, tok.config.n_prefix))
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory):
+    """Stage 1 -> stage 2 -> generator, a few tiny steps each (shared by the tests below)."""
+    root = tmp_path_factory.mktemp("stages")
+    s1 = run_main(["--stage", "1", "--out", str(root / "s1"), "--steps", "40", "--lr", "2e-3", *TINY])
+    s2 = run_main(["--stage", "2", "--out", str(root / "s2"), "--init", str(root / "s1" / "ckpt.pt"),
+                   "--steps", "30", "--lr", "2e-3", *TINY])
+    ar = run_main(["--stage", "ar", "--out", str(root / "ar"), "--tokenizer", str(root / "s2" / "tokenizer.pt"),
+                   "--steps", "30", "--lr", "3e-3", *TINY])
+    return root, s1, s2, ar
+
+
+def test_stage1_lowers_loss_on_fixed_batch(stages):
+    root, s1, _, _ = stages
+    torch.manual_seed(s1.seed)
+    init = train.stage1_tokenizer(s1)                          # the same initial weights main() built
+    trained = alitok.load_tokenizer(root / "s1" / "ckpt.pt")
+    x, _ = fixed_batch()
+    assert tokenizer_loss_on(trained, x) < 0.8 * tokenizer_loss_on(init, x)
+    records = [json.loads(l) for l in open(root / "s1" / "metrics.jsonl")]
+    assert records[-1]["step"] == 40 and {"loss", "rec", "vq", "psnr", "codebook_usage", "lr"} <= set(records[-1])
+    assert (root / "s1" / "latest.png").exists()
+
+
+def test_stage2_freezes_encoder_codebook_and_exports_inference_layout(stages):
+    root, _, _, _ = stages
+    first = torch.load(root / "s1" / "ckpt.pt", weights_only=False)["model"]
+    second = torch.load(root / "s2" / "ckpt.pt", weights_only=False)["model"]
+    frozen = [k for k in first if k.split(".")[0] in ("encoder", "latent_tokens", "quantize")]
+    assert len(frozen) > 10 and all(torch.equal(first[k], second[k]) for k in frozen)
+    assert not torch.equal(first["decoder.ln_post.weight"], second["decoder.ln_post.weight"])
+    tok = alitok.load_tokenizer(root / "s2" / "tokenizer.pt")
+    assert not tok.config.causal and tok.config.n_buffer == 4 and not tok.config.aux_head
+    if MANIFESTS.exists():                                     # same names as the released AliTok.pth
+        names = {l.split("\t")[0] for l in (MANIFESTS / "tokenizer_inference.txt").read_text().splitlines()
+                 if l and not l.startswith("#")}
+        layers = lambda keys: {re.sub(r"transformer\.\d+\.", "transformer.N.", k) for k in keys}
+        assert layers(tok.state_dict()) == layers(names)
+    x, _ = fixed_batch()
+    s1_tok = alitok.load_tokenizer(root / "s1" / "ckpt.pt")
+    assert torch.equal(tok.encode(x), s1_tok.encode(x))       # the codes do not change in stage 2
+
+
+def test_generator_stage_lowers_loss_and_writes_checkpoint(stages):
+    root, _, _, ar = stages
+    codes = np.load(root / "ar" / "codes.npz")
+    assert codes["codes"].shape == (64, 10, 73)
+    records = [json.loads(l) for l in open(root / "ar" / "metrics.jsonl")]
+    assert records[-1]["loss"] < records[0]["loss"] and 0 <= records[-1]["acc"] <= 1
+    gen = alitok.load_generator(root / "ar" / "generator.pt")
+    assert torch.load(root / "ar" / "generator.pt", weights_only=False)["tokenizer"].endswith("tokenizer.pt")
+    c = torch.from_numpy(codes["codes"][:16, 4].astype(np.int64))
+    y = torch.from_numpy(codes["labels"][:16])
+    with torch.no_grad():                                       # the zero-initialised output layer starts at log K
+        loss = float(torch.nn.functional.cross_entropy(gen(c, y).flatten(0, 1), c.flatten()))
+    assert loss < math.log(256) - 0.1
+    assert (root / "ar" / "latest.png").exists()
+
+
+def test_resume_after_stop_is_exact(tmp_path, stages):
+    """Generator stage (dropout, class dropout, ten-crop picks): stop at step 7, resume, equal at 15."""
+    root = stages[0]
+    common = ["--stage", "ar", "--tokenizer", str(root / "s2" / "tokenizer.pt"), "--codes",
+              str(root / "ar" / "codes.npz"), "--steps", "15", "--ckpt-every", "100", *TINY]
+    run_main([*common, "--out", str(tmp_path / "a")])
+    run_main([*common, "--out", str(tmp_path / "b"), "--stop-after", "7"])
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["step"] == 7
+    run_main([*common, "--out", str(tmp_path / "b"), "--resume"])
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)
+    assert a["step"] == b["step"] == 15
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["optimizer"]["state"][i]["exp_avg"], b["optimizer"]["state"][i]["exp_avg"])
+               for i in a["optimizer"]["state"])
+
+
+def test_resume_after_kill_is_exact(tmp_path):
+    """Stage 1 killed for real (SIGKILL) mid-run, then resumed, ends bit for bit like an uninterrupted run."""
+    common = [sys.executable, str(HERE / "train.py"), "--stage", "1", "--steps", "60", "--ckpt-every", "2", *TINY]
+    subprocess.run([*common, "--out", str(tmp_path / "a")], check=True, env=env1(), capture_output=True)
+    proc = subprocess.Popen([*common, "--out", str(tmp_path / "b")], env=env1(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "b" / "ckpt.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = torch.load(ckpt, weights_only=False)["step"]   # a complete file: writes are atomic
+    assert 0 < killed_at < 60
+    subprocess.run([*common, "--out", str(tmp_path / "b"), "--resume"], check=True, env=env1(), capture_output=True)
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)
+    b = torch.load(ckpt, weights_only=False)
+    assert b["step"] == 60 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_two_processes_match_one_process(tmp_path, stages):
+    """torchrun, gloo: 2 x batch 4 ends with the weights of 1 x batch 8 (generator stage, dropout off)."""
+    root = stages[0]
+    args = ["--stage", "ar", "--tokenizer", str(root / "s2" / "tokenizer.pt"), "--codes",
+            str(root / "ar" / "codes.npz"), "--steps", "6", *TINY, "--dropout", "0", "--token-dropout", "0",
+            "--class-dropout", "0"]
+    subprocess.run([sys.executable, str(HERE / "train.py"), *args, "--out", str(tmp_path / "one")],
+                   check=True, env=env1(), capture_output=True)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={free_port()}", str(HERE / "train.py"), *args, "--out",
+                          str(tmp_path / "two")], env=env1(), capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "global batch 8 = 2 x 4" in two.stdout + two.stderr
+    a = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def _cluster_worker(rank, world, port, z, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    q = _quantizer()
+    q.cluster_update_(z.chunk(world)[rank])
+    if rank == 0:
+        torch.save(q.state_dict(), out)
+    torch.distributed.destroy_process_group()
+
+
+def _quantizer():
+    torch.manual_seed(0)
+    q = alitok.VectorQuantizer(alitok.tokenizer_config("tiny", 1, codebook_size=64, codebook_dim=8))
+    with torch.no_grad():
+        q.embedding.weight.normal_()
+        q.embed_prob.uniform_(0, 0.002)                       # a mix of used and rarely used codes
+    return q
+
+
+def test_codebook_statistics_gathered_across_processes(tmp_path):
+    """The clustering update over 2 gloo processes with half a batch each equals 1 process with all of it."""
+    z = torch.randn(2 * 40, 8, generator=torch.Generator().manual_seed(1))
+    torch.multiprocessing.spawn(_cluster_worker, args=(2, free_port(), z, tmp_path / "two.pt"), nprocs=2)
+    one = _quantizer()
+    one.cluster_update_(z)
+    two = torch.load(tmp_path / "two.pt", weights_only=True)
+    torch.testing.assert_close(two["embed_prob"], one.embed_prob)
+    torch.testing.assert_close(two["embedding.weight"], one.embedding.weight)
+    assert not torch.equal(one.embedding.weight, _quantizer().embedding.weight)   # the update did move codes
+
+
+def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, monkeypatch):
+    real = train.tokenizer_loss
+
+    def poisoned(args, cfg, out, x, step, nets):
+        loss, parts = real(args, cfg, out, x, step, nets)
+        return (loss * float("nan"), parts) if step >= 5 else (loss, parts)
+
+    monkeypatch.setattr(train, "tokenizer_loss", poisoned)
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 5"):
+        run_main(["--stage", "1", "--out", str(tmp_path), "--steps", "10", "--ckpt-every", "2", *TINY])
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert ck["step"] == 4 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def test_folder_with_corrupt_image_trains_and_reports(tmp_path):
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
+    (tmp_path / "data" / "b" / "broken.jpg").write_bytes(b"not an image at all")
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        run_main(["--stage", "1", "--out", str(tmp_path / "run"), "--data", str(tmp_path / "data"),
+                  "--steps", "2", "--batch-size", "4", "--no-progress", "--warmup", "1", "--max-bad-fraction", "0.1"])
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["step"] == 2
+
+
+def test_ablation_switches_build_the_paper_baselines():
+    build = lambda *a: train.stage1_tokenizer(train.parse_args(["--stage", "1", *a])).config
+    assert build().causal and build().aux_head and build().n_prefix == 9
+    assert not build("--decoder", "bidirectional").causal
+    assert build("--no-prefix").n_prefix == 0 and not build("--no-prefix").aux_head
+    assert not build("--no-aux").aux_head and build("--no-aux").n_prefix == 9
+
+
+def test_lr_schedule_and_data_order():
+    assert train.lr_at(0, 1.0, 10, 100, 0.0) == pytest.approx(0.1)
+    assert train.lr_at(9, 1.0, 10, 100, 0.0) == pytest.approx(1.0)
+    assert train.lr_at(100, 1.0, 10, 100, 0.1) == pytest.approx(0.1)
+    steps = [train.global_batch_indices(20, 8, 0, s) for s in range(4)]
+    assert torch.equal(torch.cat(steps[:2]).sort().values.unique(), torch.cat(steps[:2]).sort().values)
+    assert not torch.equal(steps[0], steps[2])                   # a new permutation each epoch
+    shares = [list(train.StepBatches(20, 8, 0, 0, 1, r, 2))[0] for r in range(2)]
+    assert shares[0] + shares[1] == steps[0].tolist()
+
+
+# ===================================================================================================
+# sample.py: seeds, torchrun, ADM npz, resume, guidance, bench
+# ===================================================================================================
+
+OPTS = dict(cfg_scale=3.0, cfg_power=1.0, temperature=1.0, top_k=0, top_p=1.0)  # the tiny preset's guidance
+
+
+def tiny_models(seed=0):
+    """(generator, tokenizer): the tiny presets with random weights, eval mode."""
+    torch.manual_seed(seed)
+    tokenizer = Tokenizer(tokenizer_config("tiny", "inference")).eval()
+    generator = Generator(generator_config("tiny", tokenizer=tokenizer.config)).eval()
+    torch.nn.init.normal_(generator.output.weight, std=0.5)  # zero at init, which would make sampling uniform
+    return generator, tokenizer
+
+
+def npz_args(ckpts, out, n=20, batch_size=3, *extra):
+    return ["--ckpt", ckpts["gen"], "--npz", str(n), "--batch-size", str(batch_size), "--out", str(out),
+            "--device", "cpu", *extra]
+
+
+@pytest.fixture(scope="module")
+def models():
+    return tiny_models()
+
+
+@pytest.fixture(scope="module")
+def ckpts(models, tmp_path_factory):
+    """Checkpoint files: gen (carries the tokenizer's path, as train.py writes it), bare (does not), tok."""
+    folder = tmp_path_factory.mktemp("ckpts")
+    generator, tokenizer = models
+    paths = {name: str(folder / f"{name}.pt") for name in ("gen", "bare", "tok")}
+    torch.save(checkpoint(tokenizer), paths["tok"])
+    torch.save(dict(checkpoint(generator), tokenizer=paths["tok"]), paths["gen"])
+    torch.save(checkpoint(generator), paths["bare"])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def npz_one(ckpts, tmp_path_factory):
+    """A 20-sample npz made by one process at batch size 3."""
+    out = tmp_path_factory.mktemp("npz") / "one.npz"
+    S.main(npz_args(ckpts, out))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Seeds: a sample does not depend on the batch it is in, nor on the number of processes
+# ----------------------------------------------------------------------------------------------------
+
+def test_same_seed_same_samples_at_batch_1_and_4(models):
+    generator, tokenizer = models
+    one = S.sample_grid(generator, tokenizer, [0, 3, 7], 2, OPTS, seed=5, batch_size=1)
+    four = S.sample_grid(generator, tokenizer, [0, 3, 7], 2, OPTS, seed=5, batch_size=4)
+    assert torch.equal(one[0], four[0])                     # the same codes; decoding at another batch size
+    torch.testing.assert_close(one[1], four[1], rtol=0, atol=1e-5)   # may round differently across threads
+    other = S.sample_grid(generator, tokenizer, [0, 3, 7], 2, OPTS, seed=6, batch_size=4)
+    assert (other[0] != four[0]).float().mean() > 0.5
+
+
+def test_npz_two_processes_match_one(ckpts, npz_one, tmp_path):
+    out = tmp_path / "two.npz"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", os.path.join(HERE, "sample.py"), *npz_args(ckpts, out, 20, 4)]
+    run = subprocess.run(cmd, cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    with np.load(npz_one) as a, np.load(out) as b:
+        assert all(np.array_equal(a[k], b[k]) for k in ("arr_0", "arr_1", "codes"))
+    assert out.read_bytes() == npz_one.read_bytes()  # fixed zip timestamps: the very same file
+
+
+# ----------------------------------------------------------------------------------------------------
+# The ADM sample batch: layout, balance, order, resuming
+# ----------------------------------------------------------------------------------------------------
+
+def test_npz_adm_layout_balanced_and_not_sorted(npz_one):
+    with np.load(npz_one) as f:
+        images, labels, codes = f["arr_0"], f["arr_1"], f["codes"]
+    assert images.dtype == np.uint8 and images.shape == (20, 32, 32, 3)  # NHWC, 3 channels
+    assert labels.dtype == np.int64 and np.bincount(labels, minlength=10).tolist() == [2] * 10
+    assert np.any(np.diff(labels) < 0), "samples must not be sorted by class (ADM's IS reads 5k chunks in order)"
+    assert np.array_equal(labels, S.balanced_labels(20, range(10), 0))
+    assert codes.shape == (20, 73) and images.std() > 0
+    assert not os.path.exists(f"{npz_one}.parts"), "the shard folder is removed once the file is written"
+    result = json.loads(npz_one.with_suffix(".json").read_text())
+    assert result["images_made"] == 20 and result["settings"]["n"] == 20
+
+
+def test_finished_npz_is_kept_or_redone(ckpts, npz_one, tmp_path, capsys):
+    out = tmp_path / "copy.npz"
+    out.write_bytes(npz_one.read_bytes())
+    (tmp_path / "copy.json").write_bytes(npz_one.with_suffix(".json").read_bytes())
+    result = S.main(npz_args(ckpts, out))  # the same line again: nothing to do
+    assert "nothing to do" in capsys.readouterr().out and result["images_made"] == 20
+    S.main(npz_args(ckpts, out, 20, 3, "--seed", "1"))  # other settings: sampled again
+    with np.load(out) as f:
+        assert not np.array_equal(f["arr_1"], S.balanced_labels(20, range(10), 0))
+
+
+def test_balanced_labels_and_cover():
+    labels = S.balanced_labels(23, [2, 5, 9], seed=1)
+    assert sorted(np.bincount(labels)[[2, 5, 9]].tolist()) == [7, 8, 8]
+    shards = [(0, 3, "a"), (0, 6, "b"), (6, 9, "c")]
+    assert S.cover(0, 9, shards) == [("b", 0, 6), ("c", 0, 3)]
+    assert S.cover(4, 8, shards) == [("b", 4, 6), ("c", 0, 2)]
+    assert S.cover(5, 10, shards) is None
+
+
+def test_npz_resumes_after_a_crash(ckpts, npz_one, tmp_path, monkeypatch, capsys):
+    out, real, calls = tmp_path / "resumed.npz", S.generate_batch, []
+
+    def crash_after_two(*args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the job dies while making its third batch
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(S, "generate_batch", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        S.main(npz_args(ckpts, out, 20, 3))
+    assert not out.exists() and [s[:2] for s in S.list_shards(f"{out}.parts")] == [(0, 3), (3, 6)]
+    with pytest.raises(SystemExit):  # shards of another seed must not be mixed in
+        S.main(npz_args(ckpts, out, 20, 3, "--seed", "1"))
+    assert "another run" in capsys.readouterr().err
+    monkeypatch.setattr(S, "generate_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls.clear()
+    S.main(npz_args(ckpts, out, 20, 6))  # resumed at another batch size: [0, 6) is already there
+    assert len(calls) == 3 and out.read_bytes() == npz_one.read_bytes()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Guidance and sampling settings
+# ----------------------------------------------------------------------------------------------------
+
+def test_cfg_scale_one_is_conditional_sampling(models):
+    generator, tokenizer = models
+    classes, seed = [1, 4, 8], 3
+    codes, _ = S.sample_grid(generator, tokenizer, classes, 2, dict(OPTS, cfg_scale=1.0), seed=seed, batch_size=4)
+    # Conditional-only sampling by teacher forcing: the conditional logits of the sampled sequence, drawn with
+    # each sample's own uniforms, reproduce every code.
+    labels = torch.tensor([c for c in classes for _ in range(2)])
+    with torch.no_grad():
+        logits = generator(codes, labels)
+    u = sample_uniforms(len(labels), codes.shape[1], seeds=S.sample_seeds(seed, range(len(labels))))
+    redrawn = torch.stack([sample_token(logits[:, s], u[:, s]) for s in range(codes.shape[1])], dim=1)
+    assert torch.equal(redrawn, codes)
+    guided, _ = S.sample_grid(generator, tokenizer, classes, 2, OPTS, seed=seed, batch_size=4)
+    assert not torch.equal(guided, codes)
+
+
+def test_top_k_one_is_greedy(models):
+    generator, tokenizer = models
+    top1, _ = S.sample_grid(generator, tokenizer, [2, 6], 2, dict(OPTS, top_k=1), seed=0, batch_size=4)
+    greedy, _ = S.sample_grid(generator, tokenizer, [2, 6], 2, dict(OPTS, temperature=0.0), seed=9, batch_size=4)
+    assert torch.equal(top1, greedy)
+
+
+def test_bf16_autocast_samples(models):
+    generator, tokenizer = models
+    codes, images = S.sample_grid(generator, tokenizer, [0, 1], 2, OPTS, batch_size=4, precision="bf16")
+    assert codes.shape == (4, 73) and images.dtype == torch.float32 and 0 <= images.min() <= images.max() <= 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line: errors, the default grid, the bench
+# ----------------------------------------------------------------------------------------------------
+
+def test_out_of_range_class_is_refused(ckpts, tmp_path, capsys):
+    for extra in ([], ["--npz", "4"]):
+        out = tmp_path / ("x.npz" if extra else "x.png")
+        with pytest.raises(SystemExit) as e:
+            S.main(["--ckpt", ckpts["gen"], "--classes", "1", "10", "--out", str(out), *extra])
+        assert e.value.code == 2 and "[0, 10)" in capsys.readouterr().err and not out.exists()
+
+
+def test_missing_files_are_explained(ckpts, tmp_path, capsys):
+    cases = [(["--ckpt", str(tmp_path / "alitok_b.bin")], ["alitok_b.bin", "AliTok release", "--bench"]),
+             (["--ckpt", ckpts["bare"]], ["no tokenizer", "--tokenizer", "AliTok.pth"]),
+             (["--ckpt", ckpts["gen"], "--tokenizer", str(tmp_path / "AliTok.pth")], ["tokenizer not found"]),
+             ([], ["--ckpt GEN is required"])]
+    for argv, words in cases:
+        with pytest.raises(SystemExit):
+            S.main([*argv, "--out", str(tmp_path / "g.png")])
+        err = capsys.readouterr().err
+        assert all(w in err for w in words), err
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_grid_png_and_settings_json(ckpts, tmp_path):
+    out = tmp_path / "grid.png"
+    S.main(["--ckpt", ckpts["gen"], "--per-class", "2", "--batch-size", "8", "--out", str(out), "--device", "cpu"])
+    assert Image.open(out).size == (2 * 34 + 2, 10 * 34 + 2)  # one row per class (all 10), 2 px padding
+    result = json.loads((tmp_path / "grid.json").read_text())
+    settings = result["settings"]
+    assert settings["classes"] == list(range(10)) and settings["per_class"] == 2 and settings["seed"] == 0
+    assert (settings["cfg_scale"], settings["cfg_power"]) == (3.0, 1.0)  # the checkpoint config's values
+    assert settings["tokenizer"] == os.path.abspath(ckpts["tok"])  # the path the checkpoint carries
+    assert result["images_made"] == 20 and result["images_per_s"] > 0 and result["tokens_per_s"] > 0
+
+
+def test_bench_drives_the_real_generation(models):
+    generator, _ = models
+    classes = torch.tensor([0, 5])
+    reference = generator.generate(classes, generator=torch.Generator().manual_seed(0))
+    for use_cache in (True, False):
+        first = generator.generate(classes, generator=torch.Generator().manual_seed(0), use_cache=use_cache,
+                                   max_tokens=7)
+        assert torch.equal(first, reference[:, :7])
+    linear = sum(m.weight.numel() for m in generator.modules() if isinstance(m, torch.nn.Linear))
+    assert S.matmul_weights(generator.config) == linear
+
+
+def test_bench_runs_and_prints_a_table(capsys):
+    result = S.main(["--bench", "--bench-preset", "tiny", "--bench-tokens", "6", "--bench-batch", "2",
+                     "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert result["n_tokens"] == 6 and set(result["rows"]) == {"uncached", "cached", "floor", "memory floor"}
+    assert all(w in out for w in ("cached (KV cache)", "floor", "K = 6 of 73", ">= 20x", "<= 2x", "decode"))
+
+
+# ===================================================================================================
+# fid.py: metrics, Inception, files, CLI
+# ===================================================================================================
+
+needs_fid_golden = pytest.mark.skipif(not (GOLDEN / "inception.npz").is_file() or not INCEPTION_MANIFEST.is_file(),
+                                      reason=f"{SHARED} is absent: no golden vectors or manifest to compare with")
+
+
+@pytest.fixture(scope="module")
+def fid_inception():
+    """An FID Inception with the golden weights when ../shared exists, else a fixed random init."""
+    torch.manual_seed(0)
+    model = fid.FIDInception().eval()
+    return recipe().fill_(model) if GOLDEN.is_dir() else model
+
+
+@pytest.fixture(scope="module")
+def fid_weights(fid_inception, tmp_path_factory):
+    """The inception's weights saved like pytorch-fid's release file (no num_batches_tracked)."""
+    path = tmp_path_factory.mktemp("weights") / fid.WEIGHTS_NAME
+    torch.save({k: v for k, v in fid_inception.state_dict().items() if "num_batches_tracked" not in k}, path)
+    return path
+
+
+def _fid_images(n, h=16, w=16, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+def _fid_rel_err(a, b):
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+# --- metric maths ------------------------------------------------------------------------------------
+
+
+def test_frechet_distance_closed_forms():
+    rng = np.random.default_rng(0)
+    d = 6
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    a, b = rng.uniform(0.1, 2, d), rng.uniform(0.1, 2, d)
+    expected = ((mu1 - mu2) ** 2).sum() + (a + b - 2 * np.sqrt(a * b)).sum()
+    assert fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
+    # commuting but not diagonal: both covariances share a random eigenbasis q
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    s1, s2 = q @ np.diag(a) @ q.T, q @ np.diag(b) @ q.T
+    assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
+    # general SPD pair: tr sqrt(S1 S2) is the sum of square roots of the (real, positive) eigenvalues of S1 S2
+    x, y = rng.normal(size=(d, d)), rng.normal(size=(d, d))
+    s1, s2 = x @ x.T + 0.1 * np.eye(d), y @ y.T + 0.1 * np.eye(d)
+    tr_sqrt = np.sqrt(np.linalg.eigvals(s1 @ s2).real).sum()
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
+    assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
+    assert fid.frechet_distance(mu2, s2, mu1, s1) == pytest.approx(expected, rel=1e-9)  # symmetric
+
+
+def test_frechet_distance_of_a_set_with_itself_is_zero_even_when_singular():
+    feats = np.random.default_rng(1).normal(size=(10, 20))  # 10 samples in 20-D: singular covariance
+    with pytest.warns(UserWarning, match="singular"):
+        mu, sigma = fid.statistics(feats)
+    assert sigma.dtype == np.float64 and np.allclose(sigma, np.cov(feats, rowvar=False))
+    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-6 * np.trace(sigma)
+    with pytest.raises(ValueError, match="semi-definite"):
+        fid.frechet_distance(mu, sigma, mu, -np.eye(20))
+
+
+def test_inception_score_limits_and_split_order():
+    assert fid.inception_score(np.zeros((10, 1008))) == pytest.approx(1.0, abs=1e-12)  # uniform predictions
+    n_classes, per_class = 4, 5
+    labels = np.tile(np.arange(n_classes), per_class)  # interleaved: every split sees every class
+    logits = np.zeros((len(labels), 1008))
+    logits[np.arange(len(labels)), labels] = 60.0  # confident
+    assert fid.inception_score(logits) == pytest.approx(n_classes, rel=1e-9)
+    # class-sorted files with splits of one class each: IS collapses to 1 (why samples must not be sorted)
+    sorted_logits = logits[np.argsort(labels, kind="stable")]
+    assert fid.inception_score(sorted_logits, split_size=per_class) == pytest.approx(1.0, rel=1e-9)
+
+
+def _fid_naive_pr(ref, smp, k):
+    d_rr = ((ref[:, None] - ref[None]) ** 2).sum(-1)
+    d_ss = ((smp[:, None] - smp[None]) ** 2).sum(-1)
+    d_sr = ((smp[:, None] - ref[None]) ** 2).sum(-1)
+    r_ref, r_smp = np.sort(d_rr, 1)[:, k], np.sort(d_ss, 1)[:, k]
+    return (d_sr <= r_ref[None]).any(1).mean(), (d_sr.T <= r_smp[None]).any(1).mean()
+
+
+def test_precision_recall():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(20, 8)).astype(np.float32)
+    assert fid.precision_recall(x, x, device="cpu") == (1.0, 1.0)
+    assert fid.precision_recall(x, x + 1000, device="cpu") == (0.0, 0.0)
+    ref, smp = rng.normal(size=(23, 8)), rng.normal(0.5, 1.2, size=(17, 8))
+    got = fid.precision_recall(ref, smp, k=3, block=7, device="cpu")  # small blocks exercise the blocking
+    assert got == pytest.approx(_fid_naive_pr(ref, smp, 3), abs=1e-12)
+
+
+# --- network and preprocessing -----------------------------------------------------------------------
+
+
+def test_tf1_resize_by_hand():
+    x = torch.tensor([[0.0, 3.0], [6.0, 9.0]])[None, None]
+    # src = dst * 2/3: 0, 0.667, 1.333 -> (lower, upper, weight) = (0, 0, 0), (0, 1, 2/3), (1, 1, 1/3)
+    expected = torch.tensor([[0.0, 2.0, 3.0], [4.0, 6.0, 7.0], [6.0, 8.0, 9.0]])
+    torch.testing.assert_close(fid.resize_tf1_bilinear(x, 3)[0, 0], expected)
+    # 4 -> 6: src = 0, .667, 1.333, 2, 2.667, 3.333; the last upper neighbour is clamped to index 3
+    row = torch.tensor([0.0, 10.0, 20.0, 40.0])
+    out = fid.resize_tf1_bilinear(row.expand(1, 1, 4, 4), 6)[0, 0]
+    torch.testing.assert_close(out, torch.tensor([0.0, 20 / 3, 40 / 3, 20.0, 100 / 3, 40.0]).expand(6, 6))
+    img = torch.from_numpy(_fid_images(1, 299, 299))
+    torch.testing.assert_close(fid.preprocess(img, "adm"), (img.permute(0, 3, 1, 2).float() - 128) / 128)
+    with pytest.raises(ValueError, match="mode"):
+        fid.preprocess(img, "bicubic")
+
+
+def test_sfid_flattening_order(fid_inception):
+    n, h, w, c = torch.meshgrid(*(torch.arange(s) for s in (2, 17, 17, 768)), indexing="ij")
+    x = (n * 10**6 + c * 1000 + h * 17 + w).permute(0, 3, 1, 2).float()  # N, 768, 17, 17
+    f = fid.spatial_features(x)
+    assert f.shape == (2, 2023)
+    for hh, ww, cc in [(0, 0, 0), (0, 0, 6), (0, 1, 0), (3, 5, 2), (16, 16, 6)]:
+        assert f[1, (hh * 17 + ww) * 7 + cc] == x[1, cc, hh, ww]
+    # the first 192 channels of Mixed_6d's output are branch1x1's ReLU output
+    y = torch.randn(1, 768, 17, 17)
+    with torch.no_grad():
+        torch.testing.assert_close(fid_inception.Mixed_6d(y)[:, :192], fid_inception.Mixed_6d.branch1x1(y))
+
+
+@needs_fid_golden
+def test_inception_state_dict_matches_manifest():
+    lines = INCEPTION_MANIFEST.read_text().splitlines()
+    rows = [line.split("\t") for line in lines if line and not line.startswith("#")]
+    manifest = {name: (json.loads(shape), dtype) for name, shape, dtype in rows}
+    state = fid.FIDInception().state_dict()
+    assert list(state) == list(manifest)
+    for name, t in state.items():
+        assert (list(t.shape), str(t.dtype).removeprefix("torch.")) == manifest[name], name
+
+
+@needs_fid_golden
+@pytest.mark.parametrize("mode", fid.MODES)
+def test_inception_reproduces_golden_features(fid_inception, mode):
+    images = recipe().inputs()["uint8_images"].numpy()
+    golden = np.load(GOLDEN / "inception.npz")
+    feats = fid.extract(fid_inception, images, mode, progress=False)
+    for key in ("pool3", "logits", "spatial"):
+        assert _fid_rel_err(feats[key], golden[f"{mode.replace('-', '_')}_{key}"]) < 1e-4, key
+    one_by_one = fid.extract(fid_inception, images, mode, batch_size=1, progress=False)
+    for key in feats:
+        assert _fid_rel_err(one_by_one[key], feats[key]) < 1e-5, key
+
+
+# --- weights and inputs ------------------------------------------------------------------------------
+
+
+def test_load_inception_strictness(fid_inception, fid_weights, tmp_path):
+    state = fid_inception.state_dict()
+    model = fid.load_inception(fid_weights)  # without num_batches_tracked, like the release file
+    torch.testing.assert_close(model.fc.weight, state["fc.weight"])
+    assert not model.training
+    with_counters = tmp_path / "with_counters.pth"
+    torch.save(state, with_counters)
+    torch.testing.assert_close(fid.load_inception(with_counters).Mixed_7c.branch_pool.bn.running_var,
+                               state["Mixed_7c.branch_pool.bn.running_var"])
+    missing = {k: v for k, v in state.items() if k != "Mixed_6d.branch1x1.bn.running_var"}
+    torch.save(missing, tmp_path / "missing.pth")
+    with pytest.raises(ValueError, match="Mixed_6d.branch1x1.bn.running_var"):
+        fid.load_inception(tmp_path / "missing.pth")
+    torch.save({**state, "AuxLogits.fc.weight": torch.zeros(1)}, tmp_path / "extra.pth")
+    with pytest.raises(ValueError, match="AuxLogits.fc.weight"):
+        fid.load_inception(tmp_path / "extra.pth")
+    with pytest.raises(FileNotFoundError) as err:
+        fid.load_inception(tmp_path / "nowhere.pth")
+    for words in (fid.WEIGHTS_NAME, "pytorch-fid", "torch-fidelity", "sampling"):
+        assert words in str(err.value)
+
+
+@pytest.mark.parametrize("array, words", [
+    (np.zeros((2, 8, 8, 3), np.float32), "float32"),
+    (np.zeros((2, 3, 8, 8), np.uint8), "NCHW"),
+    (np.zeros((2, 8, 8, 4), np.uint8), "4 channels"),
+    (np.zeros((2, 8, 8, 1), np.uint8), "1 channels"),
+    (np.zeros((2, 8, 8), np.uint8), "shape"),
+])
+def test_malformed_images_are_refused(tmp_path, array, words):
+    np.savez(tmp_path / "bad.npz", arr_0=array)
+    with pytest.raises(ValueError, match=words):
+        fid.load_source(tmp_path / "bad.npz")
+
+
+def test_malformed_npz_keys_are_refused(tmp_path):
+    np.savez(tmp_path / "keys.npz", images=_fid_images(2))
+    with pytest.raises(ValueError, match="arr_0"):
+        fid.load_source(tmp_path / "keys.npz")
+    np.savez(tmp_path / "half.npz", mu=np.zeros(2048))
+    with pytest.raises(ValueError, match="sigma"):
+        fid.load_source(tmp_path / "half.npz")
+    np.savez(tmp_path / "shape.npz", mu=np.zeros(10), sigma=np.eye(10))
+    with pytest.raises(ValueError, match="2048"):
+        fid.load_source(tmp_path / "shape.npz")
+
+
+def test_lazy_npz_reader_matches_np_load(tmp_path):
+    images = _fid_images(7, 5, 4)
+    for save in (np.savez, np.savez_compressed):
+        save(tmp_path / "x.npz", arr_0=images, arr_1=np.arange(7))
+        reader = fid.NpzImages(tmp_path / "x.npz")
+        assert len(reader) == 7
+        for s in (slice(0, 3), slice(3, 6), slice(6, 9), slice(1, 2), slice(0, 7)):  # in order, then back
+            np.testing.assert_array_equal(reader[s], images[s])
+
+
+def test_folder_with_a_corrupt_image_is_scored_with_the_skip_reported(fid_inception, tmp_path):
+    (tmp_path / "sub").mkdir()  # recursive search
+    for i, image in enumerate(_fid_images(4, 20, 24)):
+        Image.fromarray(image).save(tmp_path / ("sub" if i % 2 else "") / f"{i}.png")
+    (tmp_path / "sub" / "broken.jpg").write_bytes(b"not an image at all")
+    src = fid.load_source(tmp_path)
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        done = fid.complete(src, fid_inception, need_logits=True)
+    assert done["n"] == 4 and done["skipped"] == 1
+    assert done["pool3"].shape == (4, 2048) and done["mu_s"].shape == (2023,)
+
+
+# --- command line ------------------------------------------------------------------------------------
+
+
+def test_cli_end_to_end_and_cached_statistics(fid_weights, tmp_path, capsys):
+    np.savez(tmp_path / "ref.npz", arr_0=_fid_images(6, seed=1))
+    np.savez(tmp_path / "samples.npz", arr_0=_fid_images(6, seed=2), arr_1=np.arange(6))
+    common = ["--inception", str(fid_weights), "--device", "cpu"]
+    # score, write JSON, and cache REF's statistics in the same run
+    out = fid.main([str(tmp_path / "ref.npz"), str(tmp_path / "samples.npz"), *common,
+                    "--json", str(tmp_path / "out.json"), "--save-stats", str(tmp_path / "stats.npz")])
+    printed = capsys.readouterr().out
+    assert printed.index("Inception Score") < printed.index("FID") < printed.index("sFID") \
+        < printed.index("Precision") < printed.index("Recall")
+    metrics = json.loads((tmp_path / "out.json").read_text())
+    for key in ("inception_score", "fid", "sfid", "precision", "recall"):
+        assert np.isfinite(metrics[key]), key
+    assert metrics["num_samples"] == 6 and metrics["mode"] == "adm"
+    cached = np.load(tmp_path / "stats.npz")
+    assert set(cached.files) == {"mu", "sigma", "mu_s", "sigma_s", "pool3"} and cached["pool3"].shape == (6, 2048)
+    # the cache as REF gives the same numbers (P/R from its pool3)
+    again = fid.main([str(tmp_path / "stats.npz"), str(tmp_path / "samples.npz"), *common])
+    for key in ("inception_score", "fid", "sfid", "precision", "recall"):
+        assert again[key] == pytest.approx(out[key], rel=1e-6, abs=1e-6), key
+    # statistics without images as SAMPLES: IS, sFID and P/R are null, with warnings saying why
+    np.savez(tmp_path / "mu_only.npz", mu=cached["mu"], sigma=cached["sigma"])
+    with pytest.warns(UserWarning, match="Inception Score not computed"):
+        partial = fid.main([str(tmp_path / "stats.npz"), str(tmp_path / "mu_only.npz"), *common])
+    assert partial["inception_score"] is None and partial["sfid"] is None and partial["precision"] is None
+    assert abs(partial["fid"]) < 1e-3  # FID(a, a); not ~1e-12 only because 6 samples give a rank-5 covariance
+    assert "n/a" in capsys.readouterr().out
+
+
+def test_cli_help_and_missing_weights(tmp_path, capsys):
+    with pytest.raises(SystemExit) as done:
+        fid.main(["--help"])
+    assert done.value.code == 0 and "--recon" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        fid.main(["a.npz", "b.npz", "--inception", str(tmp_path / "absent.pth")])
+    assert fid.WEIGHTS_NAME in capsys.readouterr().err
+
+
+class _FidStandInTokenizer(torch.nn.Module):
+    """alitok's tokenizer API with a lossy identity: 4-bit codes per pixel."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = types.SimpleNamespace(image_size=16)
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    def encode(self, x):
+        return (x * 15).round().long()
+
+    def decode(self, codes):
+        return codes.float() / 15
+
+
+def test_rfid_mode_with_a_stand_in_tokenizer(fid_weights, tmp_path, monkeypatch):
+    stand_in = types.SimpleNamespace(load_tokenizer=lambda path: _FidStandInTokenizer())
+    monkeypatch.setitem(sys.modules, "alitok", stand_in)  # alitok.py may not exist yet
+    folder = tmp_path / "real"
+    folder.mkdir()
+    for i, (h, w) in enumerate([(40, 30), (20, 50), (16, 16)]):  # mixed sizes: each is centre-cropped to 16
+        Image.fromarray(_fid_images(1, h, w, seed=i)[0]).save(folder / f"{i}.png")
+    np.savez(tmp_path / "real.npz", arr_0=_fid_images(3, 24, 20))
+    for source in (folder, tmp_path / "real.npz"):
+        out = fid.main(["--recon", "tok.pth", str(source), "--inception", str(fid_weights), "--device", "cpu",
+                        "--json", str(tmp_path / "recon.json")])
+        saved = json.loads((tmp_path / "recon.json").read_text())
+        assert saved["num_images"] == 3 and saved["image_size"] == 16
+        assert np.isfinite(saved["rfid"]) and saved["rfid"] > -1e-6
+        assert 20 < saved["psnr"] < 45 and saved["psnr"] == pytest.approx(out["psnr"])
+
+
+def test_adm_centre_crop():
+    constant = Image.new("RGB", (64, 48), (10, 200, 30))  # halves once (48 >= 32), then bicubic to short side 16
+    out = fid._adm_centre_crop(constant, 16)
+    assert out.shape == (16, 16, 3) and (out == np.array([10, 200, 30], np.uint8)).all()
