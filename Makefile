@@ -2,6 +2,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 RUN ?= runs/demo
+INCEPTION ?=
 
 .PHONY: install test test-slow demo bench clean
 
@@ -17,7 +18,7 @@ test-slow: install
 	$(PYTHON) -m pytest -q -m slow test_alitok.py
 
 demo: install
-	$(PYTHON) demo.py --out $(RUN)
+	$(PYTHON) demo.py --out $(RUN) $(if $(INCEPTION),--inception $(INCEPTION))
 
 bench: install
 	$(PYTHON) sample.py --bench

@@ -198,7 +198,7 @@ def unpatchify(x, grid_h, grid_w, patch):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Encoder (Sec. 3.2): bidirectional ViT over [image patches, latent tokens]; keeps the latent outputs
+# Encoder (Sec. 3, the aligned tokenizer): bidirectional ViT over [image patches, latent tokens]; keeps the latent outputs
 # ----------------------------------------------------------------------------------------------------
 
 class Encoder(nn.Module):
@@ -226,7 +226,7 @@ class Encoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Vector quantizer (Sec. 3.2) with the clustering codebook update of CVQ-VAE used in stage 1
+# Vector quantizer (Sec. 3, the aligned tokenizer) with the clustering codebook update of CVQ-VAE used in stage 1
 # ----------------------------------------------------------------------------------------------------
 
 def code_distances(z, embedding):
@@ -284,7 +284,7 @@ class VectorQuantizer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Decoder (Sec. 3.2 stage 1: causal + prefix + aux loss; Sec. 3.3 stage 2: bidirectional + buffer tokens)
+# Decoder (Sec. 3: stage 1 causal + prefix tokens + aux loss; stage 2 bidirectional + buffer tokens)
 # ----------------------------------------------------------------------------------------------------
 
 class Decoder(nn.Module):
@@ -343,7 +343,7 @@ def reconstruction_loss(images, out, patch_size, n_prefix, aux_weight=10.0):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The tokenizer (Sec. 3.2 - 3.3): latent tokens, encoder, quantizer, decoder
+# The tokenizer (Sec. 3, both stages): latent tokens, encoder, quantizer, decoder
 # ----------------------------------------------------------------------------------------------------
 
 class Tokenizer(nn.Module):
@@ -374,7 +374,7 @@ class Tokenizer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Autoregressive generator (Sec. 3.4 / 4.1): LlamaGen decoder-only transformer over [class, tokens]
+# Autoregressive generator (Sec. 4, implementation details): LlamaGen decoder-only transformer over [class, tokens]
 # ----------------------------------------------------------------------------------------------------
 
 def rotary_table(cfg: ARConfig):
@@ -525,7 +525,7 @@ class Generator(nn.Module):
             cls = torch.where(drop, self.config.null_class, cls)
         return self.run(torch.cat([cls[:, None], codes[:, :-1]], dim=1))
 
-    # ---------------- KV-cached sampling (Sec. 4.1, sampling) ----------------
+    # ---------------- KV-cached sampling (Sec. 4, sampling with the power-cosine schedule) ----------------
 
     def setup_cache(self, batch, dtype=None):
         """Preallocate every layer's KV cache for `batch` sequences of 1 + n_tokens positions."""

@@ -1,6 +1,6 @@
 """Sample from an AliTok generator: an image grid, an ADM sample batch (npz) for FID / IS, or a speed benchmark.
 
-Read beside "AliTok" (arXiv 2506.05289), Sec. 4.1, and ALITOK_SPEC.md section 2 "Sampling": temperature 1,
+Read beside "AliTok" (arXiv 2506.05289), Sec. 4, and ALITOK_SPEC.md section 2 "Sampling": temperature 1,
 no top-k / top-p, power-cosine guidance with each size's released scale g and power p, the conditional and
 unconditional halves run as one doubled batch over a KV cache. Sample i draws its randomness from its own
 seed, seed * 1000003 + i, so results do not depend on the batch size or the number of processes (bit-exact
@@ -127,7 +127,7 @@ def compile_decode(generator):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Sampling (Sec. 4.1): per-sample seeds, so a sample is the same in any batch and on any rank
+# Sampling (Sec. 4): per-sample seeds, so a sample is the same in any batch and on any rank
 # ----------------------------------------------------------------------------------------------------
 
 def sample_seeds(base_seed, indices):

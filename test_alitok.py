@@ -1619,3 +1619,31 @@ def test_adm_centre_crop():
     constant = Image.new("RGB", (64, 48), (10, 200, 30))  # halves once (48 >= 32), then bicubic to short side 16
     out = fid._adm_centre_crop(constant, 16)
     assert out.shape == (16, 16, 3) and (out == np.array([10, 200, 30], np.uint8)).all()
+
+
+# ===================================================================================================
+# demo.py: the whole pipeline, killed and restarted
+# ===================================================================================================
+
+def test_demo_quick_pipeline_resumes_after_kill(tmp_path):
+    """`demo.py --quick` runs every stage; killed during the generator stage and restarted, it continues."""
+    out = tmp_path / "demo"
+    cmd = [sys.executable, str(HERE / "demo.py"), "--quick", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=HERE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while not (out / "ar" / "codes.npz").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)                       # the demo and the stage it is running
+    proc.wait()
+    assert (out / "stage2" / "tokenizer.pt").exists() and not (out / "metrics.json").exists()
+    stage1 = (out / "stage1" / "ckpt.pt").stat().st_mtime_ns
+    done = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "already trained to step 30" in done.stdout + done.stderr     # stage 1 was not redone
+    assert (out / "stage1" / "ckpt.pt").stat().st_mtime_ns == stage1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"stage1", "stage2", "generator", "samples"} <= set(metrics)
+    assert metrics["samples"]["n"] == 40 and 0 <= metrics["samples"]["class_agreement"] <= 1
+    assert metrics["stage2"]["psnr"] > 5 and (out / "grid.png").exists()

@@ -44,8 +44,8 @@ RECIPES = {
               image_every=10_000, ckpt_every=5_000),
     "XL": dict(batch_size=2048, steps=250_000, lr=4e-4, lr_min=1e-5, warmup=62_500, log_every=100,
                image_every=10_000, ckpt_every=5_000),
-    "tiny-ar": dict(batch_size=64, steps=1500, lr=1e-3, lr_min=1e-5, warmup=100, log_every=25,
-                    image_every=500, ckpt_every=250),
+    "tiny-ar": dict(batch_size=64, steps=600, lr=1e-3, lr_min=1e-5, warmup=50, log_every=25,
+                    image_every=300, ckpt_every=100),
 }
 
 

@@ -1,0 +1,116 @@
+"""The whole method on a laptop CPU: stage 1 -> stage 2 -> ten-crop codes -> generator -> samples -> scores.
+
+    python demo.py                        # tiny preset, built-in shapes, about 10-15 minutes on 2 cores
+    python demo.py --inception pt_inception-2015-12-05-6726825d.pth   # adds rFID and FID
+
+Each step is the command it prints (so you can re-run any of them by hand) and is skipped or resumed when
+its output exists: a demo that is killed and started again continues. Results land in one run folder:
+reconstruction grids of both stages, a class-by-class sample grid, metrics.json and the logs.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+import alitok
+import data
+
+# Steps per stage: the full demo, and a quick pass that only checks the pipeline runs (CI).
+SCHEDULES = {"full": dict(s1=1500, s2=600, ar=600, n_images=5000, samples=500),
+             "quick": dict(s1=30, s2=20, ar=30, n_images=256, samples=40)}
+
+
+def run(cmd, log):
+    """Run one pipeline command, echoing it; its output goes to the terminal and to the run's log."""
+    print("+ " + " ".join(cmd), flush=True)
+    with open(log, "a") as f:
+        f.write("+ " + " ".join(cmd) + "\n")
+    subprocess.run(cmd, check=True)
+
+
+def val_images(n, size):
+    """The held-out shapes split as uint8 NHWC [n, size, size, 3] and labels [n]."""
+    ds = data.build_dataset("shapes", size, train=False, split="val", n_images=n)
+    x = torch.stack([ds[i][0] for i in range(n)])
+    return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy(), np.array([ds[i][1] for i in range(n)])
+
+
+@torch.no_grad()
+def tokenizer_scores(path, images):
+    """Reconstruction PSNR (dB, uint8 images) and codebook usage of a tokenizer on held-out images."""
+    tok = alitok.load_tokenizer(path)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    codes = torch.cat([tok.encode(b) for b in x.split(100)])
+    rec = torch.cat([tok.decode(c) for c in codes.split(100)])
+    rec = (rec * 255).round() / 255
+    mse = ((rec - x) ** 2).flatten(1).mean(1)
+    used = torch.bincount(codes.flatten(), minlength=tok.config.codebook_size) > 0
+    return {"psnr": float((-10 * torch.log10(mse.clamp_min(1e-10))).mean()), "codebook_usage": float(used.float().mean())}
+
+
+def class_agreement(samples, labels, real, real_labels):
+    """Fraction of samples whose nearest real class mean (pixels) is their own class: do samples look right?"""
+    flat = lambda a: torch.from_numpy(a).float().flatten(1) / 255
+    means = torch.stack([flat(real[real_labels == c]).mean(0) for c in range(int(real_labels.max()) + 1)])
+    guess = torch.cdist(flat(samples), means).argmin(1).numpy()
+    chance = torch.cdist(flat(real), means).argmin(1).numpy()
+    return float((guess == labels).mean()), float((chance == real_labels).mean())
+
+
+def last_record(path):
+    with open(path) as f:
+        return json.loads(f.readlines()[-1])
+
+
+def main(args):
+    sched = SCHEDULES["quick" if args.quick else "full"]
+    out, py = args.out, sys.executable
+    os.makedirs(out, exist_ok=True)
+    log, t0 = os.path.join(out, "commands.log"), time.time()
+    common = ["--n-images", str(sched["n_images"]), "--resume"] + (["--no-progress"] if args.quick else [])
+    s1, s2, ar = (os.path.join(out, d) for d in ("stage1", "stage2", "ar"))
+    run([py, "train.py", "--stage", "1", "--out", s1, "--steps", str(sched["s1"]), *common], log)
+    run([py, "train.py", "--stage", "2", "--init", f"{s1}/ckpt.pt", "--out", s2, "--steps", str(sched["s2"]),
+         *common], log)
+    run([py, "train.py", "--stage", "ar", "--tokenizer", f"{s2}/tokenizer.pt", "--out", ar, "--steps",
+         str(sched["ar"]), *common], log)
+    gen = f"{ar}/generator.pt"
+    run([py, "sample.py", "--ckpt", gen, "--out", f"{out}/grid.png"], log)
+    run([py, "sample.py", "--ckpt", gen, "--npz", str(sched["samples"]), "--out", f"{out}/samples.npz"], log)
+
+    print("scoring ...", flush=True)
+    size = alitok.load_tokenizer(f"{s2}/tokenizer.pt").config.image_size
+    real, real_labels = val_images(1000, size)
+    np.savez(f"{out}/val.npz", arr_0=real, arr_1=real_labels)
+    smp = np.load(f"{out}/samples.npz")
+    agree, real_agree = class_agreement(smp["arr_0"], smp["arr_1"], real, real_labels)
+    gen_log = last_record(f"{ar}/metrics.jsonl")
+    metrics = {"stage1": tokenizer_scores(f"{s1}/ckpt.pt", real), "stage2": tokenizer_scores(f"{s2}/tokenizer.pt", real),
+               "generator": {"loss": gen_log["loss"], "token_accuracy": gen_log["acc"]},
+               "samples": {"n": int(len(smp["arr_0"])), "class_agreement": agree, "real_class_agreement": real_agree,
+                           "chance": 1 / 10}}
+    if args.inception:
+        import fid
+        net = fid.load_inception(args.inception)
+        metrics["rfid"] = fid.reconstruction_scores(f"{s2}/tokenizer.pt", f"{out}/val.npz", net)["rfid"]
+        metrics["fid"] = fid.evaluate(f"{out}/val.npz", f"{out}/samples.npz", net)["fid"]
+    else:
+        print("rFID / FID skipped: pass --inception pt_inception-2015-12-05-6726825d.pth (the pytorch-fid weights)")
+    metrics["minutes"] = (time.time() - t0) / 60
+    with open(f"{out}/metrics.json", "w") as f:
+        json.dump(metrics, f, indent=2)
+    print(json.dumps(metrics, indent=2))
+    print(f"pictures: {s1}/latest.png {s2}/latest.png {out}/grid.png; metrics: {out}/metrics.json")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    p.add_argument("--inception", default=None, help="FID Inception weights, for rFID and FID")
+    p.add_argument("--quick", action="store_true", help="a few steps per stage: checks the pipeline, learns little")
+    main(p.parse_args())
