@@ -929,6 +929,15 @@ def test_stage1_lowers_loss_on_fixed_batch(stages):
     assert (root / "s1" / "latest.png").exists()
 
 
+def test_stage2_lowers_loss_on_fixed_batch(stages, tmp_path):
+    root, _, s2, _ = stages
+    torch.manual_seed(s2.seed)
+    init = train.stage2_tokenizer(s2, train.Logger(str(tmp_path), rank=1))   # the fresh decoder main() built
+    trained = alitok.load_tokenizer(root / "s2" / "ckpt.pt")
+    x, _ = fixed_batch()
+    assert tokenizer_loss_on(trained, x) < 0.8 * tokenizer_loss_on(init, x)
+
+
 def test_stage2_freezes_encoder_codebook_and_exports_inference_layout(stages):
     root, _, _, _ = stages
     first = torch.load(root / "s1" / "ckpt.pt", weights_only=False)["model"]
