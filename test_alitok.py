@@ -1089,6 +1089,23 @@ def test_folder_with_corrupt_image_trains_and_reports(tmp_path):
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["step"] == 2
 
 
+def test_loss_phases_lpips_early_gan_late(tmp_path, monkeypatch):
+    """--lpips-until and --gan-start switch the losses inside one run (stand-in loss networks, no weight files)."""
+    class Features(torch.nn.Module):                          # stand-ins with the call signatures of the real nets
+        def forward(self, x, y=None):
+            return x.mean((2, 3)) if y is None else (x - y).pow(2).mean((1, 2, 3))
+
+    monkeypatch.setattr(train, "loss_networks", lambda args, device, log: (Features(), Features()))
+    run_main(["--stage", "1", "--out", str(tmp_path), "--steps", "6", "--lpips-until", "2", "--gan-start", "3",
+              *TINY, "--log-every", "1"])
+    records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    assert {"perc", "lpips"} <= set(records[0]) and "g_adv" not in records[0]
+    assert "lpips" not in records[2] and "perc" in records[2]
+    assert "g_adv" in records[3] and "d_loss" in records[4]       # tokenizer and discriminator steps alternate
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ck["disc"] is not None and ck["disc_optimizer"]["state"][0]["exp_avg"].abs().sum() > 0
+
+
 def test_ablation_switches_build_the_paper_baselines():
     build = lambda *a: train.stage1_tokenizer(train.parse_args(["--stage", "1", *a])).config
     assert build().causal and build().aux_head and build().n_prefix == 9
