@@ -602,25 +602,6 @@ def evaluate(ref_path, samples_path, model, mode="adm", batch_size=50, device=No
     return scores(ref, smp, device)
 
 
-def _adm_centre_crop(pil, size):
-    """ADM's centre crop of a PIL image -> uint8 [size, size, 3]: box-halve, bicubic short side to size, crop."""
-    while min(pil.size) >= 2 * size:  # repeated halving approximates an antialiased downscale cheaply
-        pil = pil.resize(tuple(s // 2 for s in pil.size), resample=Image.BOX)
-    scale = size / min(pil.size)
-    pil = pil.resize(tuple(round(s * scale) for s in pil.size), resample=Image.BICUBIC)
-    left, top = (pil.width - size) // 2, (pil.height - size) // 2
-    return np.asarray(pil.convert("RGB"))[top:top + size, left:left + size]
-
-
-def _centre_crop_fn():
-    # Prefer the training pipeline's crop (data.py), so rFID sees exactly what the tokenizer saw.
-    try:
-        from data import center_crop_adm
-        return lambda pil, size: np.asarray(center_crop_adm(pil, size), dtype=np.uint8)
-    except ImportError:
-        return _adm_centre_crop
-
-
 def psnr(a, b):
     """Per-image PSNR in dB [N] between uint8 images [N, H, W, C] (peak 255); inf where identical."""
     mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).reshape(len(a), -1).mean(1)
@@ -632,9 +613,11 @@ def psnr(a, b):
 def reconstruction_scores(tokenizer_path, images_path, model, mode="adm", batch_size=50, device=None):
     """rFID and mean PSNR (dB, on uint8) of a tokenizer's reconstructions against the centre-cropped originals."""
     from alitok import load_tokenizer  # imported here: scoring samples must not need the tokenizer code
+    from data import center_crop_adm  # the training pipeline's crop: rFID sees what the tokenizer saw
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tok = load_tokenizer(tokenizer_path).to(device).eval()
-    size, crop = tok.config.image_size, _centre_crop_fn()
+    size = tok.config.image_size
+    crop = lambda pil, side: np.asarray(center_crop_adm(pil, side), dtype=np.uint8)
     src = load_source(images_path, transform=lambda pil: crop(pil, size))
     images = src["images"]
     if images is None:

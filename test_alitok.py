@@ -1641,9 +1641,9 @@ def test_rfid_mode_with_a_stand_in_tokenizer(fid_weights, tmp_path, monkeypatch)
         assert 20 < saved["psnr"] < 45 and saved["psnr"] == pytest.approx(out["psnr"])
 
 
-def test_adm_centre_crop():
+def test_adm_centre_crop_keeps_a_constant_image():
     constant = Image.new("RGB", (64, 48), (10, 200, 30))  # halves once (48 >= 32), then bicubic to short side 16
-    out = fid._adm_centre_crop(constant, 16)
+    out = np.asarray(D.center_crop_adm(constant, 16))
     assert out.shape == (16, 16, 3) and (out == np.array([10, 200, 30], np.uint8)).all()
 
 
