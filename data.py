@@ -395,7 +395,7 @@ def build_dataset(source, image_size, train=True, flip=None, seed=0, n_images=No
 # Pre-tokenization with ten-crop (training recipe), one process or torchrun
 # ----------------------------------------------------------------------------------------------------
 
-def _save_npz_atomic(path, **arrays):
+def save_npz_atomic(path, **arrays):
     """Write an uncompressed npz so that readers see either the old file or the whole new one."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:  # a file object stops numpy from appending ".npz" to the name
@@ -460,12 +460,12 @@ def pretokenize(tokenizer, source, out_path, batch_size=64, device="cpu", progre
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     parts = [f"{out_path}.rank{r}of{world}" for r in range(world)]
     if world > 1:
-        _save_npz_atomic(parts[rank], codes=codes, labels=labels)
+        save_npz_atomic(parts[rank], codes=codes, labels=labels)
         dist.barrier()
     if rank == 0:
         if world > 1:
             codes, labels = _merge_rank_parts(parts, len(data))
-        _save_npz_atomic(out_path, codes=codes, labels=labels, n_tokens=np.int64(codes.shape[2]),
+        save_npz_atomic(out_path, codes=codes, labels=labels, n_tokens=np.int64(codes.shape[2]),
                          codebook_size=np.int64(codebook_size), image_size=np.int64(size),
                          num_classes=np.int64(data.num_classes), class_names=np.array(data.class_names))
         for part in parts if world > 1 else []:

@@ -40,7 +40,8 @@ from tqdm import tqdm
 
 from alitok import (GENERATOR_PRESETS, Generator, Tokenizer, ffn_hidden, generator_config, load_generator,
                     load_tokenizer, tokenizer_config)
-from data import save_grid
+from data import save_grid, save_npz_atomic
+from train import setup_distributed
 
 SEED_STRIDE = 1_000_003  # above any sample count: seeds of two base seeds never coincide (N < 1,000,003)
 IMAGENET_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)  # DiT's sample.py selection (retriever, otter, ...)
@@ -203,14 +204,6 @@ def write_json(path, obj):
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def save_npz_atomic(path, **arrays):
-    """np.savez that readers see whole or not at all: an interrupted write leaves no shard behind."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:  # a file object stops numpy from appending ".npz" to the name
-        np.savez(f, **arrays)
     os.replace(tmp, path)
 
 
@@ -553,19 +546,6 @@ def check_args(p, args, world):
             p.error(f"{name} is out of range (see --help)")
     if args.npz and args.out and not args.out.endswith(".npz"):
         p.error("--out must end in .npz with --npz (evaluators look for it)")
-
-
-def setup_distributed(device_arg):
-    """(rank, world, device); under torchrun (WORLD_SIZE > 1) init the process group: nccl on cuda, gloo on cpu."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if world == 1:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world, device
 
 
 def sampling_settings(args, cfg, classes, tok_source, precision, device, world):
