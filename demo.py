@@ -19,6 +19,7 @@ import torch
 
 import alitok
 import data
+import fid
 
 # Steps per stage: the full demo, and a quick pass that only checks the pipeline runs (CI).
 SCHEDULES = {"full": dict(s1=1500, s2=600, ar=600, n_images=5000, samples=500),
@@ -47,10 +48,9 @@ def tokenizer_scores(path, images):
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     codes = torch.cat([tok.encode(b) for b in x.split(100)])
     rec = torch.cat([tok.decode(c) for c in codes.split(100)])
-    rec = (rec * 255).round() / 255
-    mse = ((rec - x) ** 2).flatten(1).mean(1)
+    rec = (rec.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()   # scored as saved images
     used = torch.bincount(codes.flatten(), minlength=tok.config.codebook_size) > 0
-    return {"psnr": float((-10 * torch.log10(mse.clamp_min(1e-10))).mean()), "codebook_usage": float(used.float().mean())}
+    return {"psnr": float(fid.psnr(images, rec).mean()), "codebook_usage": float(used.float().mean())}
 
 
 def class_agreement(samples, labels, real, real_labels):
@@ -95,7 +95,6 @@ def main(args):
                "samples": {"n": int(len(smp["arr_0"])), "class_agreement": agree, "real_class_agreement": real_agree,
                            "chance": 1 / 10}}
     if args.inception:
-        import fid
         net = fid.load_inception(args.inception)
         metrics["rfid"] = fid.reconstruction_scores(f"{s2}/tokenizer.pt", f"{out}/val.npz", net)["rfid"]
         metrics["fid"] = fid.evaluate(f"{out}/val.npz", f"{out}/samples.npz", net)["fid"]
