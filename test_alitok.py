@@ -1,6 +1,6 @@
 """Tests for alitok: `make test` runs them on the CPU (tiny configs, a few minutes); `make test-slow` adds
 the full-size checks. Sections follow the files: alitok.py, data.py, perceptual.py, train.py, sample.py, fid.py.
-Checks against ../shared/reference (manifests, golden vectors) skip with a reason when it is absent."""
+Manifests and golden vectors come from reference/ in this repository: nothing is skipped in a plain clone."""
 import json
 import math
 import os
@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import types
+import zlib
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -32,11 +33,9 @@ from alitok import (ARConfig, Generator, Tokenizer, cfg_schedule, checkpoint, ge
                     load_tokenizer, rotary_table, sample_token, sample_uniforms, tokenizer_config)
 
 HERE = Path(__file__).resolve().parent
-SHARED = HERE.parent / "shared"
-REFERENCE = SHARED / "reference"
+REFERENCE = HERE / "reference"                      # manifests and golden vectors, carried by the repository
 GOLDEN, MANIFESTS = REFERENCE / "golden", REFERENCE / "manifests"
 INCEPTION_MANIFEST = MANIFESTS / "pt_inception_2015_12_05.txt"
-needs_shared = pytest.mark.skipif(not REFERENCE.exists(), reason="../shared/reference not present beside the checkout")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
@@ -46,39 +45,68 @@ def free_port():
         return s.getsockname()[1]
 
 
-def recipe():
-    """The golden recipe module (deterministic weights and inputs), or skip when ../shared is absent."""
-    if not (GOLDEN / "recipe.py").is_file():
-        pytest.skip(f"{GOLDEN} absent: golden vectors need ../shared/reference/golden")
-    if str(GOLDEN) not in sys.path:
-        sys.path.insert(0, str(GOLDEN))
-    import recipe as r
-    return r
+# The deterministic-weight recipe of reference/golden (its README): every tensor follows from its name, shape
+# and the salt stored in the golden file, so no weight file is needed and other salts give other weights.
+
+def tensor_for(name, shape, dtype=torch.float32, salt=0):
+    """The golden value of one named tensor."""
+    if name.endswith("num_batches_tracked") or name.endswith("embed_prob"):
+        return torch.zeros(shape, dtype=torch.long if name.endswith("num_batches_tracked") else dtype)
+    key = name if int(salt) == 0 else f"{int(salt)}:{name}"
+    g = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+    if name.endswith("running_var") or name.endswith("bn.weight"):
+        return torch.rand(shape, generator=g, dtype=dtype) + 0.5
+    if name.endswith("running_mean"):
+        return torch.randn(shape, generator=g, dtype=dtype) * 0.1
+    if name.endswith("weight") and len(shape) == 1:
+        return 1.0 + torch.randn(shape, generator=g, dtype=dtype) * 0.02
+    if len(shape) == 4:
+        fan_in = shape[1] * shape[2] * shape[3]
+        return torch.randn(shape, generator=g, dtype=dtype) * (2.0 / fan_in) ** 0.5
+    return torch.randn(shape, generator=g, dtype=dtype) * 0.02
+
+
+@torch.no_grad()
+def fill_(model, salt=0):
+    """Set every parameter and buffer of `model` to its golden value; returns the model."""
+    for name, t in model.state_dict().items():
+        t.copy_(tensor_for(name, tuple(t.shape), t.dtype, salt))
+    return model
+
+
+def golden_inputs():
+    """The fixed inputs of every golden file."""
+    g = lambda s: torch.Generator().manual_seed(s)
+    return {
+        "images": torch.rand(2, 3, 256, 256, generator=g(1234)),
+        "codes": torch.randint(0, 4096, (2, 273), generator=g(99)),
+        "ar_codes": torch.randint(0, 4096, (2, 273), generator=g(7)),
+        "ar_classes": torch.tensor([3, 999]),
+        "gen_classes": torch.tensor([1, 500]),
+        "uint8_images": torch.randint(0, 256, (2, 256, 256, 3), generator=g(5), dtype=torch.uint8),
+    }
+
+
+def golden(name):
+    """(arrays of reference/golden/<name>, the salt its weights were made with)."""
+    g = dict(np.load(GOLDEN / name))
+    return g, int(g["salt"])
 
 
 def read_manifest(name):
     """{tensor name: shape} from a manifest file (lines 'name\t[shape]\tdtype', the last a '#' count)."""
-    path = MANIFESTS / name
-    if not path.is_file():
-        pytest.skip(f"{path} absent (the shared reference folder is not checked out next to this repo)")
     out = {}
-    for line in path.read_text().splitlines():
+    for line in (MANIFESTS / name).read_text().splitlines():
         if line and not line.startswith("#"):
             key, shape, _ = line.split("\t")
             out[key] = tuple(int(s) for s in shape.strip("[]").split(",") if s.strip())
     return out
 
 
-
 # ===================================================================================================
 # alitok.py: released layouts, tokenizer, quantizer, generator, golden vectors
 # ===================================================================================================
 
-
-
-def golden(name):
-    """A golden npz and the recipe module that made it."""
-    return np.load(GOLDEN / name), recipe()
 
 
 def tiny_tokenizer(stage=1, **kw):
@@ -105,7 +133,6 @@ LAYOUTS = [("tokenizer_inference.txt", lambda: Tokenizer(tokenizer_config("alito
            ("ar_xl.txt", lambda: Generator(generator_config("XL")))]
 
 
-@needs_shared
 @pytest.mark.parametrize("manifest,build", LAYOUTS, ids=[m for m, _ in LAYOUTS])
 def test_state_dict_matches_manifest(manifest, build):
     with torch.device("meta"):
@@ -116,7 +143,6 @@ def test_state_dict_matches_manifest(manifest, build):
     assert {k: s for k, s in got.items() if want[k] != s} == {}
 
 
-@needs_shared
 @pytest.mark.parametrize("manifest,build", LAYOUTS, ids=[m for m, _ in LAYOUTS])
 def test_config_inferred_from_released_shapes(manifest, build):
     """load_* rebuild the right config from a bare released state dict (shapes only, meta tensors)."""
@@ -235,21 +261,19 @@ def test_clustering_update_moves_unused_code_and_keeps_used_one():
     assert q.embed_prob[0] == pytest.approx(0.99 * 0.5 + 0.01)
 
 
-@needs_shared
 def test_golden_released_tokenizer():
-    g, recipe = golden("tokenizer.npz")
-    tok = recipe.fill_(Tokenizer(tokenizer_config("alitok", "inference"))).eval()
-    inp = recipe.inputs()
+    g, salt = golden("tokenizer.npz")
+    tok = fill_(Tokenizer(tokenizer_config("alitok", "inference")), salt).eval()
+    inp = golden_inputs()
     assert np.array_equal(tok.encode(inp["images"]).numpy(), g["codes_of_images"])
     np.testing.assert_allclose(tok.decode(inp["codes"]).numpy(), g["decode_of_codes"], rtol=1e-4, atol=2e-5)
 
 
-@needs_shared
 def test_golden_stage1_tokenizer():
-    g, recipe = golden("tokenizer_stage1.npz")
-    tok = recipe.fill_(Tokenizer(tokenizer_config("alitok", 1))).eval()
+    g, salt = golden("tokenizer_stage1.npz")
+    tok = fill_(Tokenizer(tokenizer_config("alitok", 1)), salt).eval()
     with torch.no_grad():
-        out = tok(recipe.inputs()["images"])
+        out = tok(golden_inputs()["images"])
     assert np.array_equal(out["codes"].numpy(), g["codes_of_images"])
     np.testing.assert_allclose(out["recon"].numpy(), g["recon"], rtol=1e-4, atol=2e-5)
     np.testing.assert_allclose(out["aux"].numpy(), g["aux"], rtol=1e-4, atol=2e-5)
@@ -367,11 +391,10 @@ def test_sample_token_filters():
     assert torch.allclose(counts, logits.exp()[0], atol=0.02)      # inverse-CDF draws are multinomial
 
 
-@needs_shared
 def test_golden_generator_b():
-    g, recipe = golden("generator_b.npz")
-    gen = recipe.fill_(Generator(generator_config("B"))).eval()
-    inp = recipe.inputs()
+    g, salt = golden("generator_b.npz")
+    gen = fill_(Generator(generator_config("B")), salt).eval()
+    inp = golden_inputs()
     np.testing.assert_allclose(gen.rope.numpy(), g["rotary_table"], atol=2e-6)
     with torch.no_grad():
         logits = gen(inp["ar_codes"], inp["ar_classes"])[:, g["positions"]]
@@ -709,13 +732,13 @@ def shapes(module):
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
-def golden_filled(cls, rename=lambda k: k, zero=()):
-    """cls() built without random init, every tensor set to recipe.tensor_for(rename(name)) (as recipe.fill_
-    does), except names starting with `zero`, set to zeros (unused by the forward; saves time)."""
-    r = recipe()
+def golden_filled(cls, rename=lambda k: k, zero=(), salt=None):
+    """cls() built without random init, every tensor set to tensor_for(rename(name)) (as fill_ does) with the
+    salt of perceptual.npz, except names starting with `zero`, set to zeros (unused by the forward)."""
+    salt = golden("perceptual.npz")[1] if salt is None else salt
     with torch.device("meta"):
         m = cls()
-    state = {k: torch.zeros(v.shape) if k.startswith(zero) else r.tensor_for(rename(k), tuple(v.shape))
+    state = {k: torch.zeros(v.shape) if k.startswith(zero) else tensor_for(rename(k), tuple(v.shape), salt=salt)
              for k, v in m.state_dict().items()}
     m.load_state_dict(state, strict=True, assign=True)
     return m.eval().requires_grad_(False)
@@ -734,8 +757,7 @@ def lpips_net():
 
 @pytest.fixture(scope="module")
 def perceptual_golden():
-    r = recipe()
-    return r.inputs()["images"], np.load(GOLDEN / "perceptual.npz")
+    return golden_inputs()["images"], golden("perceptual.npz")[0]
 
 
 def rel_err(a, b):
@@ -947,11 +969,9 @@ def test_stage2_freezes_encoder_codebook_and_exports_inference_layout(stages):
     assert not torch.equal(first["decoder.ln_post.weight"], second["decoder.ln_post.weight"])
     tok = alitok.load_tokenizer(root / "s2" / "tokenizer.pt")
     assert not tok.config.causal and tok.config.n_buffer == 4 and not tok.config.aux_head
-    if MANIFESTS.exists():                                     # same names as the released AliTok.pth
-        names = {l.split("\t")[0] for l in (MANIFESTS / "tokenizer_inference.txt").read_text().splitlines()
-                 if l and not l.startswith("#")}
-        layers = lambda keys: {re.sub(r"transformer\.\d+\.", "transformer.N.", k) for k in keys}
-        assert layers(tok.state_dict()) == layers(names)
+    names = read_manifest("tokenizer_inference.txt")          # same names as the released AliTok.pth
+    layers = lambda keys: {re.sub(r"transformer\.\d+\.", "transformer.N.", k) for k in keys}
+    assert layers(tok.state_dict()) == layers(names)
     x, _ = fixed_batch()
     s1_tok = alitok.load_tokenizer(root / "s1" / "ckpt.pt")
     assert torch.equal(tok.encode(x), s1_tok.encode(x))       # the codes do not change in stage 2
@@ -1350,8 +1370,6 @@ def test_bench_runs_and_prints_a_table(capsys):
 # fid.py: metrics, Inception, files, CLI
 # ===================================================================================================
 
-needs_fid_golden = pytest.mark.skipif(not (GOLDEN / "inception.npz").is_file() or not INCEPTION_MANIFEST.is_file(),
-                                      reason=f"{SHARED} is absent: no golden vectors or manifest to compare with")
 
 
 @pytest.fixture(scope="module")
@@ -1359,7 +1377,7 @@ def fid_inception():
     """An FID Inception with the golden weights when ../shared exists, else a fixed random init."""
     torch.manual_seed(0)
     model = fid.FIDInception().eval()
-    return recipe().fill_(model) if GOLDEN.is_dir() else model
+    return fill_(model, golden("inception.npz")[1])
 
 
 @pytest.fixture(scope="module")
@@ -1472,7 +1490,6 @@ def test_sfid_flattening_order(fid_inception):
         torch.testing.assert_close(fid_inception.Mixed_6d(y)[:, :192], fid_inception.Mixed_6d.branch1x1(y))
 
 
-@needs_fid_golden
 def test_inception_state_dict_matches_manifest():
     lines = INCEPTION_MANIFEST.read_text().splitlines()
     rows = [line.split("\t") for line in lines if line and not line.startswith("#")]
@@ -1483,10 +1500,9 @@ def test_inception_state_dict_matches_manifest():
         assert (list(t.shape), str(t.dtype).removeprefix("torch.")) == manifest[name], name
 
 
-@needs_fid_golden
 @pytest.mark.parametrize("mode", fid.MODES)
 def test_inception_reproduces_golden_features(fid_inception, mode):
-    images = recipe().inputs()["uint8_images"].numpy()
+    images = golden_inputs()["uint8_images"].numpy()
     golden = np.load(GOLDEN / "inception.npz")
     feats = fid.extract(fid_inception, images, mode, progress=False)
     for key in ("pool3", "logits", "spatial"):
