@@ -6,6 +6,7 @@ causal stage-1 and bidirectional stage-2 decoders), the autoregressive generator
 KV-cached sampling with the power-cosine guidance schedule, and loading of the released weights.
 """
 import math
+import os
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
@@ -503,10 +504,7 @@ class Generator(nn.Module):
 
     def class_ids(self, classes):
         """Class indices [B] in [0, num_classes) (or -1 for the null class) -> vocabulary ids."""
-        n = self.config.num_classes
-        if ((classes < -1) | (classes >= n)).any():
-            bad = classes[(classes < -1) | (classes >= n)].tolist()
-            raise ValueError(f"class indices must lie in [0, {n}) (-1 = unconditional); got {bad[:8]}")
+        check_classes(classes.tolist(), self.config.num_classes, allow_null=True)
         return torch.where(classes < 0, self.config.null_class, classes + self.config.codebook_size + 1)
 
     def run(self, ids, pos=None):
@@ -593,6 +591,14 @@ class Generator(nn.Module):
             seq = torch.cat([seq, token], dim=1)
 
 
+def check_classes(classes, num_classes, allow_null=False):
+    """Raise ValueError unless every class index lies in [0, num_classes) (or is -1, the null class, if allowed)."""
+    bad = [c for c in classes if not (0 <= c < num_classes or (allow_null and c == -1))]
+    if bad:
+        raise ValueError(f"class indices must lie in [0, {num_classes}) for this generator"
+                         f"{' (-1 = unconditional)' if allow_null else ''}; got {bad[:8]}")
+
+
 def cfg_schedule(step, n_steps, scale, power):
     """Guidance scale at step in [0, n_steps): 1 + (scale - 1) * (1 - cos(pi * (step / n_steps) ** power)) / 2."""
     return 1 + (scale - 1) * (1 - math.cos(math.pi * (step / n_steps) ** power)) / 2
@@ -628,10 +634,22 @@ def sample_token(logits, u, temperature=1.0, top_k=0, top_p=1.0):
 # Loading: released weights and this project's checkpoints, strictly
 # ----------------------------------------------------------------------------------------------------
 
+def read_checkpoint(path, what="checkpoint"):
+    """torch.load a weight file onto the CPU (weights_only); FileNotFoundError or ValueError saying what
+    `what` was expected where the file is missing, truncated or not a PyTorch file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {os.fspath(path)!r}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # zip reader, unpickler and EOF errors all mean the same to a user
+        raise ValueError(f"{what} {os.fspath(path)!r} is not a readable PyTorch file (truncated or corrupt? "
+                         f"{type(error).__name__}: {str(error).splitlines()[0][:200]})") from error
+
+
 def _state_dict_of(obj):
     """A checkpoint path or dict -> (state dict, saved config dict or None)."""
     if not isinstance(obj, dict):
-        obj = torch.load(obj, map_location="cpu", weights_only=True)
+        obj = read_checkpoint(obj)
     if "config" in obj and "model" in obj:                  # this project's checkpoint
         return obj["model"], obj["config"]
     for key in ("state_dict", "model", "module", "ema"):    # common wrappers of released files
@@ -640,22 +658,25 @@ def _state_dict_of(obj):
     return obj, None
 
 
-def load_strict(model, state, fits=None):
-    """load_state_dict(strict=True) with an error naming missing, unexpected and mis-shaped tensors."""
+def load_strict(model, state, fits=None, source=None, assign=False):
+    """load_state_dict(strict=True) with a ValueError naming missing, unexpected and mis-shaped tensors (and
+    the file `source` they came from); assign=True fills a model built on the meta device."""
+    if not isinstance(state, dict):
+        raise ValueError(f"{source or 'checkpoint'} holds a {type(state).__name__}, not a state dict of tensors")
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shaped = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or shaped:
-        lines = [f"checkpoint does not fit {type(model).__name__}:"]
+        lines = [f"{source or 'checkpoint'} does not fit {type(model).__name__}:"]
         for what, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shaped)):
             if items:
                 lines.append(f"  {len(items)} {what}: " + ", ".join(items[:6]) + (" ..." if len(items) > 6 else ""))
         if fits is not None:
             lines.append(f"  the config that would fit the file: {fits}")
         raise ValueError("\n".join(lines))
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=assign)
     return model
 
 

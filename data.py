@@ -10,7 +10,9 @@ uint8 npz arrays. Image items are (image float [3, H, W] in [0, 1], label int); 
 (codes int64 [T], label int).
 """
 import colorsys
+import json
 import os
+import sys
 import warnings
 
 import numpy as np
@@ -26,6 +28,87 @@ TEN_CROP_ORDER = ("top_left", "top_right", "bottom_left", "bottom_right", "centr
                   "top_left_flipped", "top_right_flipped", "bottom_left_flipped", "bottom_right_flipped",
                   "centre_flipped")
 CODES_META = ("n_tokens", "codebook_size", "image_size", "num_classes")  # scalar fields of a codes file
+
+
+# ----------------------------------------------------------------------------------------------------
+# Files and processes shared by train.py, sample.py, fid.py and demo.py
+# ----------------------------------------------------------------------------------------------------
+
+def atomic_write(path, write, mode="wb"):
+    """Call write(file) on a temporary file beside `path`, then rename it: readers see the old file or the
+    whole new one, never half of one (a kill or a full disk leaves `path` as it was)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_checkpoint(obj, path):
+    """torch.save(obj) to path atomically."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def save_npz(path, **arrays):
+    """An uncompressed npz written atomically (a file object stops numpy appending ".npz" to the name)."""
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def save_json(path, obj):
+    """JSON (indented) written atomically."""
+    atomic_write(path, lambda f: json.dump(obj, f, indent=2), mode="w")
+
+
+def is_distributed():
+    """True under an initialised torch.distributed process group (torchrun)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier():
+    """dist.barrier() under torchrun, else nothing."""
+    if is_distributed():
+        dist.barrier()
+
+
+def setup_distributed(device=None):
+    """(rank, world, device): init torch.distributed under torchrun (nccl on GPU, gloo on CPU).
+    device: a torch device string; default cuda (this process's LOCAL_RANK) if available, else cpu."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not is_distributed():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return (dist.get_rank() if world > 1 else 0), world, device
+
+
+def autocast(device, precision):
+    """Autocast to bfloat16 on `device` (cpu or cuda) for precision "bf16", a no-op for "fp32"."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def to_uint8(images, rounding="round"):
+    """float [B, 3, H, W] in [0, 1] -> uint8 numpy [B, H, W, 3]. rounding "round" (pictures) or "truncate"
+    (the original code's evaluation batches: (x.clamp(0, 1) * 255).to(uint8))."""
+    x = images.detach().float().clamp(0, 1).mul(255)
+    x = x.round() if rounding == "round" else x
+    return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def cli(main, *args):
+    """Run an entry point's main(*args): errors of bad input (missing or unreadable files, wrong layouts,
+    out-of-range values) end as one "error: ..." line and exit status 2, not a traceback."""
+    try:
+        return main(*args)
+    except (OSError, ValueError, FloatingPointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -50,15 +133,14 @@ def pil_to_tensor(pil_image):
 
 def save_grid(images, path, nrow=8, padding=2):
     """Save float [B, 3, H, W] in [0, 1] as a PNG grid: nrow images per row, `padding` black px around each."""
-    x = images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()
-    b, _, h, w = x.shape
+    x = to_uint8(images)
+    b, h, w, _ = x.shape
     rows, cols = -(-b // nrow), min(nrow, b)
     grid = np.zeros((rows * (h + padding) + padding, cols * (w + padding) + padding, 3), np.uint8)
     for i in range(b):
         top, left = padding + (i // nrow) * (h + padding), padding + (i % nrow) * (w + padding)
-        grid[top:top + h, left:left + w] = x[i].transpose(1, 2, 0)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(grid).save(path)
+        grid[top:top + h, left:left + w] = x[i]
+    atomic_write(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -199,7 +281,7 @@ class ShapesDataset(Dataset):
 # Image folders (ImageNet layout: root/<class>/<image>)
 # ----------------------------------------------------------------------------------------------------
 
-def _list_images(folder):
+def list_images(folder):
     """Sorted paths of the image files under `folder` (recursive; hidden files and folders skipped)."""
     found = []
     for parent, dirs, files in os.walk(folder):
@@ -234,7 +316,7 @@ class ImageFolderDataset(Dataset):
                              "(ImageNet layout)")
         self.num_classes = len(self.class_names)
         files = [(path, label) for label, name in enumerate(self.class_names)
-                 for path in _list_images(os.path.join(root, name))]
+                 for path in list_images(os.path.join(root, name))]
         if not files:
             raise ValueError(f"{root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
         files = [files[i] for i in _spaced_indices(len(files), n_images)]
@@ -395,14 +477,6 @@ def build_dataset(source, image_size, train=True, flip=None, seed=0, n_images=No
 # Pre-tokenization with ten-crop (training recipe), one process or torchrun
 # ----------------------------------------------------------------------------------------------------
 
-def save_npz_atomic(path, **arrays):
-    """Write an uncompressed npz so that readers see either the old file or the whole new one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:  # a file object stops numpy from appending ".npz" to the name
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
-
-
 def _encode_ten_crops(tokenizer, data, indices, size, batch_size, device, progress, num_workers):
     """(codes int16 [n, 10, T], labels int64 [n]) of data[indices], each image's crops in TEN_CROP_ORDER."""
     codebook_size = tokenizer.config.codebook_size
@@ -450,8 +524,7 @@ def pretokenize(tokenizer, source, out_path, batch_size=64, device="cpu", progre
         raise ValueError("pretokenize needs a dataset without random flip: the ten crops already mirror")
     else:
         data = source
-    distributed = dist.is_available() and dist.is_initialized()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
     was_training = tokenizer.training
     tokenizer.eval()
     codes, labels = _encode_ten_crops(tokenizer, data, range(rank, len(data), world), size, batch_size,
@@ -460,12 +533,12 @@ def pretokenize(tokenizer, source, out_path, batch_size=64, device="cpu", progre
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     parts = [f"{out_path}.rank{r}of{world}" for r in range(world)]
     if world > 1:
-        save_npz_atomic(parts[rank], codes=codes, labels=labels)
+        save_npz(parts[rank], codes=codes, labels=labels)
         dist.barrier()
     if rank == 0:
         if world > 1:
             codes, labels = _merge_rank_parts(parts, len(data))
-        save_npz_atomic(out_path, codes=codes, labels=labels, n_tokens=np.int64(codes.shape[2]),
+        save_npz(out_path, codes=codes, labels=labels, n_tokens=np.int64(codes.shape[2]),
                          codebook_size=np.int64(codebook_size), image_size=np.int64(size),
                          num_classes=np.int64(data.num_classes), class_names=np.array(data.class_names))
         for part in parts if world > 1 else []:

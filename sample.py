@@ -40,8 +40,7 @@ from tqdm import tqdm
 
 from alitok import (GENERATOR_PRESETS, Generator, Tokenizer, ffn_hidden, generator_config, load_generator,
                     load_tokenizer, tokenizer_config)
-from data import save_grid, save_npz_atomic
-from train import setup_distributed
+from data import save_grid, save_npz, setup_distributed
 
 SEED_STRIDE = 1_000_003  # above any sample count: seeds of two base seeds never coincide (N < 1,000,003)
 IMAGENET_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)  # DiT's sample.py selection (retriever, otter, ...)
@@ -304,7 +303,7 @@ def sample_npz(generator, tokenizer, out, n, classes, opts, seed=0, batch_size=3
     for s, e in tqdm(todo, desc=f"sampling (rank 0 of {world})", unit="batch", disable=rank != 0):
         codes, images = generate_batch(generator, tokenizer, labels[s:e].tolist(), sample_seeds(seed, range(s, e)),
                                        opts, min(batch_size, n), precision)
-        save_npz_atomic(os.path.join(work, f"{s:09d}-{e:09d}.npz"), arr_0=to_uint8(images), arr_1=labels[s:e],
+        save_npz(os.path.join(work, f"{s:09d}-{e:09d}.npz"), arr_0=to_uint8(images), arr_1=labels[s:e],
                         codes=codes.numpy().astype(code_dtype))
     made = torch.tensor(float(sum(e - s for s, e in todo)), device=device)
     if distributed():

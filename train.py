@@ -191,19 +191,6 @@ def codebook_metrics(counts):
 # Processes, checkpoints, logs
 # ----------------------------------------------------------------------------------------------------
 
-def setup_distributed(device_arg):
-    """Init torch.distributed under torchrun (nccl on GPU, gloo on CPU); returns rank, world, device."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    use_cuda = (device_arg or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return (dist.get_rank() if world > 1 else 0), world, device
-
-
 def rng_state():
     """The torch RNG states (dropout, class dropout); data order and augmentations need none."""
     return {"torch": torch.get_rng_state(),
@@ -223,14 +210,6 @@ def all_rng_states(world):
     out = [None] * world
     dist.all_gather_object(out, rng_state())
     return out
-
-
-def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: a kill never leaves a half-written checkpoint."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 class Logger:
@@ -289,7 +268,7 @@ def export_inference(tok, path):
     """Write the stage-2 tokenizer in the released inference layout (no embed_prob) as our checkpoint."""
     cfg = replace(tok.config, track_usage=False)
     state = {k: v for k, v in tok.state_dict().items() if k != "quantize.embed_prob"}
-    save_atomic({"config": asdict(cfg), "model": state}, path)
+    data.save_checkpoint({"config": asdict(cfg), "model": state}, path)
 
 
 def loss_networks(args, device, log):
@@ -325,7 +304,7 @@ def tokenizer_loss(args, cfg, out, x, step, nets):
 # ----------------------------------------------------------------------------------------------------
 
 def main(args):
-    rank, world, device = setup_distributed(args.device)
+    rank, world, device = data.setup_distributed(args.device)
     log = Logger(args.out, rank)
     os.makedirs(args.out, exist_ok=True)
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
@@ -426,7 +405,7 @@ def main(args):
         if done % args.ckpt_every == 0 or done == args.steps or stop:
             rngs = all_rng_states(world)
             if rank == 0:
-                save_atomic({"stage": args.stage, "step": done, "config": asdict(model.config),
+                data.save_checkpoint({"stage": args.stage, "step": done, "config": asdict(model.config),
                              "model": model.state_dict(), "optimizer": opt.state_dict(),
                              "disc": disc.state_dict() if disc else None,
                              "disc_optimizer": disc_opt.state_dict() if disc else None,
@@ -578,7 +557,7 @@ def finish(args, model, rank, tok):
         if args.stage == "2":
             export_inference(model, os.path.join(args.out, "tokenizer.pt"))
         if args.stage == "ar":
-            save_atomic({**alitok.checkpoint(model), "tokenizer": os.path.abspath(args.tokenizer)},
+            data.save_checkpoint({**alitok.checkpoint(model), "tokenizer": os.path.abspath(args.tokenizer)},
                         os.path.join(args.out, "generator.pt"))
     if dist.is_initialized():
         dist.barrier()
