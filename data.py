@@ -131,9 +131,12 @@ def pil_to_tensor(pil_image):
     return uint8_to_tensor(np.asarray(pil_image.convert("RGB"), dtype=np.uint8))
 
 
-def save_grid(images, path, nrow=8, padding=2):
-    """Save float [B, 3, H, W] in [0, 1] as a PNG grid: nrow images per row, `padding` black px around each."""
+def save_grid(images, path, nrow=8, padding=2, min_side=128):
+    """Save float [B, 3, H, W] in [0, 1] as a PNG grid: nrow images per row, `padding` black px around each;
+    images smaller than min_side px are enlarged by a whole factor (nearest neighbour) so a person can see them."""
     x = to_uint8(images)
+    zoom = max(1, -(-min_side // min(x.shape[1:3])))
+    x = x.repeat(zoom, axis=1).repeat(zoom, axis=2)
     b, h, w, _ = x.shape
     rows, cols = -(-b // nrow), min(nrow, b)
     grid = np.zeros((rows * (h + padding) + padding, cols * (w + padding) + padding, 3), np.uint8)

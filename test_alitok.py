@@ -717,11 +717,20 @@ def test_pretokenize_two_processes_matches_one(tmp_path):
 
 def test_save_grid(tmp_path):
     images = torch.rand(5, 3, 6, 7)
-    D.save_grid(images, str(tmp_path / "sub" / "grid.png"), nrow=3)
+    D.save_grid(images, str(tmp_path / "sub" / "grid.png"), nrow=3, min_side=1)
     grid = np.asarray(Image.open(tmp_path / "sub" / "grid.png"))
     assert grid.shape == (2 * 8 + 2, 3 * 9 + 2, 3)
     assert np.array_equal(grid[2:8, 11:18], (images[1] * 255).round().byte().permute(1, 2, 0).numpy())
     assert (grid[:2] == 0).all() and (grid[:, :2] == 0).all()
+
+
+def test_save_grid_enlarges_small_images_by_nearest_neighbour(tmp_path):
+    images = torch.rand(2, 3, 32, 32)
+    D.save_grid(images, str(tmp_path / "grid.png"), nrow=2)             # default: at least 128 px a side
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert grid.shape == (128 + 4, 2 * 130 + 2, 3)
+    first = (images[0] * 255).round().byte().permute(1, 2, 0).numpy()
+    assert np.array_equal(grid[2:130:4, 2:130:4], first) and np.array_equal(grid[5:130:4, 5:130:4], first)
 
 
 # ===================================================================================================
