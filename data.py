@@ -10,10 +10,13 @@ uint8 npz arrays. Image items are (image float [3, H, W] in [0, 1], label int); 
 (codes int64 [T], label int).
 """
 import colorsys
+import fcntl
 import hashlib
 import http.client
 import json
 import os
+import signal
+import socket
 import sys
 import urllib.error
 import urllib.request
@@ -104,6 +107,63 @@ def to_uint8(images, rounding="round"):
     x = images.detach().float().clamp(0, 1).mul(255)
     x = x.round() if rounding == "round" else x
     return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+class RunFolderLock:
+    """Hold a run folder for this process: a second live run on it is refused with the holder's pid and host.
+    The lock is an flock on <folder>/.lock, which the kernel drops when its process dies, so a killed run
+    leaves nothing that blocks its own --resume."""
+
+    def __init__(self, folder):
+        self.path, self.file = os.path.join(folder, ".lock"), None
+
+    def __enter__(self):
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise ValueError(f"{os.path.dirname(self.path)} is in use by a live run ({holder}): wait for it to "
+                             f"finish or stop it, or choose another --out") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+
+
+class StopSignals:
+    """Turn SIGTERM (what a cluster scheduler sends before preempting a job) and SIGINT (Ctrl-C) into a
+    request that the training loop honours between steps; a second signal of a kind stops at once."""
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+        self.signals, self.received, self._old = signals, None, {}
+
+    def _handle(self, signum, frame):
+        if self.received == signum:                         # asked twice: the user means it
+            signal.signal(signum, self._old[signum])
+            signal.raise_signal(signum)
+        self.received = signum
+
+    def __enter__(self):
+        self._old = {s: signal.signal(s, self._handle) for s in self.signals}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+    @property
+    def name(self):
+        """The received signal's name (e.g. "SIGTERM"), or None."""
+        return None if self.received is None else signal.Signals(self.received).name
 
 
 def cli(main, *args):
@@ -249,9 +309,12 @@ def pil_to_tensor(pil_image):
     return uint8_to_tensor(np.asarray(pil_image.convert("RGB"), dtype=np.uint8))
 
 
-def save_grid(images, path, nrow=8, padding=2):
-    """Save float [B, 3, H, W] in [0, 1] as a PNG grid: nrow images per row, `padding` black px around each."""
+def save_grid(images, path, nrow=8, padding=2, min_side=128):
+    """Save float [B, 3, H, W] in [0, 1] as a PNG grid: nrow images per row, `padding` black px around each;
+    images smaller than min_side px are enlarged by a whole factor (nearest neighbour) so a person can see them."""
     x = to_uint8(images)
+    zoom = max(1, -(-min_side // min(x.shape[1:3])))
+    x = x.repeat(zoom, axis=1).repeat(zoom, axis=2)
     b, h, w, _ = x.shape
     rows, cols = -(-b // nrow), min(nrow, b)
     grid = np.zeros((rows * (h + padding) + padding, cols * (w + padding) + padding, 3), np.uint8)

@@ -718,13 +718,47 @@ def test_pretokenize_two_processes_matches_one(tmp_path):
 
 # ---------------------------------------------------------------- grid
 
+# ---------------------------------------------------------------- run folders and signals
+
+def test_run_folder_lock_refuses_a_live_holder_and_not_a_killed_one(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, data; lock = data.RunFolderLock(sys.argv[1])"
+                               ".__enter__(); print('held', flush=True); time.sleep(60)", str(tmp_path)],
+                              cwd=HERE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ValueError, match=f"in use by a live run \\(pid {holder.pid} on"):
+            D.RunFolderLock(str(tmp_path)).__enter__()
+    finally:
+        holder.kill()
+        holder.wait()
+    with D.RunFolderLock(str(tmp_path)):                    # the killed run's lock file is left, yet free
+        assert f"pid {os.getpid()}" in (tmp_path / ".lock").read_text()
+
+
+def test_stop_signals_turn_a_real_signal_into_a_request():
+    with D.StopSignals() as stop:
+        assert stop.received is None
+        os.kill(os.getpid(), signal.SIGTERM)                # a real signal, delivered to this process
+        assert stop.name == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # the old handler is back
+
+
 def test_save_grid(tmp_path):
     images = torch.rand(5, 3, 6, 7)
-    D.save_grid(images, str(tmp_path / "sub" / "grid.png"), nrow=3)
+    D.save_grid(images, str(tmp_path / "sub" / "grid.png"), nrow=3, min_side=1)
     grid = np.asarray(Image.open(tmp_path / "sub" / "grid.png"))
     assert grid.shape == (2 * 8 + 2, 3 * 9 + 2, 3)
     assert np.array_equal(grid[2:8, 11:18], (images[1] * 255).round().byte().permute(1, 2, 0).numpy())
     assert (grid[:2] == 0).all() and (grid[:, :2] == 0).all()
+
+
+def test_save_grid_enlarges_small_images_by_nearest_neighbour(tmp_path):
+    images = torch.rand(2, 3, 32, 32)
+    D.save_grid(images, str(tmp_path / "grid.png"), nrow=2)             # default: at least 128 px a side
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert grid.shape == (128 + 4, 2 * 130 + 2, 3)
+    first = (images[0] * 255).round().byte().permute(1, 2, 0).numpy()
+    assert np.array_equal(grid[2:130:4, 2:130:4], first) and np.array_equal(grid[5:130:4, 5:130:4], first)
 
 
 # ---------------------------------------------------------------- standard weight files (local server only)
