@@ -1215,6 +1215,62 @@ def test_resume_after_kill_is_exact(tmp_path):
     assert b["step"] == 60 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
+def same_training_state(a, b):
+    """Two training checkpoints hold the same step, weights and AdamW moments, bit for bit."""
+    a, b = (torch.load(path, weights_only=True) for path in (a, b))
+    assert a["step"] == b["step"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    for name, opt in a["optimizers"].items():
+        sa, sb = opt["state"], b["optimizers"][name]["state"]
+        assert all(torch.equal(sa[i][m], sb[i][m]) for i in sa for m in ("exp_avg", "exp_avg_sq"))
+
+
+def sigterm_then_resume(tmp_path, *args):
+    """train.py `args` in a subprocess, sent a real SIGTERM once it has logged 3 steps; it must write its
+    checkpoint at the step it reports and exit 143. Resumed here for 2 more steps, it must equal an
+    uninterrupted run (in this process too, with the subprocess on as many threads: the same float sums)."""
+    common = [*args, "--steps", "10000", "--ckpt-every", "10000", *TINY, "--log-every", "1"]
+    out, env = tmp_path / "stopped", {**env1(), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen([sys.executable, str(HERE / "train.py"), *common, "--out", str(out)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    logged = lambda: len((out / "metrics.jsonl").read_text().splitlines()) if (out / "metrics.jsonl").exists() else 0
+    deadline = time.time() + 120
+    while logged() < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    said = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, said[-3000:]
+    step = int(re.search(rf"received SIGTERM at step (\d+): wrote {re.escape(str(out / 'ckpt.pt'))}; continue "
+                         rf"with --resume", said).group(1))
+    assert step >= 3 and torch.load(out / "ckpt.pt", weights_only=True)["step"] == step
+    assert (out / ".lock").exists()                           # left by the stopped run; it blocks nothing
+    run_main([*common, "--out", str(out), "--resume", "--stop-after", "2"])
+    run_main([*common, "--out", str(tmp_path / "whole"), "--stop-after", str(step + 2)])
+    same_training_state(tmp_path / "whole" / "ckpt.pt", out / "ckpt.pt")
+
+
+def test_sigterm_stage1_writes_checkpoint_and_resumes_exactly(tmp_path):
+    sigterm_then_resume(tmp_path, "--stage", "1")
+
+
+def test_sigterm_stage2_writes_checkpoint_and_resumes_exactly(tmp_path, stages):
+    sigterm_then_resume(tmp_path, "--stage", "2", "--init", str(stages[0] / "s1" / "ckpt.pt"))
+
+
+def test_sigterm_generator_writes_checkpoint_and_resumes_exactly(tmp_path, stages):
+    root = stages[0]
+    sigterm_then_resume(tmp_path, "--stage", "ar", "--tokenizer", str(root / "s2" / "tokenizer.pt"), "--codes",
+                        str(root / "ar" / "codes.npz"))
+
+
+def test_second_run_on_a_held_folder_is_refused_naming_the_holder(tmp_path):
+    with D.RunFolderLock(tmp_path / "run"):
+        done = subprocess.run([sys.executable, str(HERE / "train.py"), "--stage", "1", "--out", str(tmp_path / "run"),
+                               "--steps", "1", *TINY], env=env1(), capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"in use by a live run (pid {os.getpid()} on" in done.stderr
+    assert not (tmp_path / "run" / "ckpt.pt").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_two_processes_match_one_process(tmp_path, stages):
     """torchrun, gloo: 2 x batch 4 ends with the weights of 1 x batch 8 (generator stage, dropout off)."""
     root = stages[0]

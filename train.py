@@ -12,10 +12,12 @@ stage-1 decoder. One file holds model, optimizers, discriminator, step, RNG stat
 atomically and `--resume` continues bit for bit (data order and augmentations are functions of (seed, step)).
 """
 import argparse
+import contextlib
 import functools
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -296,6 +298,10 @@ def stage2_tokenizer(args, log):
     whole decoder trunk); only the buffer tokens and the positional table are new. (model, stage-1 file)."""
     first = alitok.read_checkpoint(args.init, "the stage-1 checkpoint (train it with `python train.py "
                                               "--stage 1`, or pass --init PATH)")
+    made = (first.get("stage"), first.get("args", {}).get("preset")) if isinstance(first, dict) else None
+    if made != ("1", args.preset) or "config" not in first:
+        raise ValueError(f"--init {args.init} holds {describe(first)}; stage 2 of preset {args.preset} starts from "
+                         f"a stage-1 run of preset {args.preset} (its <out>/ckpt.pt): pass that file with --init")
     cfg = alitok.TokenizerConfig(**first["config"])
     preset = alitok.TOKENIZER_PRESETS[args.preset]
     tok = alitok.Tokenizer(replace(cfg, **alitok.STAGES[2], n_buffer=preset.n_buffer))
@@ -487,7 +493,13 @@ def load_frozen_tokenizer(path, device):
         raise FileNotFoundError(f"stage ar needs a tokenizer checkpoint: {path} not found. Train one (`python "
                                 f"train.py --stage 1` then `--stage 2`) or pass --tokenizer AliTok.pth (the "
                                 f"released tokenizer).")
-    return alitok.load_tokenizer(path).to(device).requires_grad_(False)
+    saved = alitok.read_checkpoint(path, "tokenizer checkpoint (--tokenizer)")
+    try:
+        tok = alitok.load_tokenizer(saved)
+    except ValueError as error:
+        raise ValueError(f"--tokenizer {path} is not a tokenizer checkpoint ({str(error)[:300]}); pass the "
+                         f"stage-2 tokenizer.pt of `python train.py --stage 2` or the released AliTok.pth") from None
+    return tok.to(device).requires_grad_(False)
 
 
 def setup_generator(args, device, world, autocast, log):
@@ -542,21 +554,42 @@ SETUPS = {"1": setup_tokenizer, "2": setup_tokenizer, "ar": setup_generator}
 
 
 def main(argv=None):
+    """Train one stage; 0 when done or stopped by --stop-after, 128 + the signal number when SIGTERM/SIGINT
+    stopped it (after writing the checkpoint)."""
     args = parse_args(argv)
     rank, world, device = data.setup_distributed(args.device)
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} (global) must divide by the {world} processes")
-    os.makedirs(args.out, exist_ok=True)
-    log = Logger(args.out, rank)
-    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    torch.manual_seed(args.seed + rank)
-    run = SETUPS[args.stage](args, device, world, data.autocast(device, precision), log)
-    n_params = sum(p.numel() for p in trainable(run.model))
-    log.info(f"stage {args.stage}: {n_params / 1e6:.2f}M trainable parameters, {len(run.dataset)} training items, "
-             f"global batch {args.batch_size} = {world} x {args.batch_size // world}, {device}, {precision}")
+    make_run_folder(args.out)
     ckpt = os.path.join(args.out, "ckpt.pt")
-    start = resume(run, ckpt, rank, world, log) if args.resume else 0
-    done = start
+    # rank 0 holds the folder for the whole run: a second run on it is refused, naming this process
+    with data.RunFolderLock(args.out) if rank == 0 else contextlib.nullcontext():
+        log = Logger(args.out, rank)
+        saved = read_resumable(ckpt, args, log) if args.resume else None   # checked before any setup
+        precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+        torch.manual_seed(args.seed + rank)
+        run = SETUPS[args.stage](args, device, world, data.autocast(device, precision), log)
+        n_params = sum(p.numel() for p in trainable(run.model))
+        log.info(f"stage {args.stage}: {n_params / 1e6:.2f}M trainable parameters, {len(run.dataset)} training "
+                 f"items, global batch {args.batch_size} = {world} x {args.batch_size // world}, {device}, {precision}")
+        start = resume(run, saved, ckpt, rank, world, log) if saved is not None else 0
+        with data.StopSignals() as signals:
+            done, signum = train_loop(run, args, start, ckpt, (rank, world, device), log, signals)
+        if signum:
+            log.info(f"received {signal.Signals(signum).name} at step {done}: wrote {ckpt}; continue with --resume")
+        elif done >= args.steps and rank == 0:
+            run.finish()
+    data.barrier()
+    if data.is_distributed():
+        dist.destroy_process_group()
+    return 128 + signum if signum else 0
+
+
+def train_loop(run, args, start, ckpt, where, log, signals):
+    """Steps start..--steps-1 with logs, pictures and checkpoints; stops early at --stop-after or at a stop
+    signal (checkpoint written either way). (steps done, the agreed signal number or 0)."""
+    rank, world, device = where
+    done, signum = start, 0
     batches = StepBatches(len(run.dataset), args.batch_size, args.seed, start, args.steps, rank, world)
     loader = iter(torch.utils.data.DataLoader(run.dataset, batch_sampler=batches, num_workers=args.workers,
                                               pin_memory=device.type == "cuda", collate_fn=collate,
@@ -570,7 +603,7 @@ def main(argv=None):
         set_lr(run.optimizers.values(), lr)
         metrics = run.train_step((x, y), step)
         counts += torch.bincount(metrics.pop("codes").flatten(), minlength=run.codebook_size)
-        check_finite(metrics["loss"], step, ckpt, world)
+        signum = check_finite(metrics["loss"], step, ckpt, world, signals.received)
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + v.float()
         seen, done = seen + x.shape[0] * world, step + 1
@@ -582,17 +615,14 @@ def main(argv=None):
         if rank == 0 and (done % args.image_every == 0 or done == args.steps):
             save_pictures(run, args.out, done)
         stop = args.stop_after is not None and done - start >= args.stop_after
-        if done % args.ckpt_every == 0 or done == args.steps or stop:
+        if done % args.ckpt_every == 0 or done == args.steps or stop or signum:
             save(run, args, done, ckpt, rank, world)
-        if stop:
+        if stop and not signum:
             log.info(f"stopped after {args.stop_after} steps at step {done}; continue with --resume")
+        if stop or signum:
             break
     bar.close()
-    if done >= args.steps and rank == 0:
-        run.finish()
-    data.barrier()
-    if data.is_distributed():
-        dist.destroy_process_group()
+    return done, signum
 
 
 def collate(items):
@@ -600,14 +630,16 @@ def collate(items):
     return torch.stack([torch.as_tensor(a) for a, _ in items]), torch.tensor([int(b) for _, b in items])
 
 
-def check_finite(loss, step, ckpt_path, world):
-    """Stop every process on a NaN or infinite loss, keeping the last good checkpoint untouched."""
-    bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=loss.device)
+def check_finite(loss, step, ckpt_path, world, signum=None):
+    """Stop every process on a NaN or infinite loss, keeping the last good checkpoint untouched; returns the
+    stop signal any process has received (0: none), agreed by all in the same all_reduce."""
+    flags = torch.tensor([0.0 if torch.isfinite(loss) else 1.0, float(signum or 0)], device=loss.device)
     if world > 1:
-        dist.all_reduce(bad)
-    if bad.item() > 0:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    if flags[0].item() > 0:
         kept = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint yet"
         raise FloatingPointError(f"non-finite loss at step {step}; stopping ({kept}). Try a lower --lr.")
+    return int(flags[1].item())
 
 
 def codebook_metrics(counts):
@@ -667,12 +699,60 @@ def save(run, args, step, path, rank, world):
             "rng": rngs, "args": vars(args), **run.saved}, path)
 
 
-def resume(run, path, rank, world, log):
-    """Load the training state of `path` into the run if the file exists; the step to continue from."""
+def make_run_folder(out):
+    """Create the run folder, or an OSError saying that it cannot be written and what to do."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        data.atomic_write(os.path.join(out, ".writable"), lambda f: None)
+        os.remove(os.path.join(out, ".writable"))
+    except OSError as error:
+        raise OSError(f"cannot write the run folder --out {out} ({error.strerror or error}): choose a folder "
+                      f"you can write to") from error
+
+
+def describe(ck):
+    """What a loaded checkpoint holds, in words for messages ("a stage-1 run of preset tiny")."""
+    if isinstance(ck, dict) and "stage" in ck and isinstance(ck.get("args"), dict):
+        return f"a stage-{ck['stage']} run of preset {ck['args'].get('preset')}"
+    if isinstance(ck, dict) and "config" in ck and "model" in ck:
+        return "a finished model file (tokenizer.pt / generator.pt), not a training state"
+    return "weights without this project's training state (a released file?)"
+
+
+def read_resumable(path, args, log):
+    """The training state of `path` for --resume (None if there is none yet), refused before any setup when
+    it is not a train.py training state or holds another stage's or preset's run."""
     if not os.path.exists(path):
         log.info(f"--resume: no {path} yet, starting from step 0")
-        return 0
-    ck = alitok.read_checkpoint(path, "training checkpoint")
+        return None
+    ck = alitok.read_checkpoint(path, "training checkpoint (--resume)")
+    folder = os.path.dirname(path)
+    if not (isinstance(ck, dict) and {"stage", "step", "args", "config", "model", "optimizers"} <= set(ck)):
+        raise ValueError(f"{path} holds {describe(ck)}; --resume expects the ckpt.pt that train.py writes. "
+                         f"Choose another --out, or move the file away to start afresh")
+    asked = [f"{what} {mine}" for what, theirs, mine in (("stage", ck["stage"], args.stage),
+             ("preset", ck["args"].get("preset"), args.preset)) if theirs != mine]
+    if asked:
+        raise ValueError(f"{folder} holds {describe(ck)}; you asked for {' and '.join(asked)}. Choose another "
+                         f"--out, or continue it with --stage {ck['stage']} --preset {ck['args'].get('preset')}")
+    return ck
+
+
+def check_same_run(run, ck, path):
+    """Refuse to resume a run made with other settings (model config, GAN on or off) before loading tensors."""
+    config = asdict(run.model.config)
+    differ = [f"{k}={ck['config'].get(k)!r} (now {v!r})" for k, v in config.items() if ck["config"].get(k) != v]
+    for what, mine in (("modules", run.modules), ("optimizers", run.optimizers)):
+        if set(ck[what]) != set(mine):
+            differ.append(f"{what} {sorted(ck[what])} (now {sorted(mine)})")
+    if differ:
+        raise ValueError(f"{os.path.dirname(path)} holds {describe(ck)} made with other settings: "
+                         f"{', '.join(differ)}. Resume with the flags it was made with, or choose another --out")
+
+
+def resume(run, ck, path, rank, world, log):
+    """Load the training state `ck` (read from `path`) into the run; the step to continue from."""
+    check_same_run(run, ck, path)
     alitok.load_strict(run.model, ck["model"], source=path)
     for name, module in run.modules.items():
         alitok.load_strict(module, ck["modules"][name], source=path)
