@@ -1271,6 +1271,66 @@ def test_second_run_on_a_held_folder_is_refused_naming_the_holder(tmp_path):
     assert not (tmp_path / "run" / "ckpt.pt").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def bad_inputs(root, tmp):
+    """(flags, words of the message) for each row of README's "When something is wrong" table."""
+    s1, gen, tok = root / "s1" / "ckpt.pt", root / "ar" / "generator.pt", root / "s2" / "tokenizer.pt"
+    (tmp / "cut.pt").write_bytes(s1.read_bytes()[:5000])
+    torch.save({"weight": torch.zeros(2)}, tmp / "foreign.pt")
+    np.savez(tmp / "nchw.npz", x_train=np.zeros((4, 3, 8, 8), np.uint8), y_train=np.zeros(4, np.int64))
+    (tmp / "a_file").write_text("")
+    s2, ar = ["--stage", "2", "--out", str(tmp / "s2")], ["--stage", "ar", "--out", str(tmp / "ar")]
+    resume = ["--out", str(tmp / "run"), "--resume"]
+    return [
+        ([*s2, "--init", str(tmp / "nope.pt")], "stage-1 checkpoint .* not found"),
+        ([*s2, "--init", str(tmp / "cut.pt")], "not a readable PyTorch file"),
+        ([*s2, "--init", str(tmp / "foreign.pt")], "holds weights without this project's training state"),
+        ([*s2, "--init", str(tok)], "holds a finished model file"),
+        ([*ar, "--tokenizer", str(tmp / "cut.pt")], "tokenizer checkpoint .* not a readable PyTorch file"),
+        ([*ar, "--tokenizer", str(gen)], "is not a tokenizer checkpoint"),
+        (["--stage", "2", "--init", str(s1), *resume], "run holds a stage-1 run of preset tiny; you asked for stage 2"),
+        (["--stage", "1", "--preset", "alitok", *resume], "holds a stage-1 run of preset tiny; you asked for preset "
+                                                         "alitok"),
+        (["--stage", "1", "--decoder", "bidirectional", *resume], "made with other settings: causal=True"),
+        (["--stage", "1", "--out", str(tmp / "s1"), "--data", str(tmp / "missing")], "missing"),
+        (["--stage", "1", "--out", str(tmp / "s1"), "--data", str(tmp / "nchw.npz")], "NCHW"),
+        (["--stage", "1", "--out", str(tmp / "a_file" / "run")], "cannot write the run folder"),
+    ]
+
+
+def test_bad_input_is_one_message_and_status_2(tmp_path, stages, capsys):
+    """Every row: exit status 2, one message naming what was found and what to do, checkpoints untouched."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "ckpt.pt").write_bytes((stages[0] / "s1" / "ckpt.pt").read_bytes())
+    before = (tmp_path / "run" / "ckpt.pt").read_bytes()
+    for argv, words in bad_inputs(stages[0], tmp_path):
+        assert D.cli(train.main, [*argv, *TINY]) == 2, argv
+        said = capsys.readouterr().err
+        assert said.startswith("error: ") and re.search(words, said), (argv, said)
+    assert (tmp_path / "run" / "ckpt.pt").read_bytes() == before
+    (tmp_path / "cut.pt").write_bytes(before[:5000])            # a truncated --resume file is explained too
+    (tmp_path / "run" / "ckpt.pt").write_bytes(before[:5000])
+    assert D.cli(train.main, ["--stage", "1", "--out", str(tmp_path / "run"), "--resume", *TINY]) == 2
+    assert "training checkpoint (--resume)" in capsys.readouterr().err
+
+
+def test_loss_networks_fetch_standard_weights_or_say_how_to_train_without(weight_server, monkeypatch, tmp_path):
+    logged, loaded = [], []
+    log = SimpleNamespace(info=logged.append)
+    nets = train.loss_networks(train.parse_args(["--stage", "1"]), "cpu", log)   # tiny: off, no download
+    assert nets == (None, None) and len(logged) == 1 and "--perceptual-loss / --lpips-loss" in logged[0]
+    serve_weights(weight_server, monkeypatch, D.CONVNEXT_WEIGHTS, b"convnext bytes")
+    monkeypatch.setattr(P, "load_convnext", lambda path: loaded.append(path) or StandIn())
+    args = train.parse_args(["--stage", "1", "--perceptual-loss", "--no-progress"])
+    convnext, lp = train.loss_networks(args, "cpu", log)
+    assert loaded == [os.path.join(D.weights_cache(), D.CONVNEXT_WEIGHTS)] and lp is None
+    monkeypatch.setenv(D.OFFLINE_ENV, "1")                     # LPIPS, on by default for alitok, cannot be had
+    with pytest.raises(FileNotFoundError) as error:
+        train.loss_networks(train.parse_args(["--stage", "1", "--preset", "alitok", "--no-perceptual-loss"]),
+                            "cpu", log)
+    said = str(error.value)
+    assert D.VGG16_WEIGHTS in said and D.weights_cache() in said and "pass --no-lpips-loss" in said
+
+
 def test_two_processes_match_one_process(tmp_path, stages):
     """torchrun, gloo: 2 x batch 4 ends with the weights of 1 x batch 8 (generator stage, dropout off)."""
     root = stages[0]
@@ -2316,7 +2376,7 @@ def test_demo_quick_pipeline_resumes_after_kill(tmp_path):
     """`demo.py --quick` runs every stage; killed during the generator stage and restarted, it continues."""
     out = tmp_path / "demo"
     cmd = [sys.executable, str(HERE / "demo.py"), "--quick", "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_HOME": str(tmp_path / "torch_home"), D.OFFLINE_ENV: "1"}
     proc = subprocess.Popen(cmd, cwd=HERE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 300
@@ -2334,3 +2394,4 @@ def test_demo_quick_pipeline_resumes_after_kill(tmp_path):
     assert {"stage1", "stage2", "generator", "samples"} <= set(metrics)
     assert metrics["samples"]["n"] == 40 and 0 <= metrics["samples"]["class_agreement"] <= 1
     assert metrics["stage2"]["psnr"] > 5 and (out / "grid.png").exists()
+    assert f"rFID / FID / IS skipped: {D.INCEPTION_WEIGHTS}" in done.stdout and "fid" not in metrics

@@ -121,15 +121,21 @@ def parse_args(argv=None):
                    help="autocast of the trained model (the losses stay float32); default bf16 on cuda, fp32 on cpu")
     s.add_argument("--workers", type=int, default=0, help="DataLoader workers per process")
     s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--offline", action="store_true", help=f"never download weight files (as {data.OFFLINE_ENV}=1)")
     return p.parse_args(argv)
 
 
 def add_tokenizer_flags(p, stage):
     """Loss weights, loss-network files, and the stage's model switches."""
     l = p.add_argument_group("tokenizer losses")
-    l.add_argument("--perceptual-weights", default=None, help="torchvision convnext_small-0c510722.pth")
+    l.add_argument("--perceptual-loss", action=argparse.BooleanOptionalAction, default=None,
+                   help="the ConvNeXt-S perceptual loss (default: on, off for the tiny preset)")
+    l.add_argument("--lpips-loss", action=argparse.BooleanOptionalAction, default=None,
+                   help="the LPIPS loss (default: on, off for the tiny preset)")
+    l.add_argument("--perceptual-weights", default=None, help="torchvision convnext_small-0c510722.pth (default: "
+                   "the torch hub cache's copy, downloaded on first use)")
     l.add_argument("--lpips-weights", nargs=2, default=None, metavar=("VGG16", "LIN"),
-                   help="torchvision vgg16-397923af.pth and LPIPS v0.1 vgg.pth")
+                   help="torchvision vgg16-397923af.pth and LPIPS v0.1 vgg.pth (default: cached, as above)")
     l.add_argument("--aux-weight", type=float, default=10.0, help="aux prefix loss weight, times n_prefix/n_image "
                    "(paper 10)")
     l.add_argument("--disc-weight", type=float, default=0.1, help="discriminator hinge loss weight (paper 0.1)")
@@ -412,17 +418,32 @@ def discriminator_step(t, images):
             "d_fake": fake_logits.detach().mean(), "codes": torch.zeros(0, dtype=torch.long, device=images.device)}
 
 
+def loss_file(name, path, args, switch_off):
+    """The path of a loss network's standard weight file (data.standard_weights: an explicit path wins); the
+    error, if it cannot be had, also says how to train without that loss."""
+    try:
+        return data.standard_weights(name, path, args.offline, progress=not args.no_progress)
+    except (OSError, ValueError) as error:
+        kind = ValueError if isinstance(error, ValueError) else FileNotFoundError
+        raise kind(f"{error}. To train without this loss, pass {switch_off}.") from None
+
+
 def loss_networks(args, device, log):
-    """ConvNeXt-S and LPIPS from the files given; a network whose file is not given is switched off."""
+    """ConvNeXt-S and LPIPS, each on by --perceptual-loss / --lpips-loss (default: on, except for the tiny
+    preset, which needs no download; a weights path given switches it on), frozen."""
+    wanted = lambda switch, path: switch if switch is not None else path is not None or args.preset != "tiny"
     convnext = lp = None
-    if args.perceptual_weights:
-        convnext = perceptual.load_convnext(args.perceptual_weights).to(device)
-    else:
-        log.info("perceptual (ConvNeXt-S) loss off: pass --perceptual-weights convnext_small-0c510722.pth to use it")
-    if args.lpips_weights:
-        lp = perceptual.load_lpips(*args.lpips_weights).to(device)
-    else:
-        log.info("LPIPS loss off: pass --lpips-weights vgg16-397923af.pth vgg.pth to use it")
+    if wanted(args.perceptual_loss, args.perceptual_weights):
+        path = loss_file(data.CONVNEXT_WEIGHTS, args.perceptual_weights, args, "--no-perceptual-loss")
+        convnext = perceptual.load_convnext(path).to(device)
+    if wanted(args.lpips_loss, args.lpips_weights):
+        vgg, lin = args.lpips_weights or (None, None)
+        lp = perceptual.load_lpips(loss_file(data.VGG16_WEIGHTS, vgg, args, "--no-lpips-loss"),
+                                   loss_file(data.LPIPS_WEIGHTS, lin, args, "--no-lpips-loss")).to(device)
+    off = [name for name, net in (("ConvNeXt-S perceptual", convnext), ("LPIPS", lp)) if net is None]
+    if off:
+        log.info(f"{' and '.join(off)} loss off: pass --perceptual-loss / --lpips-loss to use them (their "
+                 f"standard weights are downloaded on first use into {data.weights_cache()})")
     return convnext, lp
 
 
