@@ -21,7 +21,7 @@ demo: install
 	$(PYTHON) demo.py --out $(RUN) $(if $(INCEPTION),--inception $(INCEPTION))
 
 bench: install
-	$(PYTHON) sample.py --bench
+	$(PYTHON) bench.py
 
 clean:
 	rm -rf runs .pytest_cache __pycache__
