@@ -459,6 +459,8 @@ class KVCache(nn.Module):
         shape = (max_len, batch, heads, head_dim) if self.position_major else (batch, heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        for buffer in (self.k, self.v):    # written in place by captured CUDA graphs: their address must not move
+            torch._dynamo.mark_static_address(buffer)
 
     def update(self, pos, k, v):
         """Write k, v [B, H, len(pos), D] at positions pos."""
@@ -652,9 +654,12 @@ def compile_decode(generator, block=None):
     shape); a smaller block reads less of the cache at the price of one graph per shape. Callers pad batches
     to one size."""
     mode = "reduce-overhead" if generator.output.weight.device.type == "cuda" else None
-    generator.attend_block = block or generator.rope.shape[0]
-    generator.decode_one_token = torch.compile(generator.decode_one_token, mode=mode, fullgraph=True,
-                                               dynamic=False if block is None else None)
+    step = torch.compile(generator.decode_one_token, mode=mode, fullgraph=True, dynamic=False if block is None else None)
+
+    def decode_one_token(ids, pos, length):
+        torch.compiler.cudagraph_mark_step_begin()     # the last step's logits are used up: its buffers may be reused
+        return step(ids, pos, length)
+    generator.attend_block, generator.decode_one_token = block or generator.rope.shape[0], decode_one_token
     return generator
 
 

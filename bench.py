@@ -221,27 +221,33 @@ def cpu_section(args, device):
 
 
 def gpu_section(args, device):
-    """Compiled decode steps (CUDA graphs, static shapes) at args.gpu_batch: images/s of B, L and XL."""
-    print(f"\ncompiled decode step, batch {args.gpu_batch} with guidance, static shapes; images/s of generate() "
-          f"and with the tokenizer's decode")
-    decode_s = {p: args.gpu_batch / tokenizer_rows(device, p, args.gpu_batch)["decode"]["images_per_s"]
-                for p in args.precisions}
-    for precision in args.precisions:
-        for preset in args.gpu_presets:
-            start = time.perf_counter()
-            try:
-                generator = compile_decode(random_generator(preset, device, precision), args.gpu_block)
-                row = generate_row(generator, args.gpu_batch, device, repeat=2)
-            except Exception as error:  # one failing shape should not lose the others' numbers
-                print(f"  {preset} {precision}: failed: {type(error).__name__}: {str(error)[:300]}", flush=True)
-                continue
-            finally:
-                generator = None
-                torch.cuda.empty_cache()
-            n = args.gpu_batch
-            print(f"  {preset:>2} {precision}: {n / row['seconds']:7.1f} images/s ({row['seconds']:.3f} s per batch), "
-                  f"with decode {n / (row['seconds'] + decode_s[precision]):7.1f}; peak {row['peak'] / 2 ** 30:.1f} "
-                  f"GiB; compile + warm-up + runs {time.perf_counter() - start:.0f} s", flush=True)
+    """Compiled decode steps (CUDA graphs) at args.gpu_batch: images/s of each shape, static cache first, then
+    steps attending over the filled cache rounded up to --gpu-block positions; stops after --gpu-budget s."""
+    n, start = args.gpu_batch, time.perf_counter()
+    decode_s = {p: n / tokenizer_rows(device, p, n)["decode"]["images_per_s"] for p in args.precisions}
+    print(f"\ncompiled decode step, batch {n} with guidance; images/s of generate() and with the tokenizer's "
+          f"decode (" + ", ".join(f"{p} {n / s:.0f} images/s" for p, s in decode_s.items()) + ")")
+    runs = [(p, preset, block) for p in args.precisions for preset in args.gpu_presets
+            for block in (None, args.gpu_block) if block is None or (p == "bf16" and preset == args.gpu_presets[0])]
+    for precision, preset, block in runs:
+        if time.perf_counter() - start > args.gpu_budget:
+            print(f"  {preset} {precision} block {block}: skipped (--gpu-budget {args.gpu_budget} s spent)")
+            continue
+        began, generator = time.perf_counter(), None
+        try:
+            generator = compile_decode(random_generator(preset, device, precision), block)
+            row = generate_row(generator, n, device, repeat=2)
+        except Exception as error:  # one failing shape should not lose the others' numbers
+            print(f"  {preset} {precision}: failed: {type(error).__name__}: {str(error)[:400]}", flush=True)
+            continue
+        finally:
+            del generator
+            torch.cuda.empty_cache()
+        shape = "static cache" if block is None else f"cache rounded up to {block}"
+        print(f"  {preset:>2} {precision}, {shape}: {n / row['seconds']:7.1f} images/s ({row['seconds']:.3f} s per "
+              f"batch), with decode {n / (row['seconds'] + decode_s[precision]):7.1f}; peak "
+              f"{row['peak'] / 2 ** 30:.1f} GiB; compile, warm-up and runs {time.perf_counter() - began:.0f} s",
+              flush=True)
 
 
 def main(argv=None):
@@ -256,8 +262,9 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--gpu-batch", type=int, default=64, help="cuda: batch of the compiled rows (default 64)")
     p.add_argument("--gpu-presets", nargs="*", default=["L", "B", "XL"], help="cuda: shapes of the compiled rows")
-    p.add_argument("--gpu-block", type=int, help="cuda: compiled steps attend over the filled cache rounded up to "
-                   "this many positions (default: the whole cache, one static shape)")
+    p.add_argument("--gpu-block", type=int, help="cuda: also a bf16 row of the first shape whose compiled steps attend "
+                   "over the filled cache rounded up to this many positions (other rows: the whole, static cache)")
+    p.add_argument("--gpu-budget", type=float, default=600, help="cuda: seconds after which no compiled row starts")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # fp32 as the paper ran it
