@@ -36,7 +36,7 @@ class TokenizerConfig:
     causal: bool = False      # decoder attention: causal (stage 1) or bidirectional (stage 2)
     n_buffer: int = 32        # learned tokens prepended in the decoder: 1 start token (stage 1), 32 buffers (stage 2)
     aux_head: bool = False    # stage-1 head that makes the prefix reconstruct the first patch row
-    track_usage: bool = False  # keep the `embed_prob` code-usage buffer (training checkpoints carry it)
+    track_usage: bool = False  # clustering codebook update in training (stage 1), with its `embed_prob` buffer
 
     def __post_init__(self):
         if self.n_prefix < 0:
@@ -59,11 +59,12 @@ class TokenizerConfig:
         return self.n_prefix + self.n_image
 
 
-# Stage settings: stage 1 trains against a causal decoder with one start token and the aux head;
-# stage 2 trains a fresh bidirectional decoder with buffer tokens; "inference" is the released file.
+# Stage settings: stage 1 trains against a causal decoder with one start token, the aux head and the clustering
+# codebook update; stage 2 trains a bidirectional decoder with buffer tokens on the frozen codes, in the layout of
+# the released inference file (the original's stage 2 runs without clustering, so without `embed_prob`).
 STAGES = {
     1: dict(causal=True, n_buffer=1, aux_head=True, track_usage=True),
-    2: dict(causal=False, aux_head=False, track_usage=True),
+    2: dict(causal=False, aux_head=False, track_usage=False),
     "inference": dict(causal=False, aux_head=False, track_usage=False),
 }
 
@@ -77,13 +78,10 @@ TOKENIZER_PRESETS = {
 
 def tokenizer_config(preset="alitok", stage="inference", **overrides):
     """The config of a preset tokenizer at a stage (1, 2 or "inference"), with field overrides."""
-    base = TOKENIZER_PRESETS[preset]
     kw = {**STAGES[stage], **overrides}
-    if stage != 1 and "n_buffer" not in overrides:
-        kw["n_buffer"] = base.n_buffer
-    if kw.get("n_prefix", base.n_prefix) == 0:
+    if kw.get("n_prefix", TOKENIZER_PRESETS[preset].n_prefix) == 0:
         kw["aux_head"] = False          # the "no prefix" ablation has nothing for the aux head to read
-    return replace(base, **kw)
+    return replace(TOKENIZER_PRESETS[preset], **kw)
 
 
 def ffn_hidden(width):
@@ -283,16 +281,27 @@ class VectorQuantizer(nn.Module):
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
         self.embedding = nn.Embedding(cfg.codebook_size, cfg.codebook_dim)
-        nn.init.uniform_(self.embedding.weight, -1 / cfg.codebook_size, 1 / cfg.codebook_size)
         if cfg.track_usage:
             self.register_buffer("embed_prob", torch.zeros(cfg.codebook_size))
 
     def forward(self, z):
-        """z [B, T, D] -> (straight-through z_q [B, T, D], codes int64 [B, T], commitment + codebook loss)."""
-        codes = code_distances(z.reshape(-1, z.shape[-1]), self.embedding.weight).argmin(1).view(z.shape[:-1])
-        zq = self.embedding(codes).to(z.dtype)
-        loss = 0.25 * F.mse_loss(z, zq.detach()) + F.mse_loss(zq, z.detach())
-        return z + (zq - z).detach(), codes, loss
+        """z [B, T, D] -> (straight-through z_q [B, T, D], codes int64 [B, T], commitment + codebook loss).
+
+        In float32 whatever the autocast, as the released code. In training with clustering on, the codebook
+        update runs after the codes, z_q and the loss were taken from the old codebook (the original's order).
+        """
+        with torch.autocast(z.device.type, enabled=False):
+            z = z.float()
+            codes = self.nearest_codes(z)
+            zq = self.embedding(codes)
+            loss = 0.25 * F.mse_loss(z, zq.detach()) + F.mse_loss(zq, z.detach())
+            if self.training and hasattr(self, "embed_prob"):
+                self.cluster_update_(z.detach())
+            return z + (zq - z).detach(), codes, loss
+
+    def nearest_codes(self, z):
+        """z [B, T, D] -> codes int64 [B, T]: the nearest code of each vector (float32 distances)."""
+        return code_distances(z.reshape(-1, z.shape[-1]), self.embedding.weight).argmin(1).view(z.shape[:-1])
 
     @torch.no_grad()
     def cluster_update_(self, z, decay=0.99):
@@ -302,6 +311,7 @@ class VectorQuantizer(nn.Module):
         counts, anchors = gather_codebook_stats(*stats)
         self.embed_prob.mul_(decay).add_(counts / counts.sum(), alpha=1 - decay)
         w = torch.exp(-(self.embed_prob * K * 10) / (1 - decay) - 1e-3).unsqueeze(1)
+        # .data: the gradient of this step still lands on the replaced rows, as in the original.
         self.embedding.weight.data.mul_(1 - w).add_(anchors * w)
 
 
@@ -368,6 +378,15 @@ def reconstruction_loss(images, out, patch_size, n_prefix, aux_weight=10.0):
 # The tokenizer (Sec. 3, both stages): latent tokens, encoder, quantizer, decoder
 # ----------------------------------------------------------------------------------------------------
 
+def init_tokenizer_weights(module):
+    """The original's init: truncated normal (std 0.02) weights and zero biases for every Linear, Conv and
+    Embedding (the codebook); apply with Tokenizer.apply."""
+    if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+
+
 class Tokenizer(nn.Module):
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
@@ -376,18 +395,19 @@ class Tokenizer(nn.Module):
         self.encoder = Encoder(cfg)
         self.quantize = VectorQuantizer(cfg)
         self.decoder = Decoder(cfg)
+        self.apply(init_tokenizer_weights)
 
     def forward(self, images):
-        """images [B, 3, H, W] in [0, 1] -> dict: recon, aux (or None), codes, vq_loss, z (pre-quantization)."""
-        z = self.encoder(images, self.latent_tokens)
-        zq, codes, vq_loss = self.quantize(z)
+        """images [B, 3, H, W] in [0, 1] -> dict: recon, aux (or None), codes, vq_loss. In training mode with
+        clustering on (stage 1) this also updates the codebook."""
+        zq, codes, vq_loss = self.quantize(self.encoder(images, self.latent_tokens))
         recon, aux = self.decoder(zq)
-        return dict(recon=recon, aux=aux, codes=codes, vq_loss=vq_loss, z=z)
+        return dict(recon=recon, aux=aux, codes=codes, vq_loss=vq_loss)
 
     @torch.no_grad()
     def encode(self, images):
         """images float [B, 3, H, W] in [0, 1] -> codes int64 [B, n_tokens]."""
-        return self.quantize(self.encoder(images, self.latent_tokens))[1]
+        return self.quantize.nearest_codes(self.encoder(images, self.latent_tokens))
 
     @torch.no_grad()
     def decode(self, codes):

@@ -1,7 +1,8 @@
 """Data for AliTok: ADM preprocessing, the datasets, and ten-crop pre-tokenization for the generator.
 
 Read beside "AliTok" (arXiv 2506.05289), Sec. 4 implementation details and the released training recipe:
-images enter the tokenizer in [0, 1] after the ADM centre crop; the generator trains on ImageNet codes
+images enter the tokenizer in [0, 1]; it trains on the original's augmentation (shorter side resized,
+random crop, random flip) and is evaluated on the ADM centre crop; the generator trains on ImageNet codes
 pre-tokenized with ten-crop (ADM crop to int(256 * 1.1) = 281 px, four corner and centre 256 crops and
 their mirror images), one of the 10 code sequences drawn at random per visit.
 
@@ -10,10 +11,18 @@ uint8 npz arrays. Image items are (image float [3, H, W] in [0, 1], label int); 
 (codes int64 [T], label int).
 """
 import colorsys
+import fcntl
+import hashlib
+import http.client
 import json
 import os
+import signal
+import socket
 import sys
+import urllib.error
+import urllib.request
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -101,6 +110,63 @@ def to_uint8(images, rounding="round"):
     return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+class RunFolderLock:
+    """Hold a run folder for this process: a second live run on it is refused with the holder's pid and host.
+    The lock is an flock on <folder>/.lock, which the kernel drops when its process dies, so a killed run
+    leaves nothing that blocks its own --resume."""
+
+    def __init__(self, folder):
+        self.path, self.file = os.path.join(folder, ".lock"), None
+
+    def __enter__(self):
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise ValueError(f"{os.path.dirname(self.path)} is in use by a live run ({holder}): wait for it to "
+                             f"finish or stop it, or choose another --out") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+
+
+class StopSignals:
+    """Turn SIGTERM (what a cluster scheduler sends before preempting a job) and SIGINT (Ctrl-C) into a
+    request that the training loop honours between steps; a second signal of a kind stops at once."""
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+        self.signals, self.received, self._old = signals, None, {}
+
+    def _handle(self, signum, frame):
+        if self.received == signum:                         # asked twice: the user means it
+            signal.signal(signum, self._old[signum])
+            signal.raise_signal(signum)
+        self.received = signum
+
+    def __enter__(self):
+        self._old = {s: signal.signal(s, self._handle) for s in self.signals}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+    @property
+    def name(self):
+        """The received signal's name (e.g. "SIGTERM"), or None."""
+        return None if self.received is None else signal.Signals(self.received).name
+
+
 def cli(main, *args):
     """Run an entry point's main(*args): errors of bad input (missing or unreadable files, wrong layouts,
     out-of-range values) end as one "error: ..." line and exit status 2, not a traceback."""
@@ -109,6 +175,119 @@ def cli(main, *args):
     except (OSError, ValueError, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# Standard weight files: fetched on first use into the torch hub cache, verified by SHA-256
+# ----------------------------------------------------------------------------------------------------
+
+class WeightFile(NamedTuple):
+    url: str      # where its makers serve it: the URL their own code (pytorch-fid, torchvision, LPIPS) uses
+    sha256: str   # its SHA-256, or the leading hex digits of it that torchvision-style names carry
+    use: str      # what needs it (for messages)
+    without: str  # what still works without it (for the offline message)
+
+
+INCEPTION_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
+CONVNEXT_WEIGHTS = "convnext_small-0c510722.pth"
+VGG16_WEIGHTS = "vgg16-397923af.pth"
+# lpips/weights/v0.1/vgg.pth of the LPIPS repository (and pip package), cached under a name of its own:
+# "vgg.pth" is too generic for a folder that torch.hub shares with other tools.
+LPIPS_WEIGHTS = "lpips_v0.1_vgg-a78928a0.pth"
+_TORCHVISION = "https://download.pytorch.org/models/"
+_TRAINING = "sampling, scoring and training with that loss switched off work without it"
+STANDARD_WEIGHTS = {  # file name in the cache -> WeightFile (tests point the URLs at a local server)
+    INCEPTION_WEIGHTS: WeightFile(
+        "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_WEIGHTS,
+        "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2",  # torch-fidelity's copy is the same
+        "FID, IS, sFID, Precision/Recall and rFID (the ADM evaluator's Inception)",
+        "training, sampling and every number but these scores work without it"),
+    CONVNEXT_WEIGHTS: WeightFile(_TORCHVISION + CONVNEXT_WEIGHTS, "0c510722",
+                                 "the tokenizer's ConvNeXt-S perceptual loss", _TRAINING),
+    VGG16_WEIGHTS: WeightFile(_TORCHVISION + VGG16_WEIGHTS, "397923af", "the tokenizer's LPIPS loss (VGG16)",
+                              _TRAINING),
+    LPIPS_WEIGHTS: WeightFile(
+        "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth",
+        "a78928a0af1e5f0fcb1f3b9e8f8c3a2a5a3de244d830ad5c1feddc79b8432868",
+        "the tokenizer's LPIPS loss (v0.1 linear heads)", _TRAINING),
+}
+OFFLINE_ENV = "ALITOK_OFFLINE"  # set to 1 to forbid every download (as --offline does)
+
+
+def weights_cache():
+    """The folder of cached standard weight files: torch.hub.get_dir()/checkpoints ($TORCH_HOME/hub/checkpoints),
+    shared with torchvision and pytorch-fid, so files they fetched are used as they are."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints")
+
+
+def offline_mode():
+    """True when $ALITOK_OFFLINE is set to anything but "" or "0"."""
+    return os.environ.get(OFFLINE_ENV, "") not in ("", "0")
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _place_by_hand(name, entry, dest):
+    return (f"Download {entry.url} and put it at {dest} (the folder follows $TORCH_HOME), or pass its path "
+            f"explicitly; {entry.without}.")
+
+
+def _download(name, entry, dest, progress):
+    """Fetch entry.url to dest through a temporary file, renamed only once its SHA-256 matches."""
+    print(f"downloading {name} ({entry.use}) from {entry.url} to {dest}", file=sys.stderr)
+
+    def write(f):
+        digest = hashlib.sha256()
+        try:
+            with urllib.request.urlopen(entry.url, timeout=60) as response:
+                size = int(response.headers.get("Content-Length") or 0) or None
+                with tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=name,
+                          disable=not progress) as bar:
+                    for chunk in iter(lambda: response.read(1 << 20), b""):
+                        f.write(chunk)
+                        digest.update(chunk)
+                        bar.update(len(chunk))
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
+            reason = getattr(error, "reason", None) or error
+            raise OSError(f"could not download {name} from {entry.url} ({reason}). "
+                          + _place_by_hand(name, entry, dest)) from error
+        if not digest.hexdigest().startswith(entry.sha256):
+            raise ValueError(f"the download of {name} from {entry.url} has SHA-256 {digest.hexdigest()}, expected "
+                             f"{entry.sha256}...: a damaged or changed file, deleted (nothing was cached). "
+                             + _place_by_hand(name, entry, dest))
+
+    atomic_write(dest, write)  # a failure anywhere above leaves no file behind
+
+
+def standard_weights(name, path=None, offline=False, progress=True):
+    """Path of standard weight file `name` (a STANDARD_WEIGHTS key): `path` if given (it must exist); else
+    its copy in weights_cache() once its SHA-256 checks; else downloaded there first (progress bar), unless
+    `offline` or $ALITOK_OFFLINE. Callers load it with weights_only=True (alitok.read_checkpoint)."""
+    entry = STANDARD_WEIGHTS[name]
+    if path is not None:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{os.fspath(path)!r} given for {name} ({entry.use}) is not a file; give its "
+                                    f"right path, or none to use the cached standard file (fetched on first use)")
+        return os.fspath(path)
+    dest = os.path.join(weights_cache(), name)
+    if os.path.isfile(dest):
+        found = _sha256(dest)
+        if not found.startswith(entry.sha256):  # not ours (we rename only verified files): leave it to its owner
+            raise ValueError(f"{dest} has SHA-256 {found}, expected {entry.sha256}...: not the standard {name}. "
+                             f"Delete it to have it downloaded again, or pass the right file's path explicitly")
+        return dest
+    if offline or offline_mode():
+        raise FileNotFoundError(f"{name} is needed for {entry.use} and is not in the cache, and offline mode "
+                                f"(--offline or {OFFLINE_ENV}=1) forbids downloading it. "
+                                + _place_by_hand(name, entry, dest))
+    _download(name, entry, dest, progress)
+    return dest
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -131,9 +310,12 @@ def pil_to_tensor(pil_image):
     return uint8_to_tensor(np.asarray(pil_image.convert("RGB"), dtype=np.uint8))
 
 
-def save_grid(images, path, nrow=8, padding=2):
-    """Save float [B, 3, H, W] in [0, 1] as a PNG grid: nrow images per row, `padding` black px around each."""
+def save_grid(images, path, nrow=8, padding=2, min_side=128):
+    """Save float [B, 3, H, W] in [0, 1] as a PNG grid: nrow images per row, `padding` black px around each;
+    images smaller than min_side px are enlarged by a whole factor (nearest neighbour) so a person can see them."""
     x = to_uint8(images)
+    zoom = max(1, -(-min_side // min(x.shape[1:3])))
+    x = x.repeat(zoom, axis=1).repeat(zoom, axis=2)
     b, h, w, _ = x.shape
     rows, cols = -(-b // nrow), min(nrow, b)
     grid = np.zeros((rows * (h + padding) + padding, cols * (w + padding) + padding, 3), np.uint8)
@@ -177,9 +359,44 @@ def ten_crop(pil_image, size):
     return ten_crop_tensor(pil_to_tensor(big), size)
 
 
-def _random_flip(image):
-    """float [3, H, W] -> the same, mirrored left-right with probability 1/2 (torch's default RNG)."""
-    return image.flip(-1) if torch.rand(()) < 0.5 else image
+# ----------------------------------------------------------------------------------------------------
+# The tokenizer's training view (the original's augmentation); randomness from a key, not from a global RNG
+# ----------------------------------------------------------------------------------------------------
+
+def resize_short_side(pil_image, size):
+    """PIL image -> PIL whose shorter side is `size` (bilinear; the longer side int(size * long / short), as
+    torchvision's Resize(size))."""
+    w, h = pil_image.size
+    if min(w, h) == size:
+        return pil_image
+    new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    return pil_image.resize(new, resample=Image.BILINEAR)
+
+
+def random_crop_flip(image, size, rng):
+    """float [3, H, W] (H, W >= size) -> [3, size, size]: a crop at a random offset, mirrored left-right with
+    probability 1/2; rng: a numpy Generator."""
+    top = int(rng.integers(image.shape[1] - size + 1))
+    left = int(rng.integers(image.shape[2] - size + 1))
+    image = image[:, top:top + size, left:left + size]
+    return image.flip(-1) if rng.random() < 0.5 else image
+
+
+def split_item(item):
+    """A dataset item -> (index, numpy Generator or None). An int asks for the evaluation view (the ADM centre
+    crop); (index, key) asks for the training view, its randomness drawn from np.random.default_rng(key), so
+    that a key made of (seed, step, position) makes every augmentation reproducible on resume."""
+    if isinstance(item, (tuple, list)):
+        return int(item[0]), np.random.default_rng(item[1])
+    return int(item), None
+
+
+def crop_image(pil_image, size, rng=None):
+    """PIL image -> float [3, size, size] in [0, 1]: the ADM centre crop (rng None), else the tokenizer's
+    training view: the shorter side resized to size (bilinear), a random crop, a random flip."""
+    if rng is None:
+        return pil_to_tensor(center_crop_adm(pil_image, size))
+    return random_crop_flip(pil_to_tensor(resize_short_side(pil_image, size)), size, rng)
 
 
 def _spaced_indices(n_total, n):
@@ -255,26 +472,26 @@ def render_shape(seed, index, size, split="train", antialias=True):
 
 
 class ShapesDataset(Dataset):
-    """Procedural shapes: items (image float [3, S, S] in [0, 1], label int); item i fixed by (seed, split, i)
-    unless flip is on."""
+    """Procedural shapes: items (image float [3, S, S] in [0, 1], label int); item i fixed by (seed, split, i).
+    Drawn square at S, so the training view (split_item) is the image or its mirror."""
 
-    def __init__(self, image_size, n_images=SHAPES_DEFAULT_N, seed=0, flip=False, split="train",
-                 antialias=True):
+    def __init__(self, image_size, n_images=SHAPES_DEFAULT_N, seed=0, split="train", antialias=True):
         if split not in SHAPES_SPLITS:
             raise ValueError(f"shapes split {split!r}; expected one of {SHAPES_SPLITS}")
-        self.image_size, self.n_images, self.seed, self.flip = image_size, n_images, seed, flip
+        self.image_size, self.n_images, self.seed = image_size, n_images, seed
         self.split, self.antialias = split, antialias
         self.num_classes, self.class_names = len(SHAPES_CLASSES), list(SHAPES_CLASSES)
 
     def __len__(self):
         return self.n_images
 
-    def __getitem__(self, i):
+    def __getitem__(self, item):
+        i, rng = split_item(item)
         if not 0 <= i < self.n_images:
             raise IndexError(f"index {i} out of range for {self.n_images} images")
         image, label = render_shape(self.seed, i, self.image_size, self.split, self.antialias)
         image = torch.from_numpy(image)
-        return (_random_flip(image) if self.flip else image), label
+        return (image if rng is None else random_crop_flip(image, self.image_size, rng)), label
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -303,11 +520,11 @@ def _unreadable(path):
 
 class ImageFolderDataset(Dataset):
     """ImageNet-layout folder: items (image float [3, S, S] in [0, 1], label = index of the sorted class
-    folder); ADM centre crop, optional random flip. Unreadable files are skipped with a warning; more than
-    max_bad_fraction of them raises RuntimeError."""
+    folder); the ADM centre crop, or the training view for (index, key) items (split_item). Unreadable files
+    are skipped with a warning; more than max_bad_fraction of them raises ValueError."""
 
-    def __init__(self, root, image_size, flip=False, max_bad_fraction=0.01, verify=True, n_images=None):
-        self.root, self.image_size, self.flip = root, image_size, flip
+    def __init__(self, root, image_size, max_bad_fraction=0.01, verify=True, n_images=None):
+        self.root, self.image_size = root, image_size
         self.max_bad_fraction = max_bad_fraction
         folders = [e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")]
         self.class_names = sorted(folders)
@@ -340,7 +557,7 @@ class ImageFolderDataset(Dataset):
     def _check_bad_fraction(self):
         n_bad = len(self.skipped) + len(self.failed)
         if n_bad > self.max_bad_fraction * self.n_files or not self.samples:
-            raise RuntimeError(f"{self.root}: {n_bad} of {self.n_files} image files are unreadable, more "
+            raise ValueError(f"{self.root}: {n_bad} of {self.n_files} image files are unreadable, more "
                                f"than max_bad_fraction={self.max_bad_fraction:.2%}: "
                                + self._list_bad({**self.skipped, **self.failed}))
 
@@ -359,12 +576,12 @@ class ImageFolderDataset(Dataset):
                 self.failed[path] = f"{type(error).__name__}: {error}"
                 warnings.warn(f"{path}: unreadable ({self.failed[path]}); using the next image instead")
                 self._check_bad_fraction()
-        raise RuntimeError(f"{self.root}: no readable image left")
+        raise ValueError(f"{self.root}: no readable image left")
 
-    def __getitem__(self, i):
+    def __getitem__(self, item):
+        i, rng = split_item(item)
         image, label = self.load(i)
-        x = pil_to_tensor(center_crop_adm(image, self.image_size))
-        return (_random_flip(x) if self.flip else x), label
+        return crop_image(image, self.image_size, rng), label
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -424,14 +641,14 @@ def _string_array(npz, key):
 
 
 class ArrayDataset(Dataset):
-    """uint8 npz images: items (image float [3, S, S] in [0, 1], label int); ADM centre crop when the stored
-    size is not S, optional random flip."""
+    """uint8 npz images: items (image float [3, S, S] in [0, 1], label int); the ADM centre crop when the
+    stored size is not S, or the training view for (index, key) items (split_item)."""
 
-    def __init__(self, path, image_size, flip=False, split="train", n_images=None):
+    def __init__(self, path, image_size, split="train", n_images=None):
         images, labels, names = read_npz_images(path, split)
         keep = _spaced_indices(len(images), n_images)
         self.images, self.labels = images[keep], labels[keep]
-        self.path, self.image_size, self.flip = path, image_size, flip
+        self.path, self.image_size = path, image_size
         self.num_classes = len(names) if names else int(labels.max()) + 1
         if labels.max() >= self.num_classes:
             raise ValueError(f"{path}: label {labels.max()} but only {self.num_classes} class names")
@@ -440,32 +657,31 @@ class ArrayDataset(Dataset):
     def __len__(self):
         return len(self.images)
 
-    def __getitem__(self, i):
+    def __getitem__(self, item):
+        i, rng = split_item(item)
         array = self.images[i]
-        if array.shape[:2] != (self.image_size, self.image_size):
-            array = np.asarray(center_crop_adm(Image.fromarray(array), self.image_size))
-        x = uint8_to_tensor(array)
-        return (_random_flip(x) if self.flip else x), int(self.labels[i])
+        if rng is None and array.shape[:2] == (self.image_size, self.image_size):
+            return uint8_to_tensor(array), int(self.labels[i])     # stored at size: no resampling
+        return crop_image(Image.fromarray(array), self.image_size, rng), int(self.labels[i])
 
 
 # ----------------------------------------------------------------------------------------------------
 # One entry point
 # ----------------------------------------------------------------------------------------------------
 
-def build_dataset(source, image_size, train=True, flip=None, seed=0, n_images=None, split="train",
-                  max_bad_fraction=0.01):
+def build_dataset(source, image_size, seed=0, n_images=None, split="train", max_bad_fraction=0.01):
     """Dataset of (image float [3, image_size, image_size] in [0, 1], label int) with .num_classes and
-    .class_names. source: "shapes" (built-in), an ImageNet-layout folder, or a .npz file. flip (random
-    mirror) defaults to train; seed and split pick the shapes stream; split picks x_<split> of an npz;
-    n_images keeps that many, evenly spaced (shapes default 10,000); max_bad_fraction: folders only."""
-    flip = train if flip is None else flip
+    .class_names; an int item gives the ADM centre crop, an (index, key) item the training view
+    (split_item). source: "shapes" (built-in), an ImageNet-layout folder, or a .npz file. seed and split
+    pick the shapes stream; split picks x_<split> of an npz; n_images keeps that many, evenly spaced
+    (shapes default 10,000); max_bad_fraction: folders only."""
     if isinstance(source, str) and source == "shapes":
-        return ShapesDataset(image_size, SHAPES_DEFAULT_N if n_images is None else n_images, seed, flip, split)
+        return ShapesDataset(image_size, SHAPES_DEFAULT_N if n_images is None else n_images, seed, split)
     path = os.fspath(source)
     if os.path.isdir(path):
-        return ImageFolderDataset(path, image_size, flip, max_bad_fraction, n_images=n_images)
+        return ImageFolderDataset(path, image_size, max_bad_fraction, n_images=n_images)
     if os.path.isfile(path) and path.lower().endswith(".npz"):
-        return ArrayDataset(path, image_size, flip, split, n_images)
+        return ArrayDataset(path, image_size, split, n_images)
     expected = ("expected 'shapes' (built-in), a folder root/<class>/<images> (ImageNet layout), or a .npz "
                 "file of uint8 [N, H, W, 3] images with labels")
     if not os.path.exists(path):
@@ -512,18 +728,15 @@ def _merge_rank_parts(parts, n):
 def pretokenize(tokenizer, source, out_path, batch_size=64, device="cpu", progress=True, num_workers=0):
     """Encode every train image of `source` with ten-crop; write out_path (npz): codes int16 [N, 10, T] in
     TEN_CROP_ORDER, labels int64 [N], scalars n_tokens, codebook_size, image_size, num_classes and
-    class_names. source: as build_dataset, or a Dataset of [3, S, S] images (S >= size, no flip). The
+    class_names. source: as build_dataset, or a Dataset of [3, S, S] images (S >= size). The
     tokenizer must already be on `device`. Under torch.distributed, rank r encodes indices r::world and rank
     0 writes the one file in index order (per-rank part files next to out_path, so a filesystem all ranks
     see). Returns out_path."""
     size, codebook_size = tokenizer.config.image_size, tokenizer.config.codebook_size
     assert codebook_size <= 32768, f"codebook_size {codebook_size} does not fit int16 codes"
+    data = source
     if isinstance(source, (str, os.PathLike)):
-        data = build_dataset(source, int(size * TEN_CROP_SCALE), train=False, flip=False)
-    elif getattr(source, "flip", False):
-        raise ValueError("pretokenize needs a dataset without random flip: the ten crops already mirror")
-    else:
-        data = source
+        data = build_dataset(source, int(size * TEN_CROP_SCALE))
     rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
     was_training = tokenizer.training
     tokenizer.eval()
@@ -553,13 +766,11 @@ def pretokenize(tokenizer, source, out_path, batch_size=64, device="cpu", progre
 # ----------------------------------------------------------------------------------------------------
 
 class CodesDataset(Dataset):
-    """Pre-tokenized npz: items (codes int64 [T], label int), one of the image's 10 crops per visit.
+    """Pre-tokenized npz: items (codes int64 [T], label int). An (index, key) item draws one of the image's 10
+    crops from its key (split_item): each visit of an image takes one at random. An int item gives the
+    centre crop."""
 
-    The crop is drawn from a numpy generator per process seeded with (seed, worker seed): in a DataLoader
-    worker the worker seed is torch's per-worker seed (fresh each epoch, reproducible under
-    torch.manual_seed), in the main process it is 0. Give each DDP rank its own seed (e.g. seed + rank)."""
-
-    def __init__(self, path, seed=0):
+    def __init__(self, path):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such file; expected the .npz written by pretokenize()")
         with np.load(path) as f:
@@ -574,7 +785,6 @@ class CodesDataset(Dataset):
         self.image_size, self.num_classes = meta["image_size"], meta["num_classes"]
         self.class_names = names or [str(c) for c in range(self.num_classes)]
         self._check(path)
-        self.seed, self._rng, self._rng_key = seed, None, None
 
     def _check(self, path):
         codes, labels, n = self.codes, self.labels, len(self.codes)
@@ -594,17 +804,10 @@ class CodesDataset(Dataset):
         if labels.min() < 0 or labels.max() >= self.num_classes:
             raise ValueError(f"{path}: labels outside [0, num_classes={self.num_classes})")
 
-    def _crop_rng(self):
-        """This process's crop generator, made afresh when the DataLoader worker (seed) changes."""
-        info = torch.utils.data.get_worker_info()
-        key = info.seed if info is not None else 0
-        if self._rng_key != key:  # a new worker (or epoch's workers) gets a fresh stream
-            self._rng, self._rng_key = np.random.default_rng([self.seed, key]), key
-        return self._rng
-
     def __len__(self):
         return len(self.codes)
 
-    def __getitem__(self, i):
-        crop = self._crop_rng().integers(10)
-        return torch.from_numpy(self.codes[i, crop].astype(np.int64)), int(self.labels[i])
+    def __getitem__(self, item):
+        i, rng = split_item(item)
+        k = TEN_CROP_ORDER.index("centre") if rng is None else int(rng.integers(10))
+        return torch.from_numpy(self.codes[i, k].astype(np.int64)), int(self.labels[i])

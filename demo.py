@@ -36,7 +36,7 @@ def run(cmd, log):
 
 def val_images(n, size):
     """The held-out shapes split as uint8 NHWC [n, size, size, 3] and labels [n]."""
-    ds = data.build_dataset("shapes", size, train=False, split="val", n_images=n)
+    ds = data.build_dataset("shapes", size, split="val", n_images=n)
     x = torch.stack([ds[i][0] for i in range(n)])
     return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy(), np.array([ds[i][1] for i in range(n)])
 

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import alitok
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LPIPS_SHIFT = (-0.030, -0.088, -0.188)  # lpips ScalingLayer, for inputs in [-1, 1]
@@ -144,6 +146,14 @@ class LPIPS(nn.Module):
             self.add_module(f"lin{k}", nn.ModuleDict(
                 {"model": nn.Sequential(nn.Dropout(), nn.Conv2d(c, 1, 1, bias=False))}))
 
+    def heads(self):
+        """The five linear heads as one module named as in the lpips file (lin{k}.model.1.weight); it shares
+        them, so loading into it (assign=True included) fills this LPIPS."""
+        heads = nn.Module()
+        for k in range(len(VGG16_TAP_CHANNELS)):
+            heads.add_module(f"lin{k}", getattr(self, f"lin{k}"))
+        return heads
+
     def forward(self, x, y):
         xy = torch.cat([x, y])  # one pass for both images
         feats = self.net((xy - _channels(xy, LPIPS_SHIFT)) / _channels(xy, LPIPS_SCALE))  # lpips ScalingLayer
@@ -171,24 +181,7 @@ def _read_weights(path, source, loss_name):
             f"weight file not found: '{path}'. It should be {source}. Download it on a machine with "
             f"network access and pass its path. Without it, train with the {loss_name} loss switched off "
             f"(weight 0); everything else works.")
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _check_keys(expected, state, path):
-    """Raise naming missing, unexpected and misshapen keys (10 of each) where state differs from expected."""
-    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    shapes = sorted(f"{k} {list(state[k].shape)} != {list(v.shape)}"
-                    for k, v in expected.items() if k in state and state[k].shape != v.shape)
-    if missing or extra or shapes:
-        raise RuntimeError(f"{path}: not the expected weights; {len(missing)} missing keys {missing[:10]}, "
-                           f"{len(extra)} unexpected keys {extra[:10]}, "
-                           f"{len(shapes)} wrong shapes {shapes[:10]}")
-
-
-def _frozen(module, state):
-    """Load `state` strictly into a (meta-device) module by assignment; return it in eval mode, frozen."""
-    module.load_state_dict(state, strict=True, assign=True)
-    return module.eval().requires_grad_(False)
+    return alitok.read_checkpoint(path, f"{loss_name} weight file ({source})")
 
 
 def load_convnext(path):
@@ -196,8 +189,8 @@ def load_convnext(path):
     state = _read_weights(path, CONVNEXT_SOURCE, "perceptual")
     with torch.device("meta"):  # no random init: every tensor comes from the file
         net = ConvNeXtSmall()
-    _check_keys(net.state_dict(), state, path)
-    return _frozen(net, state)
+    alitok.load_strict(net, state, source=os.fspath(path), assign=True)
+    return net.eval().requires_grad_(False)
 
 
 def load_lpips(vgg_path, lin_path):
@@ -205,50 +198,68 @@ def load_lpips(vgg_path, lin_path):
     with torch.device("meta"):
         net = LPIPS()
     lin = _read_weights(lin_path, LPIPS_LIN_SOURCE, "LPIPS")  # the small file first: fail fast
-    _check_keys({k: v for k, v in net.state_dict().items() if not k.startswith("net.")}, lin, lin_path)
+    alitok.load_strict(net.heads(), lin, source=os.fspath(lin_path), assign=True)
     vgg = _read_weights(vgg_path, VGG_SOURCE, "LPIPS")
-    _check_keys(net.net.state_dict(), vgg, vgg_path)
-    return _frozen(net, {**{"net." + k: v for k, v in vgg.items()}, **lin})
+    alitok.load_strict(net.net, vgg, source=os.fspath(vgg_path), assign=True)
+    return net.eval().requires_grad_(False)
 
 
 # --------------------------------------------------------------------------------------------------
 # PatchGAN-style discriminator (MaskBit style) and hinge losses
 # --------------------------------------------------------------------------------------------------
 
-def blur_downsample(x):
-    """Halve H and W of x [B, C, H, W] (H, W even): depthwise [1, 3, 3, 1] outer-product blur, stride 2."""
-    # Blurring before subsampling avoids aliasing that the generator could learn to exploit.
-    k = torch.tensor([1.0, 3.0, 3.0, 1.0], device=x.device, dtype=x.dtype)
-    k = (k[:, None] * k[None, :] / 64).expand(x.shape[1], 1, 4, 4)  # sums to 1: C, 1, 4, 4
-    return F.conv2d(x, k, stride=2, padding=1, groups=x.shape[1])
+def same_padding(size, kernel, stride):
+    """TensorFlow "same" padding of one side: (before, after) for an input of `size` pixels."""
+    total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+class BlurDownsample(nn.Module):
+    """Halve H and W of [B, C, H, W]: "same" padding, then a depthwise stride-2 conv with a fixed blur."""
+
+    def __init__(self):
+        super().__init__()
+        k = torch.tensor([1.0, 3.0, 3.0, 1.0])
+        # Blurring before subsampling avoids aliasing that the tokenizer could learn to exploit. A buffer, not a
+        # parameter: the original saves it as `kernel` [1, 1, 4, 4] and never trains it.
+        self.register_buffer("kernel", (k[:, None] * k[None, :] / 64)[None, None])  # sums to 1
+
+    def forward(self, x):
+        (top, bottom), (left, right) = same_padding(x.shape[-2], 4, 2), same_padding(x.shape[-1], 4, 2)
+        x = F.pad(x, (left, right, top, bottom))
+        return F.conv2d(x, self.kernel.to(x.dtype).expand(x.shape[1], 1, 4, 4), stride=2, groups=x.shape[1])
 
 
 def _group_norm(c):
-    """GroupNorm with up to 32 groups that divide c."""
+    """GroupNorm(32, c) as the original; narrower (tiny) widths use the largest group count dividing c."""
     return nn.GroupNorm(math.gcd(32, c), c)
 
 
 class Discriminator(nn.Module):
-    """PatchGAN-style discriminator: images in [0, 1], [B, 3, H, W] -> logits [B, 1, H/8, W/8] (3 stages).
+    """PatchGAN-style discriminator (MaskBit): images in [0, 1] as they are, [B, 3, H, W] -> logits
+    [B, 1, pool_size, pool_size]. State-dict names as the original's (manifests/discriminator.txt).
 
-    base_channels: width of the 5x5 stem; channel_mult: one entry per stage, the stage's width as a
-    multiple of base_channels (defaults 128 and (1, 2, 4) give widths 128 -> 128 -> 256 -> 512, as MaskBit).
+    base_channels: width of the 5x5 stem; channel_mult: one entry per stage, the stage's width as a multiple of
+    base_channels (defaults 128 and (1, 2, 4): 128 -> 128 -> 256 -> 512); pool_size: the adaptive max pool
+    after the stages (16: 256 px images give 32x32 features, pooled to 16x16).
     """
 
-    def __init__(self, base_channels=128, channel_mult=(1, 2, 4), in_channels=3):
+    def __init__(self, base_channels=128, channel_mult=(1, 2, 4), pool_size=16, in_channels=3):
         super().__init__()
         widths = [base_channels] + [base_channels * m for m in channel_mult]
-        self.stem = nn.Conv2d(in_channels, widths[0], 5, padding=2)
-        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1) for a, b in zip(widths, widths[1:]))
-        self.norms = nn.ModuleList(_group_norm(c) for c in widths[1:])
-        self.head = nn.Conv2d(widths[-1], widths[-1], 1)
-        self.to_logits = nn.Conv2d(widths[-1], 1, 5, padding=2)
+        self.block_in = nn.Sequential(nn.Conv2d(in_channels, widths[0], 5, padding=2), nn.LeakyReLU(0.1))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(a, b, 3, padding=1), BlurDownsample(), _group_norm(b), nn.LeakyReLU(0.1))
+            for a, b in zip(widths, widths[1:]))
+        self.pool = nn.AdaptiveMaxPool2d(pool_size)
+        self.to_logits = nn.Sequential(nn.Conv2d(widths[-1], widths[-1], 1), nn.LeakyReLU(0.1),
+                                       nn.Conv2d(widths[-1], 1, 5, padding=2))
 
     def forward(self, x):
-        x = F.leaky_relu(self.stem(2 * x - 1), 0.1)  # the net sees [-1, 1]
-        for conv, norm in zip(self.convs, self.norms):
-            x = F.leaky_relu(norm(blur_downsample(conv(x))), 0.1)
-        return self.to_logits(F.leaky_relu(self.head(x), 0.1))  # B, 1, H / 2^stages, W / 2^stages
+        x = self.block_in(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.to_logits(self.pool(x))  # B, 1, pool_size, pool_size
 
 
 def hinge_d_loss(logits_real, logits_fake):

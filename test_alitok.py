@@ -1,7 +1,12 @@
 """Tests for alitok: `make test` runs them on the CPU (tiny configs, a few minutes); `make test-slow` adds
-the full-size checks. Sections follow the files: alitok.py, data.py, perceptual.py, train.py, sample.py, fid.py.
+the full-size checks. Sections follow the files: alitok.py, data.py, perceptual.py, train.py, sample.py,
+bench.py, fid.py.
 Manifests and golden vectors come from reference/ in this repository: nothing is skipped in a plain clone."""
+import contextlib
 import copy
+import functools
+import hashlib
+import http.server
 import json
 import math
 import os
@@ -10,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import types
 import zlib
@@ -129,7 +135,9 @@ def tiny_generator(**kw):
 
 LAYOUTS = [("tokenizer_inference.txt", lambda: Tokenizer(tokenizer_config("alitok", "inference"))),
            ("tokenizer_stage1.txt", lambda: Tokenizer(tokenizer_config("alitok", 1))),
-           ("tokenizer_stage2.txt", lambda: Tokenizer(tokenizer_config("alitok", 2))),
+           # The stage-2 manifest was made with clustering on; the original's stage-2 run has it off (the
+           # inference layout, golden README), so `embed_prob` only with track_usage.
+           ("tokenizer_stage2.txt", lambda: Tokenizer(tokenizer_config("alitok", 2, track_usage=True))),
            ("ar_b.txt", lambda: Generator(generator_config("B"))),
            ("ar_l.txt", lambda: Generator(generator_config("L"))),
            ("ar_xl.txt", lambda: Generator(generator_config("XL")))]
@@ -510,24 +518,27 @@ def test_center_crop_adm_box_halving(monkeypatch):
 
 def test_shapes_deterministic_shapes_and_range():
     for size in (32, 64):
-        ds = D.build_dataset("shapes", size, train=False, n_images=50)
+        ds = D.build_dataset("shapes", size, n_images=50)
         x, y = ds[13]
         assert x.shape == (3, size, size) and x.dtype == torch.float32
         assert 0 <= x.min() and x.max() <= 1 and y == 13 % 10
-        assert torch.equal(x, D.build_dataset("shapes", size, train=False, n_images=50)[13][0])
+        assert torch.equal(x, D.build_dataset("shapes", size, n_images=50)[13][0])
     assert ds.num_classes == 10 and ds.class_names == list(D.SHAPES_CLASSES)
-    assert not torch.equal(ds[13][0], D.build_dataset("shapes", 64, train=False, seed=1)[13][0])
-    assert not torch.equal(ds[13][0], D.build_dataset("shapes", 64, train=False, split="test")[13][0])
-    x, _ = D.build_dataset("shapes", 32, flip=True)[3]  # flip gives one of the two mirror images
-    ref = D.build_dataset("shapes", 32, flip=False)[3][0]
-    assert torch.equal(x, ref) or torch.equal(x, ref.flip(-1))
+    assert not torch.equal(ds[13][0], D.build_dataset("shapes", 64, seed=1)[13][0])
+    assert not torch.equal(ds[13][0], D.build_dataset("shapes", 64, split="test")[13][0])
+    # The training view of a square image drawn at its size: the image or its mirror, as the key says.
+    ds, ref = D.build_dataset("shapes", 32), D.build_dataset("shapes", 32)[3][0]
+    views = [ds[(3, (0, step, 0))][0] for step in range(20)]
+    assert all(torch.equal(v, ref) or torch.equal(v, ref.flip(-1)) for v in views)
+    assert any(torch.equal(v, ref) for v in views) and any(torch.equal(v, ref.flip(-1)) for v in views)
+    assert torch.equal(ds[(3, (0, 7, 0))][0], views[7])
     with pytest.raises(IndexError):
-        ds[50]
+        D.build_dataset("shapes", 32, n_images=50)[50]
 
 
 def test_shapes_classes_separable():
-    train = D.build_dataset("shapes", 32, train=False, n_images=400)
-    test = D.build_dataset("shapes", 32, train=False, n_images=200, split="test")
+    train = D.build_dataset("shapes", 32, n_images=400)
+    test = D.build_dataset("shapes", 32, n_images=200, split="test")
     xs = torch.stack([train[i][0] for i in range(len(train))]).flatten(1)
     ys = torch.tensor([train[i][1] for i in range(len(train))])
     means = torch.stack([xs[ys == c].mean(0) for c in range(10)])
@@ -555,8 +566,8 @@ def make_folder(root, n_per_class, n_corrupt, size=12):
 def test_folder_dataset_labels_and_corrupt_file(tmp_path):
     make_folder(tmp_path, 60, 1)  # 1 bad of 121 files is under 1 %
     with pytest.warns(UserWarning, match=r"skipped 1 unreadable.*zz_bad0\.jpg"):
-        ds = D.build_dataset(str(tmp_path), 8, train=True)
-    assert ds.flip and len(ds) == 120 and ds.class_names == ["a_cat", "b_dog"] and ds.num_classes == 2
+        ds = D.build_dataset(str(tmp_path), 8)
+    assert len(ds) == 120 and ds.class_names == ["a_cat", "b_dog"] and ds.num_classes == 2
     assert list(ds.skipped) == [str(tmp_path / "a_cat" / "zz_bad0.jpg")]
     x, y = ds[0]
     assert x.shape == (3, 8, 8) and y == 0 and x[0].mean() > x[2].mean()
@@ -569,14 +580,14 @@ def test_folder_dataset_too_many_corrupt_raises(tmp_path):
     make_folder(tmp_path, 5, 3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(RuntimeError, match="3 of 13 image files are unreadable"):
+        with pytest.raises(ValueError, match="3 of 13 image files are unreadable"):
             D.build_dataset(str(tmp_path), 8)
         assert len(D.build_dataset(str(tmp_path), 8, max_bad_fraction=0.5)) == 10
 
 
 def test_folder_dataset_survives_file_failing_at_load(tmp_path):
     make_folder(tmp_path, 60, 0)
-    ds = D.build_dataset(str(tmp_path), 8, train=False)
+    ds = D.build_dataset(str(tmp_path), 8)
     path = ds.samples[3][0]
     with open(path, "rb") as f:
         payload = f.read()
@@ -585,6 +596,25 @@ def test_folder_dataset_survives_file_failing_at_load(tmp_path):
     with pytest.warns(UserWarning, match="using the next image"):
         x, y = ds[3]
     assert torch.equal(x, ds[4][0]) and list(ds.failed) == [path]
+
+
+def test_training_view_resizes_short_side_crops_and_flips(tmp_path):
+    """The tokenizer's training view (the original's augmentation): bilinear short side to S, a random S x S
+    crop, a random mirror, all drawn from the item's key; an int item is the ADM centre crop."""
+    a = np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8)   # H 30, W 50
+    (tmp_path / "f" / "c").mkdir(parents=True)
+    Image.fromarray(a).save(tmp_path / "f" / "c" / "0.png")
+    np.savez(tmp_path / "a.npz", x_train=a[None], y_train=np.zeros(1, np.int64))
+    resized = torch.from_numpy(np.asarray(Image.fromarray(a).resize((26, 16), Image.BILINEAR)).copy())
+    resized = resized.permute(2, 0, 1).float() / 255                               # short side 30 -> 16
+    crops = [resized[:, :, left:left + 16] for left in range(11)]
+    crops += [c.flip(-1) for c in crops]
+    for ds in (D.build_dataset(str(tmp_path / "f"), 16), D.build_dataset(str(tmp_path / "a.npz"), 16)):
+        views = [ds[(0, (5, step, 1))][0] for step in range(40)]
+        index = [next(i for i, c in enumerate(crops) if torch.equal(c, v)) for v in views]   # each is a crop
+        assert len({i % 11 for i in index}) > 3 and len({i // 11 for i in index}) == 2
+        assert torch.equal(ds[(0, (5, 3, 1))][0], views[3]) and not torch.equal(views[3], ds[(0, (6, 3, 1))][0])
+        assert torch.equal(ds[0][0], D.pil_to_tensor(D.center_crop_adm(Image.fromarray(a), 16)))
 
 
 def test_missing_source_errors(tmp_path):
@@ -602,14 +632,14 @@ def test_missing_source_errors(tmp_path):
 def test_npz_both_key_styles(tmp_path):
     x, y = write_npz(tmp_path / "cifar.npz", n=6, side=16, x_test=np.zeros((2, 16, 16, 3), np.uint8),
                      y_test=np.array([1, 2]), classes=np.array(["a", "b", "c"]))
-    ds = D.build_dataset(str(tmp_path / "cifar.npz"), 16, train=False)
+    ds = D.build_dataset(str(tmp_path / "cifar.npz"), 16)
     assert len(ds) == 6 and ds.class_names == ["a", "b", "c"]
     image, label = ds[4]
     assert torch.equal(image, torch.from_numpy(x[4]).permute(2, 0, 1).float() / 255) and label == y[4]
     test = D.build_dataset(str(tmp_path / "cifar.npz"), 16, split="test")
-    assert len(test) == 2 and test[1][1] == 2 and test.flip
+    assert len(test) == 2 and test[1][1] == 2
     np.savez(tmp_path / "adm.npz", arr_0=x, arr_1=y, classes=np.array([1, "a"], dtype=object))
-    adm = D.build_dataset(str(tmp_path / "adm.npz"), 8, train=False, n_images=3)
+    adm = D.build_dataset(str(tmp_path / "adm.npz"), 8, n_images=3)
     assert len(adm) == 3 and adm[0][0].shape == (3, 8, 8) and adm.num_classes == 3  # object names ignored
     assert [adm[i][1] for i in range(3)] == [int(y[0]), int(y[2]), int(y[4])]  # evenly spaced subset
 
@@ -668,23 +698,21 @@ def test_pretokenize_layout_and_order(tmp_path):
 
 def test_pretokenize_shapes_and_codes_dataset(tmp_path):
     tok = PatchColourTokenizer(16, 4)
-    source = D.build_dataset("shapes", 17, train=False, n_images=4)
+    source = D.build_dataset("shapes", 17, n_images=4)
     path = D.pretokenize(tok, source, str(tmp_path / "c.npz"), progress=False)
-    ds = D.CodesDataset(path, seed=3)
+    ds = D.CodesDataset(path)
     assert len(ds) == 4 and ds.n_tokens == 16 and ds.num_classes == 10 and ds.class_names[2] == "triangle"
     with np.load(path) as f:
         options = [tuple(c) for c in f["codes"][2].tolist()]
+    assert tuple(ds[2][0].tolist()) == options[D.TEN_CROP_ORDER.index("centre")]   # an int: the centre crop
     seen = set()
-    for _ in range(100):
-        codes, label = ds[2]
+    for step in range(100):                                   # (index, key): one of the 10, drawn from the key
+        codes, label = ds[(2, (3, step, 0))]
         assert codes.dtype == torch.int64 and codes.shape == (16,) and label == 2
         assert tuple(codes.tolist()) in options
         seen.add(tuple(codes.tolist()))
+        assert torch.equal(codes, ds[(2, (3, step, 0))][0])     # same key, same crop
     assert len(seen) >= min(5, len(set(options)))
-    a, b = D.CodesDataset(path, seed=5), D.CodesDataset(path, seed=5)  # same seed, same draws
-    assert [a[0][0].tolist() for _ in range(20)] == [b[0][0].tolist() for _ in range(20)]
-    with pytest.raises(ValueError, match="flip"):
-        D.pretokenize(tok, D.build_dataset("shapes", 17, train=True, n_images=4), str(tmp_path / "d.npz"))
 
 
 @pytest.mark.parametrize("change, message", [
@@ -731,13 +759,144 @@ def test_pretokenize_two_processes_matches_one(tmp_path):
 
 # ---------------------------------------------------------------- grid
 
+# ---------------------------------------------------------------- run folders and signals
+
+def test_run_folder_lock_refuses_a_live_holder_and_not_a_killed_one(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, data; lock = data.RunFolderLock(sys.argv[1])"
+                               ".__enter__(); print('held', flush=True); time.sleep(60)", str(tmp_path)],
+                              cwd=HERE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ValueError, match=f"in use by a live run \\(pid {holder.pid} on"):
+            D.RunFolderLock(str(tmp_path)).__enter__()
+    finally:
+        holder.kill()
+        holder.wait()
+    with D.RunFolderLock(str(tmp_path)):                    # the killed run's lock file is left, yet free
+        assert f"pid {os.getpid()}" in (tmp_path / ".lock").read_text()
+
+
+def test_stop_signals_turn_a_real_signal_into_a_request():
+    with D.StopSignals() as stop:
+        assert stop.received is None
+        os.kill(os.getpid(), signal.SIGTERM)                # a real signal, delivered to this process
+        assert stop.name == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # the old handler is back
+
+
 def test_save_grid(tmp_path):
     images = torch.rand(5, 3, 6, 7)
-    D.save_grid(images, str(tmp_path / "sub" / "grid.png"), nrow=3)
+    D.save_grid(images, str(tmp_path / "sub" / "grid.png"), nrow=3, min_side=1)
     grid = np.asarray(Image.open(tmp_path / "sub" / "grid.png"))
     assert grid.shape == (2 * 8 + 2, 3 * 9 + 2, 3)
     assert np.array_equal(grid[2:8, 11:18], (images[1] * 255).round().byte().permute(1, 2, 0).numpy())
     assert (grid[:2] == 0).all() and (grid[:, :2] == 0).all()
+
+
+def test_save_grid_enlarges_small_images_by_nearest_neighbour(tmp_path):
+    images = torch.rand(2, 3, 32, 32)
+    D.save_grid(images, str(tmp_path / "grid.png"), nrow=2)             # default: at least 128 px a side
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert grid.shape == (128 + 4, 2 * 130 + 2, 3)
+    first = (images[0] * 255).round().byte().permute(1, 2, 0).numpy()
+    assert np.array_equal(grid[2:130:4, 2:130:4], first) and np.array_equal(grid[5:130:4, 5:130:4], first)
+
+
+# ---------------------------------------------------------------- standard weight files (local server only)
+
+class _WeightRequests(http.server.BaseHTTPRequestHandler):
+    """Serves server.files {url path: bytes} and logs each GET in server.requests; 404 for anything else."""
+    timeout = 10  # seconds a connection may stall: no test can hang on the server
+
+    def do_GET(self):
+        self.server.requests.append(self.path)
+        body = self.server.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def weight_server(tmp_path, monkeypatch):
+    """A file server on 127.0.0.1 (shut down after the test); the hub cache in tmp_path, online mode."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.delenv(D.OFFLINE_ENV, raising=False)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _WeightRequests)
+    server.files, server.requests = {}, []
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(10)
+
+
+def serve_weights(server, monkeypatch, name, body, sha256=None):
+    """Serve `body` as the standard weight file `name`: its table entry points at the local server."""
+    server.files["/files/" + name] = body
+    url = f"http://127.0.0.1:{server.server_port}/files/{name}"
+    sha256 = sha256 or hashlib.sha256(body).hexdigest()
+    monkeypatch.setitem(D.STANDARD_WEIGHTS, name, D.WeightFile(url, sha256, "the tests", "the rest works"))
+
+
+def test_standard_weights_downloaded_once_then_cached_and_explicit_path_wins(weight_server, monkeypatch,
+                                                                              tmp_path):
+    body = os.urandom(3 << 20)  # three read chunks
+    serve_weights(weight_server, monkeypatch, "stand_in.pth", body)
+    cache = tmp_path / "torch_home" / "hub" / "checkpoints"
+    assert D.weights_cache() == str(cache)
+    first = D.standard_weights("stand_in.pth")
+    assert first == str(cache / "stand_in.pth") and Path(first).read_bytes() == body
+    assert weight_server.requests == ["/files/stand_in.pth"] and os.listdir(cache) == ["stand_in.pth"]
+    assert D.standard_weights("stand_in.pth") == first and len(weight_server.requests) == 1  # from the cache
+    mine = tmp_path / "mine.pth"
+    mine.write_bytes(b"not even the same file")  # an explicit path is not checked against the table's hash
+    assert D.standard_weights("stand_in.pth", mine) == str(mine)
+    with pytest.raises(FileNotFoundError, match="stand_in.pth"):
+        D.standard_weights("stand_in.pth", tmp_path / "absent.pth")  # a wrong path never falls back
+    assert len(weight_server.requests) == 1
+
+
+def test_standard_weights_wrong_hash_is_refused_and_leaves_no_file(weight_server, monkeypatch, tmp_path):
+    serve_weights(weight_server, monkeypatch, "stand_in-0123abcd.pth", b"changed upstream", sha256="0123abcd")
+    with pytest.raises(ValueError, match="SHA-256 .* expected 0123abcd.*deleted") as error:
+        D.standard_weights("stand_in-0123abcd.pth", progress=False)
+    assert D.weights_cache() in str(error.value)  # says where the right file would go
+    cache = tmp_path / "torch_home" / "hub" / "checkpoints"
+    assert os.listdir(cache) == [] and len(weight_server.requests) == 1
+    # a file in the cache that does not match is not ours: refused, left in place, nothing downloaded
+    (cache / "stand_in-0123abcd.pth").write_bytes(b"someone else's")
+    with pytest.raises(ValueError, match="Delete it"):
+        D.standard_weights("stand_in-0123abcd.pth")
+    assert (cache / "stand_in-0123abcd.pth").exists() and len(weight_server.requests) == 1
+    serve_weights(weight_server, monkeypatch, "gone.pth", b"")
+    weight_server.files.clear()  # its URL now answers 404
+    with pytest.raises(OSError, match="could not download gone.pth .*Not Found.* put it at"):
+        D.standard_weights("gone.pth")
+    assert not (cache / "gone.pth").exists()
+
+
+def test_standard_weights_offline_says_which_file_goes_where(weight_server, monkeypatch, tmp_path):
+    serve_weights(weight_server, monkeypatch, "stand_in.pth", b"weights")
+    cache = tmp_path / "torch_home" / "hub" / "checkpoints"
+    for offline in (True, "env"):
+        if offline == "env":
+            monkeypatch.setenv(D.OFFLINE_ENV, "1")
+        with pytest.raises(FileNotFoundError) as error:
+            D.standard_weights("stand_in.pth", offline=offline is True)
+        for words in ("stand_in.pth", str(cache), D.OFFLINE_ENV, "the rest works", "/files/stand_in.pth"):
+            assert words in str(error.value), words
+    assert weight_server.requests == []
+    mine = tmp_path / "mine.pth"
+    mine.write_bytes(b"x")
+    assert D.standard_weights("stand_in.pth", mine) == str(mine)  # offline, an explicit path still works
 
 
 # ===================================================================================================
@@ -748,16 +907,20 @@ def shapes(module):
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
-def golden_filled(cls, rename=lambda k: k, zero=(), salt=None):
-    """cls() built without random init, every tensor set to tensor_for(rename(name)) (as fill_ does) with the
-    salt of perceptual.npz, except names starting with `zero`, set to zeros (unused by the forward)."""
-    salt = golden("perceptual.npz")[1] if salt is None else salt
+def recipe_model(build, salt, rename=lambda k: k, zero=()):
+    """build() made without random init (meta device), every tensor set to tensor_for(rename(name)) (as fill_
+    does) with `salt`, except names starting with `zero`, set to zeros (unused by the forward)."""
     with torch.device("meta"):
-        m = cls()
-    state = {k: torch.zeros(v.shape) if k.startswith(zero) else tensor_for(rename(k), tuple(v.shape), salt=salt)
+        m = build()
+    state = {k: torch.zeros(v.shape) if k.startswith(zero) else tensor_for(rename(k), tuple(v.shape), v.dtype, salt)
              for k, v in m.state_dict().items()}
-    m.load_state_dict(state, strict=True, assign=True)
-    return m.eval().requires_grad_(False)
+    return alitok.load_strict(m, state, assign=True)
+
+
+def golden_filled(cls, rename=lambda k: k, zero=(), salt=None):
+    """recipe_model of cls with the salt of perceptual.npz (or `salt`), in eval mode and frozen."""
+    salt = golden("perceptual.npz")[1] if salt is None else salt
+    return recipe_model(cls, salt, rename, zero).eval().requires_grad_(False)
 
 
 @pytest.fixture(scope="module")
@@ -765,10 +928,14 @@ def convnext():
     return golden_filled(P.ConvNeXtSmall)
 
 
+def golden_lpips(salt=None):
+    # Golden filled the VGG by its torchvision names and the heads by the lpips names: strip "net.".
+    return golden_filled(P.LPIPS, lambda k: k.removeprefix("net."), zero=("net.classifier.",), salt=salt)
+
+
 @pytest.fixture(scope="module")
 def lpips_net():
-    # Golden filled the VGG by its torchvision names and the heads by the lpips names: strip "net.".
-    return golden_filled(P.LPIPS, lambda k: k.removeprefix("net."), zero=("net.classifier.",))
+    return golden_lpips()
 
 
 @pytest.fixture(scope="module")
@@ -847,22 +1014,22 @@ def test_load_refuses_wrong_keys(tmp_path, lpips_net):
     lin = {k: v for k, v in lpips_net.state_dict().items() if not k.startswith("net.")}
     lin["lin5.model.1.weight"] = lin.pop("lin4.model.1.weight")
     torch.save(lin, tmp_path / "bad_lin.pth")
-    with pytest.raises(RuntimeError, match=r"bad_lin\.pth.*lin4\.model\.1\.weight.*lin5\.model\.1\.weight"):
+    with pytest.raises(ValueError, match=r"(?s)bad_lin\.pth.*missing: lin4\.model\.1\.weight.*unexpected: lin5"):
         P.load_lpips(tmp_path / "unused.pth", tmp_path / "bad_lin.pth")
     # A VGG file without its classifier (features only) is refused: the full torchvision file is expected.
     good_lin = {k: v for k, v in lpips_net.state_dict().items() if k.startswith("lin")}
     torch.save(good_lin, tmp_path / "vgg.pth")
     features = {k[4:]: v for k, v in lpips_net.state_dict().items() if k.startswith("net.features.")}
     torch.save(features, tmp_path / "features.pth")
-    with pytest.raises(RuntimeError, match=r"features\.pth.*classifier\.0\.bias"):
+    with pytest.raises(ValueError, match=r"(?s)features\.pth.*classifier\.0\.bias"):
         P.load_lpips(tmp_path / "features.pth", tmp_path / "vgg.pth")
     torch.save({"stem.0.weight": torch.zeros(96, 3, 4, 4)}, tmp_path / "timm.pth")
-    with pytest.raises(RuntimeError, match=r"timm\.pth.*344 missing.*features\.0\.0\.bias.*stem\.0\.weight"):
+    with pytest.raises(ValueError, match=r"(?s)timm\.pth.*344 missing: features\.0\.0\.weight.*unexpected: stem"):
         P.load_convnext(tmp_path / "timm.pth")
     lin["lin4.model.1.weight"] = torch.zeros(1, 256, 1, 1)
     del lin["lin5.model.1.weight"]
     torch.save(lin, tmp_path / "bad_lin.pth")
-    with pytest.raises(RuntimeError, match=r"bad_lin\.pth.*lin4\.model\.1\.weight \[1, 256, 1, 1\] != "):
+    with pytest.raises(ValueError, match=r"bad_lin\.pth(.|\n)*lin4\.model\.1\.weight: file \(1, 256, 1, 1\) vs"):
         P.load_lpips(tmp_path / "unused.pth", tmp_path / "bad_lin.pth")
 
 
@@ -879,29 +1046,32 @@ def test_load_missing_file_says_what_and_where(tmp_path):
 
 # --- discriminator and hinge losses -----------------------------------------------------------------
 
-@pytest.mark.parametrize("size", [32, 256])
-def test_discriminator_patch_logits(size):
+@pytest.mark.parametrize("size, pool", [(32, 4), (64, 16)])
+def test_discriminator_patch_logits(size, pool):
     torch.manual_seed(0)
-    d = P.Discriminator(base_channels=8, channel_mult=(1, 2, 4))
+    d = P.Discriminator(base_channels=8, channel_mult=(1, 2, 4), pool_size=pool)
     x = torch.rand(2, 3, size, size, requires_grad=True)
     logits = d(x)
-    assert logits.shape == (2, 1, size // 8, size // 8)
+    assert logits.shape == (2, 1, pool, pool)
     logits.mean().backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert not any("kernel" in name for name, _ in d.named_parameters())    # the blur is fixed
 
 
-def test_discriminator_default_widths():
+def test_discriminator_matches_manifest_and_pools_by_max():
     with torch.device("meta"):
         d = P.Discriminator()
-    assert [c.out_channels for c in [d.stem, *d.convs]] == [128, 128, 256, 512]
-    assert d.to_logits.out_channels == 1
+    assert shapes(d) == read_manifest("discriminator.txt")
+    assert [c.out_channels for c in [d.block_in[0], *[b[0] for b in d.blocks]]] == [128, 128, 256, 512]
+    assert isinstance(d.pool, torch.nn.AdaptiveMaxPool2d) and d.pool.output_size == 16
 
 
 def test_blur_downsample_keeps_constants_inside():
     x = torch.full((1, 2, 8, 8), 3.0)
-    y = P.blur_downsample(x)
+    y = P.BlurDownsample()(x)
     assert y.shape == (1, 2, 4, 4)
     torch.testing.assert_close(y[..., 1:-1, 1:-1], torch.full((1, 2, 2, 2), 3.0))
+    assert P.BlurDownsample()(torch.ones(1, 1, 7, 9)).shape == (1, 1, 4, 5)     # "same": ceil(size / 2)
 
 
 def test_hinge_losses_textbook_values():
@@ -913,7 +1083,7 @@ def test_hinge_losses_textbook_values():
 
 
 # ===================================================================================================
-# train.py: stages, resume, processes, bad input
+# train.py: stages, resume, processes, bad input; the original's training step (golden)
 # ===================================================================================================
 
 TINY = ["--batch-size", "8", "--n-images", "64", "--warmup", "5", "--log-every", "5", "--image-every", "1000",
@@ -921,9 +1091,8 @@ TINY = ["--batch-size", "8", "--n-images", "64", "--warmup", "5", "--log-every",
 
 
 def run_main(argv):
-    args = train.parse_args(argv)
-    train.main(args)
-    return args
+    train.main(argv)
+    return train.parse_args(argv)
 
 
 def env1():
@@ -931,8 +1100,7 @@ def env1():
 
 
 def fixed_batch(n=16, size=32):
-    import data
-    ds = data.build_dataset("shapes", size, train=False, split="val", n_images=n)
+    ds = D.build_dataset("shapes", size, split="val", n_images=n)
     return torch.stack([ds[i][0] for i in range(n)]), torch.tensor([ds[i][1] for i in range(n)])
 
 
@@ -941,6 +1109,12 @@ def tokenizer_loss_on(tok, x):
     with torch.no_grad():
         out = tok(x)
     return float(alitok.reconstruction_loss(x, out, tok.config.patch_size, tok.config.n_prefix))
+
+
+def tiny_training(tok, args, disc=None, autocast=contextlib.nullcontext()):
+    """A TokenizerTraining of a tiny stage-1 tokenizer without loss networks."""
+    forward = functools.partial(train.stage1_forward, tok, autocast)
+    return train.tokenizer_training(tok, forward, (None, None), args, disc)
 
 
 @pytest.fixture(scope="module")
@@ -955,32 +1129,41 @@ def stages(tmp_path_factory):
     return root, s1, s2, ar
 
 
+# ---------------------------------------------------------------- the stages, end to end
+
 def test_stage1_lowers_loss_on_fixed_batch(stages):
     root, s1, _, _ = stages
     torch.manual_seed(s1.seed)
     init = train.stage1_tokenizer(s1)                          # the same initial weights main() built
     trained = alitok.load_tokenizer(root / "s1" / "ckpt.pt")
     x, _ = fixed_batch()
-    assert tokenizer_loss_on(trained, x) < 0.8 * tokenizer_loss_on(init, x)
+    # The original's init (std 0.02) starts from a flat plateau that a tiny run leaves after ~150 steps;
+    # 40 steps only go down it a little (the golden tests check what each step computes).
+    assert tokenizer_loss_on(trained, x) < tokenizer_loss_on(init, x)
     records = [json.loads(l) for l in open(root / "s1" / "metrics.jsonl")]
-    assert records[-1]["step"] == 40 and {"loss", "rec", "vq", "psnr", "codebook_usage", "lr"} <= set(records[-1])
+    assert records[-1]["step"] == 40
+    assert {"loss", "rec", "quantizer", "psnr", "codebook_usage", "lr"} <= set(records[-1])
     assert (root / "s1" / "latest.png").exists()
 
 
-def test_stage2_lowers_loss_on_fixed_batch(stages, tmp_path):
+def test_stage2_starts_from_the_stage1_decoder_and_lowers_loss(stages, tmp_path):
     root, _, s2, _ = stages
-    torch.manual_seed(s2.seed)
-    init = train.stage2_tokenizer(s2, train.Logger(str(tmp_path), rank=1))   # the fresh decoder main() built
+    init, _ = train.stage2_tokenizer(s2, train.Logger(str(tmp_path), rank=1))   # the model main() built
+    first = torch.load(root / "s1" / "ckpt.pt", weights_only=True)["model"]
+    carried = [k for k in init.state_dict() if k.startswith("decoder.")]
+    assert len(carried) > 20
+    assert all(torch.equal(init.state_dict()[k], first[k]) for k in carried
+               if k not in ("decoder.class_embedding", "decoder.latent_token_positional_embedding"))
     trained = alitok.load_tokenizer(root / "s2" / "ckpt.pt")
     x, _ = fixed_batch()
-    assert tokenizer_loss_on(trained, x) < 0.8 * tokenizer_loss_on(init, x)
+    assert tokenizer_loss_on(trained, x) < tokenizer_loss_on(init, x)
 
 
 def test_stage2_freezes_encoder_codebook_and_exports_inference_layout(stages):
     root, _, _, _ = stages
     first = torch.load(root / "s1" / "ckpt.pt", weights_only=False)["model"]
     second = torch.load(root / "s2" / "ckpt.pt", weights_only=False)["model"]
-    frozen = [k for k in first if k.split(".")[0] in ("encoder", "latent_tokens", "quantize")]
+    frozen = [k for k in second if k.startswith(train.FROZEN)]
     assert len(frozen) > 10 and all(torch.equal(first[k], second[k]) for k in frozen)
     assert not torch.equal(first["decoder.ln_post.weight"], second["decoder.ln_post.weight"])
     tok = alitok.load_tokenizer(root / "s2" / "tokenizer.pt")
@@ -1022,12 +1205,13 @@ def test_resume_after_stop_is_exact(tmp_path, stages):
     b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)
     assert a["step"] == b["step"] == 15
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert all(torch.equal(a["optimizer"]["state"][i]["exp_avg"], b["optimizer"]["state"][i]["exp_avg"])
-               for i in a["optimizer"]["state"])
+    sa, sb = a["optimizers"]["model"]["state"], b["optimizers"]["model"]["state"]
+    assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
 
 
 def test_resume_after_kill_is_exact(tmp_path):
-    """Stage 1 killed for real (SIGKILL) mid-run, then resumed, ends bit for bit like an uninterrupted run."""
+    """Stage 1 (random crops and flips, clustering) killed for real (SIGKILL) mid-run, then resumed, ends bit
+    for bit like an uninterrupted run."""
     common = [sys.executable, str(HERE / "train.py"), "--stage", "1", "--steps", "60", "--ckpt-every", "2", *TINY]
     subprocess.run([*common, "--out", str(tmp_path / "a")], check=True, env=env1(), capture_output=True)
     proc = subprocess.Popen([*common, "--out", str(tmp_path / "b")], env=env1(),
@@ -1099,17 +1283,19 @@ def test_codebook_statistics_gathered_across_processes(tmp_path):
 
 
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, monkeypatch):
-    real = train.tokenizer_loss
+    real, calls = train.tokenizer_losses, []
 
-    def poisoned(args, cfg, out, x, step, nets):
-        loss, parts = real(args, cfg, out, x, step, nets)
-        return (loss * float("nan"), parts) if step >= 5 else (loss, parts)
+    def poisoned(*args):                                      # one call per step: NaN from step 5 on
+        calls.append(1)
+        parts = real(*args)
+        return {**parts, "loss": parts["loss"] * float("nan")} if len(calls) > 5 else parts
 
-    monkeypatch.setattr(train, "tokenizer_loss", poisoned)
+    monkeypatch.setattr(train, "tokenizer_losses", poisoned)
     with pytest.raises(FloatingPointError, match="non-finite loss at step 5"):
         run_main(["--stage", "1", "--out", str(tmp_path), "--steps", "10", "--ckpt-every", "2", *TINY])
     ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     assert ck["step"] == 4 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    assert D.cli(train.main, ["--stage", "2", "--init", str(tmp_path / "nope.pt"), "--out", str(tmp_path)]) == 2
 
 
 def test_folder_with_corrupt_image_trains_and_reports(tmp_path):
@@ -1125,21 +1311,25 @@ def test_folder_with_corrupt_image_trains_and_reports(tmp_path):
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["step"] == 2
 
 
+class StandIn(torch.nn.Module):
+    """A stand-in loss network with the call signatures of ConvNeXt (x) and LPIPS (x, y)."""
+
+    def forward(self, x, y=None):
+        return x.mean((2, 3)) if y is None else (x - y).pow(2).mean((1, 2, 3))
+
+
 def test_loss_phases_lpips_early_gan_late(tmp_path, monkeypatch):
     """--lpips-until and --gan-start switch the losses inside one run (stand-in loss networks, no weight files)."""
-    class Features(torch.nn.Module):                          # stand-ins with the call signatures of the real nets
-        def forward(self, x, y=None):
-            return x.mean((2, 3)) if y is None else (x - y).pow(2).mean((1, 2, 3))
-
-    monkeypatch.setattr(train, "loss_networks", lambda args, device, log: (Features(), Features()))
+    monkeypatch.setattr(train, "loss_networks", lambda args, device, log: (StandIn(), StandIn()))
     run_main(["--stage", "1", "--out", str(tmp_path), "--steps", "6", "--lpips-until", "2", "--gan-start", "3",
               *TINY, "--log-every", "1"])
     records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
-    assert {"perc", "lpips"} <= set(records[0]) and "g_adv" not in records[0]
-    assert "lpips" not in records[2] and "perc" in records[2]
-    assert "g_adv" in records[3] and "d_loss" in records[4]       # tokenizer and discriminator steps alternate
+    assert {"perceptual", "convnext", "lpips"} <= set(records[0]) and "gen_adv" not in records[0]
+    assert "lpips" not in records[2] and "convnext" in records[2]
+    assert "gen_adv" in records[3] and "d_loss" in records[4]     # tokenizer and discriminator steps alternate
     ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    assert ck["disc"] is not None and ck["disc_optimizer"]["state"][0]["exp_avg"].abs().sum() > 0
+    assert ck["modules"]["discriminator"] is not None
+    assert ck["optimizers"]["discriminator"]["state"][0]["exp_avg"].abs().sum() > 0
 
 
 def test_ablation_switches_build_the_paper_baselines():
@@ -1150,19 +1340,352 @@ def test_ablation_switches_build_the_paper_baselines():
     assert not build("--no-aux").aux_head and build("--no-aux").n_prefix == 9
 
 
-def test_lr_schedule_and_data_order():
-    assert train.lr_at(0, 1.0, 10, 100, 0.0) == pytest.approx(0.1)
-    assert train.lr_at(9, 1.0, 10, 100, 0.0) == pytest.approx(1.0)
-    assert train.lr_at(100, 1.0, 10, 100, 0.1) == pytest.approx(0.1)
+def test_bf16_precision_trains_on_cpu(tmp_path, capsys):
+    common = ["--stage", "1", "--steps", "2", *TINY, "--log-every", "1"]
+    run_main([*common, "--out", str(tmp_path / "fp32")])
+    run_main([*common, "--out", str(tmp_path / "bf16"), "--precision", "bf16"])
+    assert "cpu, bf16" in capsys.readouterr().out
+    loss = lambda run: json.loads(open(tmp_path / run / "metrics.jsonl").readline())["loss"]
+    assert loss("bf16") != loss("fp32") and loss("bf16") == pytest.approx(loss("fp32"), rel=0.05)
+
+
+def test_losses_in_float32_and_frozen_encoder_codes_under_bf16():
+    """Under bf16 autocast the criterion (the discriminator included) still computes in float32, and
+    stage 2's frozen encoder gives exactly the float32 codes."""
+    torch.manual_seed(0)
+    tok = train.freeze_for_stage2(Tokenizer(tokenizer_config("tiny", 2))).train()
+    x, bf16 = fixed_batch(8)[0], D.autocast("cpu", "bf16")
+    out = train.stage2_forward(tok, tok.decoder, bf16, x)
+    assert out["recon"].dtype == torch.bfloat16 and torch.equal(out["codes"], tok.encode(x))
+    with bf16:
+        assert not torch.equal(tok.encode(x), out["codes"])       # what an encoder under autocast would give
+    disc = P.Discriminator(base_channels=8, pool_size=4)
+    weights = dict(train.EARLY, gan=0.005)
+    nets = (StandIn(), StandIn())
+    with bf16:
+        parts = train.tokenizer_losses(out, x, nets, disc, weights, tok.config, 10.0)
+    reference = train.tokenizer_losses(out, x, nets, disc, weights, tok.config, 10.0)
+    assert parts.keys() == reference.keys() and all(torch.equal(parts[k], reference[k]) for k in parts)
+
+
+def test_discriminator_steps_also_update_the_codebook():
+    """Every train-mode forward runs the clustering update, the discriminator steps' too (the original)."""
+    tok = tiny_tokenizer(1).train()
+    args = train.parse_args(["--stage", "1", "--gan-start", "0"])
+    t = tiny_training(tok, args, P.Discriminator(**train.DISCRIMINATORS["tiny"]))
+    train.set_lr([t.opt, t.disc_opt], 1e-3)
+    usage, decoder = tok.quantize.embed_prob.clone(), tok.decoder.ffn[0].weight.clone()
+    metrics = train.tokenizer_step(t, fixed_batch(4), 1)         # an odd step of the GAN phase
+    assert "d_loss" in metrics and not torch.equal(usage, tok.quantize.embed_prob)
+    assert torch.equal(decoder, tok.decoder.ffn[0].weight)       # the tokenizer itself did not step
+    assert all(p.grad is not None for p in t.disc.parameters())
+
+
+# ---------------------------------------------------------------- recipes, schedules, optimizers
+
+def test_recipes_are_the_papers_and_help_shows_them(capsys):
+    a = train.parse_args(["--stage", "1", "--preset", "alitok"])
+    assert (a.steps, a.warmup, a.lpips_until, a.gan_start, a.lr, a.lr_min, a.weight_decay, a.grad_clip) == \
+        (350_000, 10_000, 50_000, 250_000, 1e-4, 2e-6, 0.01, 0.0)
+    b = train.parse_args(["--stage", "2", "--preset", "alitok"])
+    assert (b.steps, b.warmup, b.lpips_until, b.gan_start) == (300_000, 0, 50_000, 200_000)
+    g = train.parse_args(["--stage", "ar", "--preset", "XL"])
+    assert (g.batch_size, g.steps, g.lr, g.lr_min, g.warmup, g.weight_decay, g.grad_clip) == \
+        (2048, 250_000, 4e-4, 1e-5, 62_500, 0.03, 1.0)
+    opt = train.tokenizer_optimizer([torch.zeros(1, requires_grad=True)], a).param_groups[0]
+    assert (opt["betas"], opt["eps"], opt["weight_decay"], opt["amsgrad"]) == ((0.9, 0.999), 1e-8, 0.01, False)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--stage", "1", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default 1500; paper 350000" in text and "default 0.001; paper 0.0001" in text
+    assert "--no-aux" in text and "--fresh-decoder" not in text and "--token-dropout" not in text
+
+
+def test_lr_schedules_match_the_original():
+    g, _ = golden("train_stage1.npz")
+    steps = g["lr_factor_steps"]
+    factor = lambda args, s: train.lr_at(int(s), args) / args.lr
+    a = train.parse_args(["--stage", "1", "--preset", "alitok"])
+    # Warm-up from 0 and the held rate as the original; past that the original kept the factor 1 and lowered
+    # cfg.lr by hand between restarts, which our one run does as a cosine (so step 500000 differs on purpose).
+    np.testing.assert_allclose([factor(a, s) for s in steps[:-1]], g["lr_factor_fresh"][:-1], rtol=1e-12)
+    assert factor(a, steps[-1]) == pytest.approx(a.lr_min / a.lr)
+    b = train.parse_args(["--stage", "2", "--preset", "alitok"])     # continues the step count: no warm-up
+    held = steps < b.decay_start
+    np.testing.assert_allclose([factor(b, s) for s in steps[held]], g["lr_factor_restart10k"][held], rtol=1e-12)
+    ar, _ = golden("train_ar.npz")
+    c = train.parse_args(["--stage", "ar", "--preset", "B"])
+    np.testing.assert_allclose([factor(c, s) for s in ar["lr_factor_steps"]], ar["lr_factor"], rtol=1e-9)
+    assert train.lr_at(0, c) == ar["lr_at_step0"]
+
+
+def test_data_order_and_augmentation_keys():
     steps = [train.global_batch_indices(20, 8, 0, s) for s in range(4)]
     assert torch.equal(torch.cat(steps[:2]).sort().values.unique(), torch.cat(steps[:2]).sort().values)
     assert not torch.equal(steps[0], steps[2])                   # a new permutation each epoch
     shares = [list(train.StepBatches(20, 8, 0, 0, 1, r, 2))[0] for r in range(2)]
-    assert shares[0] + shares[1] == steps[0].tolist()
+    assert [i for i, _ in shares[0] + shares[1]] == steps[0].tolist()
+    assert [key for _, key in shares[0] + shares[1]] == [(0, 0, pos) for pos in range(8)]
+    with pytest.raises(ValueError, match="fewer than the global batch"):
+        train.global_batch_indices(5, 8, 0, 0)
+
+
+def test_generator_param_groups_and_optimizer_match_the_original():
+    g, _ = golden("train_ar.npz")
+    with torch.device("meta"):
+        model = Generator(generator_config("B"))
+    opt = train.generator_optimizer(model, train.parse_args(["--stage", "ar", "--preset", "B"]))
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = {group["weight_decay"]: sorted(names[id(p)] for p in group["params"]) for group in opt.param_groups}
+    assert groups == {0.0: sorted(g["names_no_weight_decay"]), 0.03: sorted(g["names_weight_decay"])}
+    assert all(group["betas"] == (0.9, 0.96) and group["eps"] == 1e-8 for group in opt.param_groups)
+
+
+def stage2_names():
+    """The sections of golden/train_stage2_names.txt: loaded / new / dropped / frozen / trainable name lists."""
+    sections, current = {}, None
+    for line in (GOLDEN / "train_stage2_names.txt").read_text().splitlines():
+        if line.startswith("## "):
+            current = sections.setdefault(line[3:].split()[0].rstrip(":"), [])
+        elif line and not line.startswith("#") and current is not None:
+            current.append(line.strip())
+    return sections
+
+
+def test_stage2_carries_over_the_stage1_decoder():
+    """As the original: every stage-1 tensor whose name and shape match; the buffer tokens and the positional
+    table are new; the encoder, quantizer and latent tokens are frozen (golden/train_stage2_names.txt)."""
+    g, names = golden("train_stage2.npz")[0], stage2_names()
+    with torch.device("meta"):
+        first, second = Tokenizer(tokenizer_config("alitok", 1)), Tokenizer(tokenizer_config("alitok", 2))
+    loaded, new, dropped = train.carry_over(second, first.state_dict())
+    assert sorted(loaded) == sorted(names["loaded"]) and len(loaded) == g["n_loaded"]
+    assert sorted(new) == sorted(names["new"]) == sorted(g["names_new"])
+    assert sorted(dropped) == sorted(names["dropped"]) == sorted(g["names_dropped"])
+    train.freeze_for_stage2(second)
+    frozen = sorted(n for n, p in second.named_parameters() if not p.requires_grad)
+    assert frozen == sorted(names["frozen"]) and len(frozen) == g["n_frozen"]
+    assert sorted(n for n, p in second.named_parameters() if p.requires_grad) == sorted(names["trainable"])
+    # The ablation starts a fresh decoder: only the encoder, the codebook and the latent tokens carry over.
+    loaded, _, _ = train.carry_over(second, first.state_dict(), train.FROZEN)
+    assert sorted(loaded) == sorted(n for n in names["loaded"] if n.startswith(train.FROZEN))
+
+
+# ---------------------------------------------------------------- one step of the original (golden)
+
+def golden_discriminator(salt):
+    """The discriminator filled by the recipe, except its blur kernels, which keep their constant value."""
+    disc = P.Discriminator()
+    with torch.no_grad():
+        for name, t in disc.state_dict().items():
+            if not name.endswith("kernel"):
+                t.copy_(tensor_for(name, tuple(t.shape), t.dtype, salt))
+    return disc
+
+
+@pytest.fixture(scope="module")
+def train_nets():
+    """ConvNeXt-S and LPIPS filled with the salt of train_stage1.npz."""
+    salt = golden("train_stage1.npz")[1]
+    return golden_filled(P.ConvNeXtSmall, salt=salt), golden_lpips(salt)
+
+
+def sliced(tensors, expr, **names):
+    """tensors[name][index] for a golden slice text 'name[index]' (index may name `codebook_rows`)."""
+    name, index = expr.split("[", 1)
+    return name, eval("t[" + index, {"t": tensors[name].detach(), **names})
+
+
+def assert_grad_norms(grads, g, prefix, tol=1e-4):
+    """Each golden `prefix`grad_norm:NAME and the total, as float64 L2 norms of the float32 gradients."""
+    for key in g:
+        if key.startswith(prefix + "grad_norm:"):
+            name = key.split(":", 1)[1]
+            assert rel_err(grads[name].double().norm(), g[key]) < tol, name
+    total = torch.stack([v.double().norm() for v in grads.values()]).norm()
+    assert rel_err(total, g[prefix + "grad_norm_total"]) < tol
+
+
+def sliced_parameters(model, slices):
+    """The parameters that golden step slices name."""
+    named = dict(model.named_parameters())
+    return [named[expr.split("[", 1)[0]] for expr in slices]
+
+
+def assert_step(params, before, g, prefix, slices, **names):
+    """The golden slices after one optimizer step (rel 1e-5), and the step itself, after - before (to 2.5e-7:
+    the decoupled weight decay moves a tensor by lr * 0.01 * p, ~1e-6)."""
+    for expr in slices:
+        name, after = sliced(params, expr, **names)
+        assert rel_err(after, g[f"{prefix}after:{name}"]) < 1e-5, name
+        np.testing.assert_allclose((after - sliced(before, expr, **names)[1]).numpy(), g[f"{prefix}delta:{name}"],
+                                   rtol=0, atol=2.5e-7, err_msg=name)
+
+
+def test_golden_train_clustering_update_and_quantizer_loss():
+    """Codes, z_q and the quantizer loss from the old codebook; then the clustering update (stage-1 forward)."""
+    g, salt = golden("train_stage1.npz")
+    q = alitok.VectorQuantizer(tokenizer_config("alitok", 1))
+    q.load_state_dict({k: tensor_for("quantize." + k, tuple(v.shape), v.dtype, salt) for k, v in q.state_dict().items()})
+    before, rows = q.embedding.weight.detach().clone(), torch.from_numpy(g["codebook_rows"])
+    z = torch.from_numpy(g["encoder_out"])
+    zq, codes, loss = q.train()(z)
+    assert np.array_equal(codes.numpy(), g["codes"])
+    assert rel_err(loss.item(), g["early_loss_quantizer"]) < 1e-5
+    torch.testing.assert_close(zq, before[codes], rtol=0, atol=1e-6)
+    after = q.embedding.weight.detach()
+    assert np.array_equal(before[rows].numpy(), g["codebook_before_rows"])
+    assert rel_err(after[rows], g["codebook_after_rows"]) < 1e-5
+    assert rel_err(after.double().sum(), g["codebook_after_sum"]) < 1e-5
+    assert rel_err(after.double().pow(2).sum(), g["codebook_after_sumsq"]) < 1e-5
+    assert rel_err(q.embed_prob, g["embed_prob_after"]) < 1e-5
+    assert (after != before).any(1).sum() == g["codebook_rows_changed"]
+    decay = torch.exp(-(q.embed_prob * 4096 * 10) / (1 - 0.99) - 1e-3)
+    assert (decay > 0.5).sum() == g["codebook_rows_replaced"]
+    flat = z.reshape(-1, 32)
+    assert torch.equal(alitok.codebook_stats(flat, before)[2], flat[g["clustering_anchor_index"]])
+
+
+def test_golden_train_losses_of_both_phases(train_nets):
+    """The criterion (float32) on the stage-1 reconstruction: LPIPS + 0.1 ConvNeXt early, ConvNeXt + GAN late."""
+    g, salt = golden("train_stage1.npz")
+    s1, salt1 = golden("tokenizer_stage1.npz")
+    assert salt1 == salt
+    disc, x = golden_discriminator(salt), golden_inputs()["images"]
+    out = dict(recon=torch.from_numpy(s1["recon"]), aux=torch.from_numpy(s1["aux"]),
+               vq_loss=torch.tensor(float(g["early_loss_quantizer"])))
+    parts = {}
+    for phase, flags in (("early", []), ("gan", ["--lpips-until", "0", "--gan-start", "0"])):
+        args = train.parse_args(["--stage", "1", "--preset", "alitok", *flags])
+        with torch.no_grad():
+            parts[phase] = train.tokenizer_losses(out, x, train_nets, disc, train.loss_weights(args, 0, True),
+                                                  tokenizer_config("alitok", 1), args.aux_weight)
+        for ours, key in (("rec", "loss_rec"), ("perceptual", "loss_perceptual"), ("loss", "loss_total")):
+            assert rel_err(parts[phase][ours], g[f"{phase}_{key}"]) < 1e-5, (phase, key)
+        assert rel_err(parts[phase]["convnext"], g[f"{phase}_convnext_mse_per_image"].mean()) < 1e-5
+    assert rel_err(parts["early"]["lpips"], g["early_lpips_per_image"].mean()) < 1e-5
+    assert "gen_adv" not in parts["early"] and "lpips" not in parts["gan"]      # weight 0: not computed
+    assert rel_err(parts["gan"]["gen_adv"], g["gan_loss_gen_adv"]) < 1e-5
+
+
+def test_golden_train_discriminator_step():
+    """One discriminator step of the GAN phase on the images and the (golden) reconstruction: the hinge loss,
+    gradients, and AdamW with torch's defaults at the schedule's current rate."""
+    g, salt = golden("train_stage1.npz")
+    recon = torch.from_numpy(golden("tokenizer_stage1.npz")[0]["recon"])
+    x, disc = golden_inputs()["images"], golden_discriminator(salt)
+    args = train.parse_args(["--stage", "1", "--preset", "alitok", "--lpips-until", "0", "--gan-start", "10000"])
+    t = train.TokenizerTraining(None, lambda images: {"recon": recon}, None, (None, None), args, disc,
+                                train.tokenizer_optimizer(disc.parameters(), args), disc)
+    step = 10_001                                               # an odd step of the GAN phase: a D step
+    train.set_lr([t.disc_opt], train.lr_at(step, args))
+    assert t.disc_opt.param_groups[0]["lr"] == g["gan_d_lr"]
+    with torch.no_grad():
+        real, fake = disc(torch.cat([x, recon])).chunk(2)
+    assert rel_err(real, g["gan_d_logits_real"]) < 1e-5 and rel_err(fake, g["gan_d_logits_fake"]) < 1e-5
+    assert rel_err(fake, g["gan_gen_logits_fake"]) < 1e-5         # what the tokenizer's GAN term saw
+    before = {k: v.clone() for k, v in disc.state_dict().items()}
+    m = train.tokenizer_step(t, (x, None), step)
+    for ours, key in (("d_loss", "gan_d_loss"), ("d_real", "gan_d_logits_real_mean"),
+                      ("d_fake", "gan_d_logits_fake_mean")):
+        assert rel_err(m[ours], g[key]) < 1e-5, key
+    assert_grad_norms({n: p.grad for n, p in disc.named_parameters()}, g, "gan_d_")
+    assert_step(dict(disc.named_parameters()), before, g, "gan_d_", g["d_step_slices"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["early", "gan"])
+def test_golden_train_stage1_step(phase, train_nets):
+    """One whole stage-1 tokenizer step (released size) of each loss phase: losses, gradients, the clustering
+    update inside the forward, and the parameters after AdamW."""
+    g, salt = golden("train_stage1.npz")
+    model = recipe_model(lambda: Tokenizer(tokenizer_config("alitok", 1)), salt).train()
+    flags = [] if phase == "early" else ["--lpips-until", "0", "--gan-start", "10000"]
+    args = train.parse_args(["--stage", "1", "--preset", "alitok", *flags])
+    forward, clustered = functools.partial(train.stage1_forward, model, contextlib.nullcontext()), []
+    snapshot = lambda out: clustered.append(model.quantize.embedding.weight.detach().clone()) or out
+    t = train.tokenizer_training(model, lambda images: snapshot(forward(images)), train_nets, args,
+                                 golden_discriminator(salt))
+    # AdamW is elementwise: stepping only the compared tensors gives their values and saves 3 GB of moments.
+    t = replace(t, opt=train.tokenizer_optimizer(sliced_parameters(model, g["step_slices"]), args))
+    step, x = 10_000, golden_inputs()["images"]                # past the warm-up: the golden rate 1e-4
+    train.set_lr([t.opt], train.lr_at(step, args))
+    assert t.opt.param_groups[0]["lr"] == g[f"{phase}_lr"]
+    before = {expr.split("[")[0]: tensor_for(expr.split("[")[0], tuple(p.shape), salt=salt)
+              for expr, p in zip(g["step_slices"], sliced_parameters(model, g["step_slices"]))}
+    m = train.tokenizer_step(t, (x, None), step)
+    assert np.array_equal(m["codes"].numpy(), g["codes"])
+    keys = [("rec", "loss_rec"), ("perceptual", "loss_perceptual"), ("quantizer", "loss_quantizer"),
+            ("loss", "loss_total")] + ([("gen_adv", "loss_gen_adv")] if phase == "gan" else [])
+    for ours, key in keys:
+        assert rel_err(m[ours], g[f"{phase}_{key}"]) < 1e-5, key
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert_grad_norms(grads, g, f"{phase}_")
+    for key in [k for k in g if k.startswith(f"{phase}_grad:")]:
+        assert rel_err(grads[key.split(":", 1)[1]], g[key]) < 1e-4, key
+    rows = torch.from_numpy(g["codebook_rows"])
+    assert rel_err(clustered[0][rows], g["codebook_after_rows"]) < 1e-5
+    before["quantize.embedding.weight"] = clustered[0]          # the step starts from the updated codebook
+    assert_step(dict(model.named_parameters()), before, g, f"{phase}_", g["step_slices"], codebook_rows=rows)
+
+
+@pytest.mark.slow
+def test_golden_train_stage2_step(train_nets):
+    """Stage 2 built from a stage-1 state (released size): forward and backward of the decoder alone."""
+    g, salt = golden("train_stage2.npz")
+    first = {k: tensor_for(k, shape, salt=salt) for k, shape in read_manifest("tokenizer_stage1.txt").items()}
+    model = recipe_model(lambda: Tokenizer(tokenizer_config("alitok", 2)), salt)   # its init: the recipe
+    loaded, new, dropped = train.carry_over(model, first)
+    del first
+    assert (len(loaded), len(new), len(dropped)) == (g["n_loaded"], len(g["names_new"]), len(g["names_dropped"]))
+    train.freeze_for_stage2(model).train()
+    args, x, outputs = train.parse_args(["--stage", "2", "--preset", "alitok"]), golden_inputs()["images"], []
+    forward = functools.partial(train.stage2_forward, model, model.decoder, contextlib.nullcontext())
+    t = train.tokenizer_training(model, lambda images: outputs.append(forward(images)) or outputs[-1], train_nets,
+                                 args)
+    t = replace(t, opt=train.tokenizer_optimizer([model.decoder.conv_out.bias], args))   # no step is compared
+    m = train.tokenizer_step(t, (x, None), 0)
+    recon = outputs[0]["recon"].detach()
+    assert np.array_equal(m["codes"].numpy(), g["codes"])
+    assert rel_err(recon.mean(), g["recon_mean"]) < 1e-5 and rel_err(recon[:, :, :4, :4], g["recon_corner"]) < 1e-5
+    for ours, key in (("rec", "loss_rec"), ("perceptual", "loss_perceptual"), ("loss", "loss_total")):
+        assert rel_err(m[ours], g[key]) < 1e-5, key
+    assert "quantizer" not in m and "gen_adv" not in m
+    assert rel_err(m["lpips"], g["lpips_per_image"].mean()) < 1e-5
+    assert rel_err(m["convnext"], g["convnext_mse_per_image"].mean()) < 1e-5
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad) and g["frozen_have_no_grad"]
+    assert_grad_norms({n: p.grad for n, p in model.named_parameters() if p.requires_grad}, g, "")
+
+
+@pytest.mark.slow
+def test_golden_train_generator_step():
+    """One generator step (B, dropouts 0, train mode): loss, gradients, clipping to 1.0, AdamW (0.9, 0.96)."""
+    g, salt = golden("train_ar.npz")
+    cfg = generator_config("B", dropout=0.0, token_dropout=0.0, class_dropout=0.0)
+    model = recipe_model(lambda: Generator(cfg), salt).train()
+    model.rope = rotary_table(cfg)                              # computed, not in the state dict
+    args = train.parse_args(["--stage", "ar", "--preset", "B"])
+    gt = train.GeneratorTraining(model, model, train.generator_optimizer(model, args), contextlib.nullcontext(),
+                                 args.grad_clip)
+    train.set_lr([gt.opt], g["step_lr"])                          # the peak rate (the schedule starts at 0)
+    inp = golden_inputs()
+    assert np.array_equal(model.class_ids(inp["ar_classes"]).numpy(), g["condition_ids"])
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    m = train.generator_step(gt, (inp["ar_codes"], inp["ar_classes"]), 0)
+    assert rel_err(m["loss"], g["loss"]) < 1e-5 and float(m["acc"]) == g["correct_tokens"]
+    assert rel_err(m["grad_norm"], g["grad_norm_total_before_clip"]) < 1e-4
+    clipped = {n: p.grad for n, p in model.named_parameters()}
+    unclip = float(m["grad_norm"]) + 1e-6                       # clip_grad_norm_'s coefficient, undone
+    assert_grad_norms({n: v * unclip for n, v in clipped.items()}, {**g, "grad_norm_total": g[
+        "grad_norm_total_before_clip"]}, "")
+    assert rel_err(torch.stack([v.double().norm() for v in clipped.values()]).norm(),
+                   g["grad_norm_total_after_clip"]) < 1e-4
+    assert rel_err(clipped["output.weight"].double().norm(), g["grad_norm_after_clip:output.weight"]) < 1e-4
+    assert_step(dict(model.named_parameters()), before, g, "", g["step_slices"])
 
 
 # ===================================================================================================
-# sample.py: seeds, torchrun, ADM npz, resume, guidance, bench
+# sample.py: seeds, torchrun, ADM npz, resume, guidance, precision
 # ===================================================================================================
 
 OPTS = dict(cfg_scale=3.0, cfg_power=1.0, temperature=1.0, top_k=0, top_p=1.0)  # the tiny preset's guidance
@@ -1336,7 +1859,7 @@ def test_npz_pixels_are_truncated(models, npz_one):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Command line: errors, the default grid, the bench
+# Command line: errors, the default grid
 # ----------------------------------------------------------------------------------------------------
 
 def test_out_of_range_class_is_refused(ckpts, tmp_path, capsys):
@@ -1476,18 +1999,24 @@ def test_bf16_samples_match_float32_in_distribution():
 
 
 @pytest.fixture(scope="module")
-def fid_inception():
-    """An FID Inception with the golden weights when ../shared exists, else a fixed random init."""
-    torch.manual_seed(0)
-    model = fid.FIDInception().eval()
-    return fill_(model, golden("inception.npz")[1])
+def fid_state():
+    """The FID Inception's state dict with the golden weights (salt from reference/golden/inception.npz)."""
+    return fill_(fid.FIDInception(), golden("inception.npz")[1]).state_dict()
 
 
 @pytest.fixture(scope="module")
-def fid_weights(fid_inception, tmp_path_factory):
-    """The inception's weights saved like pytorch-fid's release file (no num_batches_tracked)."""
-    path = tmp_path_factory.mktemp("weights") / fid.WEIGHTS_NAME
-    torch.save({k: v for k, v in fid_inception.state_dict().items() if "num_batches_tracked" not in k}, path)
+def fid_inception(fid_state):
+    """The golden-weight FID Inception in inference form (BatchNorm folded, channels_last), as loaded."""
+    model = fid.FIDInception()
+    model.load_state_dict(fid_state)
+    return fid.fold_batchnorm(model)
+
+
+@pytest.fixture(scope="module")
+def fid_weights(fid_state, tmp_path_factory):
+    """The golden weights saved like pytorch-fid's release file (no num_batches_tracked)."""
+    path = tmp_path_factory.mktemp("weights") / D.INCEPTION_WEIGHTS
+    torch.save({k: v for k, v in fid_state.items() if "num_batches_tracked" not in k}, path)
     return path
 
 
@@ -1615,29 +2144,47 @@ def test_inception_reproduces_golden_features(fid_inception, mode):
         assert _fid_rel_err(one_by_one[key], feats[key]) < 1e-5, key
 
 
+def test_inference_form_equals_the_batchnorm_network_and_bf16_stays_close(fid_state, fid_inception):
+    images = golden_inputs()["uint8_images"].numpy()
+    plain, bf16 = fid.FIDInception().eval(), fid.FIDInception()
+    for model in (plain, bf16):
+        model.load_state_dict(fid_state)
+    unfolded, folded = (fid.extract(m, images, progress=False) for m in (plain, fid_inception))
+    assert isinstance(fid_inception.Mixed_6d.branch1x1.bn, torch.nn.Identity)
+    for key in folded:
+        assert _fid_rel_err(folded[key], unfolded[key]) < 1e-5, key
+    fid.fold_batchnorm(bf16, "bf16")
+    assert next(bf16.parameters()).dtype == torch.bfloat16
+    low = fid.extract(bf16, images, progress=False)
+    assert all(low[k].dtype == np.float32 for k in low)
+    for key in low:  # bfloat16 keeps 8 bits of mantissa: about 1% per layer, not a drift
+        assert 1e-4 < _fid_rel_err(low[key], folded[key]) < 0.05, key
+
+
 # --- weights and inputs ------------------------------------------------------------------------------
 
 
-def test_load_inception_strictness(fid_inception, fid_weights, tmp_path):
-    state = fid_inception.state_dict()
+def test_load_inception_strictness(fid_state, fid_inception, fid_weights, tmp_path):
     model = fid.load_inception(fid_weights)  # without num_batches_tracked, like the release file
-    torch.testing.assert_close(model.fc.weight, state["fc.weight"])
     assert not model.training
-    with_counters = tmp_path / "with_counters.pth"
-    torch.save(state, with_counters)
-    torch.testing.assert_close(fid.load_inception(with_counters).Mixed_7c.branch_pool.bn.running_var,
-                               state["Mixed_7c.branch_pool.bn.running_var"])
-    missing = {k: v for k, v in state.items() if k != "Mixed_6d.branch1x1.bn.running_var"}
-    torch.save(missing, tmp_path / "missing.pth")
+    for loaded in (model, fid.load_inception(_fid_save(fid_state, tmp_path / "with_counters.pth"))):
+        for name, t in fid_inception.state_dict().items():
+            assert torch.equal(loaded.state_dict()[name], t), name
+    missing = {k: v for k, v in fid_state.items() if k != "Mixed_6d.branch1x1.bn.running_var"}
     with pytest.raises(ValueError, match="Mixed_6d.branch1x1.bn.running_var"):
-        fid.load_inception(tmp_path / "missing.pth")
-    torch.save({**state, "AuxLogits.fc.weight": torch.zeros(1)}, tmp_path / "extra.pth")
+        fid.load_inception(_fid_save(missing, tmp_path / "missing.pth"))
     with pytest.raises(ValueError, match="AuxLogits.fc.weight"):
-        fid.load_inception(tmp_path / "extra.pth")
-    with pytest.raises(FileNotFoundError) as err:
+        fid.load_inception(_fid_save({**fid_state, "AuxLogits.fc.weight": torch.zeros(1)}, tmp_path / "x.pth"))
+    with pytest.raises(FileNotFoundError, match=f"nowhere.pth.*{D.INCEPTION_WEIGHTS}"):
         fid.load_inception(tmp_path / "nowhere.pth")
-    for words in (fid.WEIGHTS_NAME, "pytorch-fid", "torch-fidelity", "sampling"):
-        assert words in str(err.value)
+    (tmp_path / "cut.pth").write_bytes(fid_weights.read_bytes()[:100_000])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        fid.load_inception(tmp_path / "cut.pth")
+
+
+def _fid_save(state, path):
+    torch.save(state, path)
+    return path
 
 
 @pytest.mark.parametrize("array, words", [
@@ -1695,7 +2242,7 @@ def test_cli_end_to_end_and_cached_statistics(fid_weights, tmp_path, capsys):
     np.savez(tmp_path / "samples.npz", arr_0=_fid_images(6, seed=2), arr_1=np.arange(6))
     common = ["--inception", str(fid_weights), "--device", "cpu"]
     # score, write JSON, and cache REF's statistics in the same run
-    out = fid.main([str(tmp_path / "ref.npz"), str(tmp_path / "samples.npz"), *common,
+    out = fid.run([str(tmp_path / "ref.npz"), str(tmp_path / "samples.npz"), *common,
                     "--json", str(tmp_path / "out.json"), "--save-stats", str(tmp_path / "stats.npz")])
     printed = capsys.readouterr().out
     assert printed.index("Inception Score") < printed.index("FID") < printed.index("sFID") \
@@ -1707,25 +2254,69 @@ def test_cli_end_to_end_and_cached_statistics(fid_weights, tmp_path, capsys):
     cached = np.load(tmp_path / "stats.npz")
     assert set(cached.files) == {"mu", "sigma", "mu_s", "sigma_s", "pool3"} and cached["pool3"].shape == (6, 2048)
     # the cache as REF gives the same numbers (P/R from its pool3)
-    again = fid.main([str(tmp_path / "stats.npz"), str(tmp_path / "samples.npz"), *common])
+    again = fid.run([str(tmp_path / "stats.npz"), str(tmp_path / "samples.npz"), *common])
     for key in ("inception_score", "fid", "sfid", "precision", "recall"):
         assert again[key] == pytest.approx(out[key], rel=1e-6, abs=1e-6), key
     # statistics without images as SAMPLES: IS, sFID and P/R are null, with warnings saying why
     np.savez(tmp_path / "mu_only.npz", mu=cached["mu"], sigma=cached["sigma"])
     with pytest.warns(UserWarning, match="Inception Score not computed"):
-        partial = fid.main([str(tmp_path / "stats.npz"), str(tmp_path / "mu_only.npz"), *common])
+        partial = fid.run([str(tmp_path / "stats.npz"), str(tmp_path / "mu_only.npz"), *common])
     assert partial["inception_score"] is None and partial["sfid"] is None and partial["precision"] is None
     assert abs(partial["fid"]) < 1e-3  # FID(a, a); not ~1e-12 only because 6 samples give a rank-5 covariance
     assert "n/a" in capsys.readouterr().out
 
 
-def test_cli_help_and_missing_weights(tmp_path, capsys):
+def test_cli_fetches_the_inception_on_first_use(fid_weights, weight_server, monkeypatch, tmp_path, capsys):
+    serve_weights(weight_server, monkeypatch, D.INCEPTION_WEIGHTS, fid_weights.read_bytes())
+    np.savez(tmp_path / "ref.npz", arr_0=_fid_images(2))
+    argv = [str(tmp_path / "ref.npz"), "--save-stats", str(tmp_path / "stats.npz"), "--device", "cpu"]
+    fid.run(argv)  # no --inception: downloaded into $TORCH_HOME, verified, used
+    assert weight_server.requests == [f"/files/{D.INCEPTION_WEIGHTS}"]
+    cached = tmp_path / "torch_home" / "hub" / "checkpoints" / D.INCEPTION_WEIGHTS
+    first = np.load(tmp_path / "stats.npz")["pool3"]
+    fid.run(argv + ["--offline"])  # from the cache: no second request, even offline
+    assert len(weight_server.requests) == 1 and np.array_equal(np.load(tmp_path / "stats.npz")["pool3"], first)
+    cached.unlink()
+    capsys.readouterr()
+    assert D.cli(fid.main, argv + ["--offline"]) == 2 and len(weight_server.requests) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert D.INCEPTION_WEIGHTS in err and str(cached.parent) in err and "--offline" in err
+
+
+def _fid_bad_inputs(tmp_path, fid_weights):
+    """{case: argv} of bad input that fid.py must refuse with one message, and the words it must say."""
+    good = tmp_path / "good.npz"
+    np.savez(good, arr_0=_fid_images(3))
+    np.savez(tmp_path / "nchw.npz", arr_0=np.zeros((3, 3, 8, 8), np.uint8))
+    (tmp_path / "cut.npz").write_bytes(good.read_bytes()[:300])
+    (tmp_path / "text.npz").write_text("not an npz")
+    (tmp_path / "cut.pth").write_bytes(fid_weights.read_bytes()[:100_000])
+    weights = ["--inception", str(fid_weights), "--device", "cpu"]
+    return {
+        "missing npz": ([str(tmp_path / "absent.npz"), str(good), *weights], "absent.npz"),
+        "truncated npz": ([str(good), str(tmp_path / "cut.npz"), *weights], "cut.npz: not a readable .npz"),
+        "not an npz": ([str(tmp_path / "text.npz"), str(good), *weights], "text.npz: not a readable .npz"),
+        "NCHW": ([str(good), str(tmp_path / "nchw.npz"), *weights], "NCHW"),
+        "corrupt weights": ([str(good), str(good), "--inception", str(tmp_path / "cut.pth")], "truncated or corrupt"),
+        "missing weights": ([str(good), str(good), "--inception", str(tmp_path / "no.pth")], D.INCEPTION_WEIGHTS),
+        "missing tokenizer": (["--recon", str(tmp_path / "tok.pt"), str(good), *weights], "tok.pt"),
+    }
+
+
+def test_cli_refuses_bad_input_with_one_message(fid_weights, tmp_path, capsys):
     with pytest.raises(SystemExit) as done:
         fid.main(["--help"])
     assert done.value.code == 0 and "--recon" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        fid.main(["a.npz", "b.npz", "--inception", str(tmp_path / "absent.pth")])
-    assert fid.WEIGHTS_NAME in capsys.readouterr().err
+    for case, (argv, words) in _fid_bad_inputs(tmp_path, fid_weights).items():
+        assert D.cli(fid.main, argv) == 2, case
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and words in err and "Traceback" not in err, (case, err)
+    # and as a program: exit status 2, the message, no traceback
+    argv, words = _fid_bad_inputs(tmp_path, fid_weights)["truncated npz"]
+    done = subprocess.run([sys.executable, str(HERE / "fid.py"), *argv], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2 and words in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
 class _FidStandInTokenizer(torch.nn.Module):
@@ -1744,15 +2335,14 @@ class _FidStandInTokenizer(torch.nn.Module):
 
 
 def test_rfid_mode_with_a_stand_in_tokenizer(fid_weights, tmp_path, monkeypatch):
-    stand_in = types.SimpleNamespace(load_tokenizer=lambda path: _FidStandInTokenizer())
-    monkeypatch.setitem(sys.modules, "alitok", stand_in)  # alitok.py may not exist yet
+    monkeypatch.setattr(alitok, "load_tokenizer", lambda path: _FidStandInTokenizer())
     folder = tmp_path / "real"
     folder.mkdir()
     for i, (h, w) in enumerate([(40, 30), (20, 50), (16, 16)]):  # mixed sizes: each is centre-cropped to 16
         Image.fromarray(_fid_images(1, h, w, seed=i)[0]).save(folder / f"{i}.png")
     np.savez(tmp_path / "real.npz", arr_0=_fid_images(3, 24, 20))
     for source in (folder, tmp_path / "real.npz"):
-        out = fid.main(["--recon", "tok.pth", str(source), "--inception", str(fid_weights), "--device", "cpu",
+        out = fid.run(["--recon", "tok.pth", str(source), "--inception", str(fid_weights), "--device", "cpu",
                         "--json", str(tmp_path / "recon.json")])
         saved = json.loads((tmp_path / "recon.json").read_text())
         assert saved["num_images"] == 3 and saved["image_size"] == 16

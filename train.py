@@ -1,13 +1,15 @@
 """Training: tokenizer stage 1 (causal decoder), stage 2 (bidirectional decoder), and the generator.
 
     python train.py --stage 1                       # tiny tokenizer on the built-in shapes, 2 CPU cores, minutes
-    python train.py --stage 2                       # fresh bidirectional decoder on the frozen stage-1 codes
+    python train.py --stage 2                       # stage 2 from the stage-1 checkpoint (the decoder carries over)
     python train.py --stage ar                      # tiny generator on ten-crop pre-tokenized codes
     torchrun --nproc_per_node=8 train.py --stage 1 --preset alitok --data /imagenet/train ...
+    python train.py --stage 1 --preset alitok --help    # every flag with the paper's value
 
-Defaults come from RECIPES by preset: `alitok` / `B` / `L` / `XL` are the paper's settings, `tiny` is ours.
-One file holds model, optimizer(s), discriminator, step, RNG states and config; it is written atomically
-and `--resume` continues bit for bit (the data order and augmentations are functions of (seed, step)).
+Each step computes what the original training code computes (reference/golden/train_*.npz): optimizers,
+loss arithmetic in float32, the discriminator, the clustering codebook update, the stage-2 start from the
+stage-1 decoder. One file holds model, optimizers, discriminator, step, RNG states and config; it is written
+atomically and `--resume` continues bit for bit (data order and augmentations are functions of (seed, step)).
 """
 import argparse
 import functools
@@ -16,10 +18,9 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -30,106 +31,153 @@ import alitok
 import data
 import perceptual
 
-# Per-preset defaults. Tokenizer: the spec gives AdamW lr 1e-4, 10k warm-up, decay to 2e-6, LPIPS early and
-# GAN late; batch and length are not given for the released run, so ours are stated as such in the README.
-# Generator: AdamW 4e-4, betas (0.9, 0.96), wd 0.03, global batch 2048, 62.5k warm-up, cosine to 1e-5.
+# ----------------------------------------------------------------------------------------------------
+# Recipes: the paper's settings (reference/ALITOK_SPEC.md, "Training, as the original code does it") and ours
+# ----------------------------------------------------------------------------------------------------
+
+# Tokenizer: AdamW 1e-4 with torch's defaults (betas 0.9/0.999, weight decay 0.01), no clipping, 10k warm-up.
+# Stage 1: ~50k steps LPIPS 1.0 + ConvNeXt 0.1, ~200k ConvNeXt 1.0, ~100k with the GAN; stage 2 the same with
+# 50k + 150k + 100k and no new warm-up. The original lowered the rate by hand (1e-4 -> 2e-5 -> 2e-6 over the
+# last two phases); one cosine from the end of the LPIPS phase to 2e-6 approximates it (2.6e-5 at the GAN
+# start of stage 1). The released run's batch is not given; 256 is ours.
+TOKENIZER = dict(batch_size=256, lr=1e-4, lr_min=2e-6, weight_decay=0.01, grad_clip=0.0, lpips_until=50_000,
+                 decay_start=50_000, log_every=100, image_every=5_000, ckpt_every=5_000)
+TINY_TOKENIZER = dict(batch_size=32, steps=1500, lr=1e-3, lr_min=1e-4, warmup=100, decay_start=100,
+                      weight_decay=0.01, grad_clip=0.0, lpips_until=0, gan_start=-1, log_every=25,
+                      image_every=250, ckpt_every=250)
+# Generator: AdamW 4e-4, betas (0.9, 0.96), decay 0.03 on matrices, clip 1.0, global batch 2048, 62.5k warm-up
+# from 0, then cosine to 1e-5.
+GENERATOR = dict(batch_size=2048, lr=4e-4, lr_min=1e-5, warmup=62_500, decay_start=62_500, weight_decay=0.03,
+                 grad_clip=1.0, log_every=100, image_every=10_000, ckpt_every=5_000)
 RECIPES = {
-    "alitok": dict(batch_size=256, steps=500_000, lr=1e-4, lr_min=2e-6, warmup=10_000, lpips_until=100_000,
-                   gan_start=400_000, log_every=100, image_every=5_000, ckpt_every=5_000),
-    "tiny": dict(batch_size=32, steps=1500, lr=1e-3, lr_min=1e-4, warmup=100, lpips_until=0, gan_start=-1,
-                 log_every=25, image_every=250, ckpt_every=250),
-    "B": dict(batch_size=2048, steps=500_000, lr=4e-4, lr_min=1e-5, warmup=62_500, log_every=100,
-              image_every=10_000, ckpt_every=5_000),
-    "L": dict(batch_size=2048, steps=500_000, lr=4e-4, lr_min=1e-5, warmup=62_500, log_every=100,
-              image_every=10_000, ckpt_every=5_000),
-    "XL": dict(batch_size=2048, steps=250_000, lr=4e-4, lr_min=1e-5, warmup=62_500, log_every=100,
-               image_every=10_000, ckpt_every=5_000),
-    "tiny-ar": dict(batch_size=64, steps=600, lr=1e-3, lr_min=1e-5, warmup=50, log_every=25,
-                    image_every=300, ckpt_every=100),
+    "1": {"alitok": dict(TOKENIZER, steps=350_000, warmup=10_000, gan_start=250_000), "tiny": TINY_TOKENIZER},
+    "2": {"alitok": dict(TOKENIZER, steps=300_000, warmup=0, gan_start=200_000),
+          "tiny": dict(TINY_TOKENIZER, steps=600, warmup=0, decay_start=0)},
+    "ar": {"B": dict(GENERATOR, steps=500_000), "L": dict(GENERATOR, steps=500_000),
+           "XL": dict(GENERATOR, steps=250_000),
+           "tiny": dict(batch_size=64, steps=600, lr=1e-3, lr_min=1e-5, warmup=50, decay_start=50,
+                        weight_decay=0.03, grad_clip=1.0, log_every=25, image_every=300, ckpt_every=100)},
 }
+PAPER = {"1": "alitok", "2": "alitok", "ar": "B"}   # the recipe --help quotes beside a tiny default
+DISCRIMINATORS = {"alitok": {}, "tiny": dict(base_channels=16, pool_size=4)}
+# LPIPS early in each stage avoids blank or noisy reconstructions (the original's phase weights).
+EARLY, LATE = dict(lpips=1.0, convnext=0.1), dict(lpips=0.0, convnext=1.0)
+FROZEN = ("encoder", "quantize", "latent_tokens")    # stage 2 freezes by name substring, as the original
+NO_WEIGHT_DECAY = ("ln", "bias", "latent_tokens", "mask_token", "embedding", "norm", "gamma", "embed")
+
+SCHEDULE = [  # (flag, type, help)
+    ("batch_size", int, "global batch, all processes together"),
+    ("steps", int, "length of the run"),
+    ("lr", float, "peak learning rate (AdamW)"),
+    ("lr_min", float, "rate at the last step"),
+    ("warmup", int, "steps of linear warm-up from 0"),
+    ("decay_start", int, "step where the cosine decay to --lr-min begins"),
+    ("weight_decay", float, "AdamW decoupled weight decay"),
+    ("grad_clip", float, "gradient-norm clipping (0: none)"),
+    ("lpips_until", int, "tokenizer: LPIPS 1.0 + ConvNeXt 0.1 before this step, ConvNeXt 1.0 after"),
+    ("gan_start", int, "tokenizer: GAN from this step, discriminator and tokenizer steps alternating (-1: off)"),
+    ("log_every", int, "steps between metrics lines"),
+    ("image_every", int, "steps between picture grids"),
+    ("ckpt_every", int, "steps between checkpoints"),
+]
 
 
 def parse_args(argv=None):
+    """The command line. --stage and --preset are read first, so that every schedule flag's default (and
+    its --help) is that recipe's, next to the paper's value."""
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--stage", choices=list(RECIPES))
+    first.add_argument("--preset", default="tiny")
+    known, _ = first.parse_known_args(argv)
+    stage = known.stage or "1"
+    recipe = RECIPES[stage].get(known.preset, RECIPES[stage]["tiny"])
+    paper = RECIPES[stage][known.preset if known.preset in RECIPES[stage] and known.preset != "tiny"
+                           else PAPER[stage]]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", required=True, choices=["1", "2", "ar"], help="what to train")
-    p.add_argument("--preset", default="tiny", help="tokenizer preset: tiny | alitok (default: tiny)")
-    p.add_argument("--gen-preset", default=None, help="generator preset: tiny | B | L | XL (default: tiny)")
+    p.add_argument("--stage", required=True, choices=list(RECIPES), help="what to train")
+    p.add_argument("--preset", default="tiny", choices=list(RECIPES[stage]),
+                   help="recipe and model size: tiny (ours, CPU minutes) or the paper's (default: tiny)")
     p.add_argument("--data", default="shapes", help="'shapes' (built-in), an ImageNet-layout folder, or an npz")
     p.add_argument("--n-images", type=int, default=None, help="use this many images of the source")
     p.add_argument("--max-bad-fraction", type=float, default=0.01,
                    help="abort if more than this fraction of a folder's images is unreadable")
-    p.add_argument("--out", default=None, help="run folder (default: runs/stage1, runs/stage2, runs/ar)")
-    p.add_argument("--init", default=None, help="stage 2: the stage-1 checkpoint (default: runs/stage1/ckpt.pt)")
-    p.add_argument("--tokenizer", default=None, help="stage ar: tokenizer checkpoint (default: runs/stage2/tokenizer.pt)")
-    p.add_argument("--codes", default=None, help="stage ar: pre-tokenized codes npz, made if missing "
-                                                   "(default: <out>/codes.npz)")
-    p.add_argument("--on-the-fly", action="store_true", help="stage ar: encode images each step, no ten-crop cache")
-    g = p.add_argument_group("schedule (defaults from RECIPES[preset])")
-    for name, kind in [("batch-size", int), ("steps", int), ("lr", float), ("lr-min", float), ("warmup", int),
-                       ("lpips-until", int), ("gan-start", int), ("log-every", int), ("image-every", int),
-                       ("ckpt-every", int)]:
-        g.add_argument(f"--{name}", type=kind, default=None)
-    g.add_argument("--weight-decay", type=float, default=None, help="AdamW wd (tokenizer 1e-4, generator 0.03)")
-    g.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--out", default=os.path.join("runs", {"1": "stage1", "2": "stage2", "ar": "ar"}[stage]),
+                   help="run folder (default: %(default)s)")
+    g = p.add_argument_group(f"schedule (defaults: the {known.preset} recipe; paper: the {PAPER[stage]} one)")
+    for key, kind, what in SCHEDULE:
+        if key in recipe:
+            g.add_argument("--" + key.replace("_", "-"), type=kind, default=recipe[key],
+                           help=f"{what} (default %(default)s; paper {paper[key]})")
     g.add_argument("--seed", type=int, default=0)
-    l = p.add_argument_group("tokenizer losses")
-    l.add_argument("--perceptual-weights", default=None, help="torchvision convnext_small-0c510722.pth")
-    l.add_argument("--lpips-weights", nargs=2, default=None, metavar=("VGG16", "LIN"),
-                   help="torchvision vgg16-397923af.pth and LPIPS v0.1 vgg.pth")
-    l.add_argument("--aux-weight", type=float, default=10.0, help="aux prefix loss weight (times n_prefix/n_image)")
-    l.add_argument("--disc-weight", type=float, default=0.1, help="discriminator hinge loss weight")
-    l.add_argument("--gan-weight", type=float, default=0.1 * 0.05, help="generator adversarial loss weight")
-    a = p.add_argument_group("ablations (stage 1)")
-    a.add_argument("--decoder", choices=["causal", "bidirectional"], default="causal",
-                   help="stage-1 decoder attention; bidirectional is the paper's baseline tokenizer")
-    a.add_argument("--no-prefix", action="store_true", help="no prefix tokens (and so no aux head)")
-    a.add_argument("--no-aux", action="store_true", help="no auxiliary prefix loss")
-    r = p.add_argument_group("generator regularisation")
-    r.add_argument("--dropout", type=float, default=None, help="attention/FFN/residual dropout (0.1)")
-    r.add_argument("--token-dropout", type=float, default=None, help="input embedding dropout (0.1)")
-    r.add_argument("--class-dropout", type=float, default=None, help="null-class probability (0.1)")
+    (add_tokenizer_flags if stage in ("1", "2") else add_generator_flags)(p, stage)
     s = p.add_argument_group("system")
     s.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt if it exists")
     s.add_argument("--stop-after", type=int, default=None,
                    help="checkpoint and exit after this many steps of this run (time-limited jobs)")
     s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    s.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: bf16 on cuda, fp32 on cpu")
+    s.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                   help="autocast of the trained model (the losses stay float32); default bf16 on cuda, fp32 on cpu")
     s.add_argument("--workers", type=int, default=0, help="DataLoader workers per process")
     s.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    return fill_defaults(args)
+    return p.parse_args(argv)
 
 
-def fill_defaults(args):
-    """Fill unset schedule flags from the preset's recipe and default paths from the stage."""
-    tokenizer_stage = args.stage in ("1", "2")
-    args.gen_preset = args.gen_preset or ("tiny" if args.preset == "tiny" else "B")
-    recipe_name = args.preset if tokenizer_stage else ("tiny-ar" if args.gen_preset == "tiny" else args.gen_preset)
-    for key, value in RECIPES[recipe_name].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    for key in ("lpips_until", "gan_start"):
-        if getattr(args, key) is None:
-            setattr(args, key, -1)
-    if args.weight_decay is None:
-        args.weight_decay = 1e-4 if tokenizer_stage else 0.03
-    args.out = args.out or os.path.join("runs", {"1": "stage1", "2": "stage2", "ar": "ar"}[args.stage])
-    args.init = args.init or os.path.join("runs", "stage1", "ckpt.pt")
-    args.tokenizer = args.tokenizer or os.path.join("runs", "stage2", "tokenizer.pt")
-    args.codes = args.codes or os.path.join(args.out, "codes.npz")
-    return args
+def add_tokenizer_flags(p, stage):
+    """Loss weights, loss-network files, and the stage's model switches."""
+    l = p.add_argument_group("tokenizer losses")
+    l.add_argument("--perceptual-weights", default=None, help="torchvision convnext_small-0c510722.pth")
+    l.add_argument("--lpips-weights", nargs=2, default=None, metavar=("VGG16", "LIN"),
+                   help="torchvision vgg16-397923af.pth and LPIPS v0.1 vgg.pth")
+    l.add_argument("--aux-weight", type=float, default=10.0, help="aux prefix loss weight, times n_prefix/n_image "
+                   "(paper 10)")
+    l.add_argument("--disc-weight", type=float, default=0.1, help="discriminator hinge loss weight (paper 0.1)")
+    l.add_argument("--gan-weight", type=float, default=0.1 * 0.05, help="tokenizer adversarial weight (paper 0.005)")
+    if stage == "1":
+        a = p.add_argument_group("ablations (stage 1)")
+        a.add_argument("--decoder", choices=["causal", "bidirectional"], default="causal",
+                       help="stage-1 decoder attention; bidirectional is the paper's baseline tokenizer")
+        a.add_argument("--no-prefix", action="store_true", help="no prefix tokens (and so no aux head)")
+        a.add_argument("--no-aux", action="store_true", help="no auxiliary prefix loss")
+    else:
+        a = p.add_argument_group("stage 2")
+        a.add_argument("--init", default=os.path.join("runs", "stage1", "ckpt.pt"),
+                       help="the stage-1 checkpoint (default: %(default)s)")
+        a.add_argument("--fresh-decoder", action="store_true",
+                       help="ablation: a fresh decoder (the paper's carries the stage-1 decoder over)")
+
+
+def add_generator_flags(p, stage):
+    """The frozen tokenizer, the codes file and the generator's regularisation."""
+    a = p.add_argument_group("generator")
+    a.add_argument("--tokenizer", default=os.path.join("runs", "stage2", "tokenizer.pt"),
+                   help="tokenizer checkpoint (default: %(default)s)")
+    a.add_argument("--codes", default=None, help="pre-tokenized codes npz, made if missing (default: <out>/codes.npz)")
+    a.add_argument("--dropout", type=float, default=None, help="attention/FFN/residual dropout (paper 0.1)")
+    a.add_argument("--token-dropout", type=float, default=None, help="input embedding dropout (paper 0.1)")
+    a.add_argument("--class-dropout", type=float, default=None, help="null-class probability (paper 0.1)")
 
 
 # ----------------------------------------------------------------------------------------------------
-# Pure pieces: learning rate, data order, augmentation, parameter groups
+# Pure pieces: learning rate, data order, parameter groups, optimizers
 # ----------------------------------------------------------------------------------------------------
 
-def lr_at(step, base, warmup, total, lr_min):
-    """Linear warm-up over `warmup` steps, then cosine from base to lr_min at `total`."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
-    return lr_min + (base - lr_min) * 0.5 * (1 + math.cos(math.pi * t))
+def lr_at(step, args):
+    """The rate at a step: linear warm-up from 0 (step / warmup, as the original), held at --lr until
+    --decay-start, then cosine to --lr-min at --steps."""
+    if step < args.warmup:
+        return args.lr * step / args.warmup
+    start = max(args.warmup, args.decay_start)
+    if step < start:
+        return args.lr
+    t = min(1.0, (step - start) / max(1, args.steps - start))
+    return args.lr_min + (args.lr - args.lr_min) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def set_lr(optimizers, lr):
+    """Every optimizer at the schedule's current rate (the discriminator's too, as the original)."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = lr
 
 
 def step_generator(seed, step, stream):
@@ -145,39 +193,421 @@ def epoch_permutation(n, seed, epoch):
 def global_batch_indices(n, global_batch, seed, step):
     """Dataset indices [global_batch] of a step: epoch permutations, drop last, one epoch after another."""
     per_epoch = n // global_batch
-    assert per_epoch > 0, f"dataset of {n} items is smaller than the global batch {global_batch}"
+    if per_epoch == 0:
+        raise ValueError(f"the dataset has {n} items, fewer than the global batch {global_batch}; "
+                         f"lower --batch-size or use more images")
     epoch, j = divmod(step, per_epoch)
     return epoch_permutation(n, seed, epoch)[j * global_batch:(j + 1) * global_batch]
 
 
 class StepBatches(torch.utils.data.Sampler):
-    """This rank's share of each step's global batch, steps start..stop-1 (DistributedSampler by step)."""
+    """This rank's share of each step's global batch, steps start..stop-1, as dataset items (index, key):
+    key = (seed, step, position in the global batch) seeds the item's augmentation (data.split_item)."""
 
     def __init__(self, n, global_batch, seed, start, stop, rank, world):
         self.n, self.gb, self.seed, self.start, self.stop = n, global_batch, seed, start, stop
-        self.share = slice(rank * global_batch // world, (rank + 1) * global_batch // world)
+        self.share = range(rank * global_batch // world, (rank + 1) * global_batch // world)
 
     def __iter__(self):
         for step in range(self.start, self.stop):
-            yield global_batch_indices(self.n, self.gb, self.seed, step)[self.share].tolist()
+            indices = global_batch_indices(self.n, self.gb, self.seed, step).tolist()
+            yield [(indices[pos], (self.seed, step, pos)) for pos in self.share]
 
     def __len__(self):
         return self.stop - self.start
 
 
-def random_flip(images, seed, step, share):
-    """Mirror each image of this rank's share with probability 1/2, decided per global batch position."""
-    flips = torch.rand(share.stop, generator=step_generator(seed, step, 1))[share] < 0.5
-    return torch.where(flips.to(images.device)[:, None, None, None], images.flip(-1), images)
+def trainable(model):
+    """The parameters that train (stage 2 leaves the frozen ones out of its optimizer)."""
+    return [p for p in model.parameters() if p.requires_grad]
 
 
-def ar_param_groups(model, weight_decay):
-    """AdamW groups: decay on matrices only (no decay on norms, biases and embeddings)."""
+def tokenizer_optimizer(params, args):
+    """The original's tokenizer and discriminator optimizer: AdamW with torch's defaults besides the rate
+    (betas 0.9/0.999, eps 1e-8, --weight-decay 0.01 on every tensor)."""
+    return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def generator_param_groups(model, weight_decay):
+    """The original's AdamW groups: no decay for tensors with ndim < 2 or a name containing any of
+    NO_WEIGHT_DECAY (embeddings, norms, biases), `weight_decay` for the rest."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 and "embeddings" not in name else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            (no_decay if p.ndim < 2 or any(s in name for s in NO_WEIGHT_DECAY) else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def generator_optimizer(model, args):
+    """AdamW with betas (0.9, 0.96) over generator_param_groups."""
+    return torch.optim.AdamW(generator_param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.96))
+
+
+def update(opt, params, loss, clip):
+    """Backward, clip the gradient norm to `clip` (0: no clipping), one optimizer step; the norm before
+    clipping."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+    opt.step()
+    return norm
+
+
+def wrap(module, device, world):
+    """DDP under torchrun, the module itself in one process."""
+    return DDP(module, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else module
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizer: models of each stage, the loss arithmetic, the step
+# ----------------------------------------------------------------------------------------------------
+
+def stage1_tokenizer(args):
+    """The stage-1 tokenizer with the requested ablations (decoder attention, prefix, aux loss)."""
+    kw = dict(causal=args.decoder == "causal")
+    if args.no_prefix:
+        kw.update(n_prefix=0)
+    if args.no_aux:
+        kw.update(aux_head=False)
+    return alitok.Tokenizer(alitok.tokenizer_config(args.preset, 1, **kw))
+
+
+def carry_over(model, state, names=None):
+    """Load every tensor of `state` whose name and shape match model's (only names starting with one of
+    `names`, if given), as the original's stage-2 start; returns (loaded, new, dropped) name lists."""
+    own = model.state_dict()
+    loaded = [k for k, v in own.items() if k in state and state[k].shape == v.shape
+              and (names is None or k.startswith(names))]
+    new = [k for k in own if k not in set(loaded)]
+    dropped = [k for k in state if k not in own]
+    alitok.load_strict(model, {**own, **{k: state[k] for k in loaded}})
+    return loaded, new, dropped
+
+
+def freeze_for_stage2(model):
+    """Freeze the encoder, the quantizer and the latent tokens (by name, as the original): the codes stay."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(not any(s in name for s in FROZEN))
+    return model
+
+
+def stage2_tokenizer(args, log):
+    """Stage 2 from the stage-1 checkpoint: every tensor whose name and shape match (encoder, codebook, the
+    whole decoder trunk); only the buffer tokens and the positional table are new. (model, stage-1 file)."""
+    first = alitok.read_checkpoint(args.init, "the stage-1 checkpoint (train it with `python train.py "
+                                              "--stage 1`, or pass --init PATH)")
+    cfg = alitok.TokenizerConfig(**first["config"])
+    preset = alitok.TOKENIZER_PRESETS[args.preset]
+    tok = alitok.Tokenizer(replace(cfg, **alitok.STAGES[2], n_buffer=preset.n_buffer))
+    loaded, new, dropped = carry_over(tok, first["model"], FROZEN if args.fresh_decoder else None)
+    log.info(f"stage 2: {len(loaded)} tensors from {args.init}, {len(new)} new ({', '.join(new[:4])}"
+             f"{' ...' if len(new) > 4 else ''}), {len(dropped)} dropped")
+    return freeze_for_stage2(tok), first
+
+
+def stage1_forward(model, autocast, images):
+    """Stage 1: the whole tokenizer under autocast (the quantizer itself runs in float32)."""
+    with autocast:
+        return model(images)
+
+
+def stage2_forward(model, decoder, autocast, images):
+    """Stage 2: the frozen encoder and quantizer in float32 without gradients (the codes are the inference
+    codes), then the decoder (DDP-wrapped under torchrun) under autocast."""
+    with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
+        zq, codes, _ = model.quantize(model.encoder(images, model.latent_tokens))
+    with autocast:
+        recon, aux = decoder(zq)
+    return dict(recon=recon, aux=aux, codes=codes)
+
+
+def loss_weights(args, step, have_lpips):
+    """The phase's loss weights: EARLY before --lpips-until (LATE throughout without the LPIPS file), the
+    adversarial term from --gan-start."""
+    weights = dict(EARLY if step < args.lpips_until and have_lpips else LATE)
+    return dict(weights, gan=args.gan_weight if 0 <= args.gan_start <= step else 0.0)
+
+
+def tokenizer_losses(out, images, nets, disc, weights, cfg, aux_weight):
+    """The original's criterion, in float32 with autocast off: reconstruction (+ aux), perceptual (LPIPS
+    and ConvNeXt at the phase's weights), quantizer (stage 1) and adversarial terms; their sum is "loss"."""
+    convnext, lpips_net = nets
+    with torch.autocast(images.device.type, enabled=False):
+        recon = out["recon"].float()
+        aux = None if out["aux"] is None else out["aux"].float()
+        parts = {"rec": alitok.reconstruction_loss(images, dict(recon=recon, aux=aux), cfg.patch_size,
+                                                   cfg.n_prefix, aux_weight)}
+        if lpips_net is not None and weights["lpips"] > 0:
+            parts["lpips"] = perceptual.lpips(lpips_net, recon, images)
+        if convnext is not None:
+            parts["convnext"] = perceptual.perceptual_loss(convnext, recon, images)
+        if "lpips" in parts or "convnext" in parts:
+            parts["perceptual"] = (weights["lpips"] * parts.get("lpips", 0.0)
+                                   + weights["convnext"] * parts.get("convnext", 0.0))
+        if "vq_loss" in out:
+            parts["quantizer"] = out["vq_loss"]
+        if weights["gan"] > 0:
+            parts["gen_adv"] = weights["gan"] * perceptual.generator_adv_loss(disc(recon))
+        parts["loss"] = sum(parts[k] for k in ("rec", "perceptual", "quantizer", "gen_adv") if k in parts)
+    return parts
+
+
+def discriminator_loss(disc, images, fake, weight):
+    """weight * hinge loss of D on real images and detached reconstructions (one pass, float32, autocast
+    off); (loss, real logits, fake logits)."""
+    with torch.autocast(images.device.type, enabled=False):
+        real, fake = disc(torch.cat([images, fake.detach().float()])).chunk(2)
+        return weight * perceptual.hinge_d_loss(real, fake), real, fake
+
+
+@dataclass
+class TokenizerTraining:
+    """What a tokenizer step needs."""
+    model: alitok.Tokenizer
+    forward: Callable                      # images -> outputs: stage1_forward or stage2_forward, bound
+    opt: torch.optim.Optimizer             # AdamW over the trainable tensors
+    nets: tuple                            # (ConvNeXt-S or None, LPIPS or None), frozen
+    args: argparse.Namespace               # loss weights and phase steps
+    disc: torch.nn.Module = None           # the discriminator, or None without a GAN phase
+    disc_opt: torch.optim.Optimizer = None
+    disc_ddp: torch.nn.Module = None       # the discriminator as the D step calls it (DDP under torchrun)
+
+
+def tokenizer_training(model, forward, nets, args, disc=None, disc_ddp=None):
+    """A TokenizerTraining with the original's optimizers for the model and the discriminator."""
+    disc_opt = tokenizer_optimizer(disc.parameters(), args) if disc is not None else None
+    return TokenizerTraining(model, forward, tokenizer_optimizer(trainable(model), args), nets, args, disc,
+                             disc_opt, disc_ddp or disc)
+
+
+def tokenizer_step(t, batch, step):
+    """One step of the original's loop on a batch (images, labels): in the GAN phase discriminator and
+    tokenizer steps alternate."""
+    images, a = batch[0], t.args
+    if t.disc is not None and 0 <= a.gan_start <= step and (step - a.gan_start) % 2 == 1:
+        return discriminator_step(t, images)
+    out = t.forward(images)
+    parts = tokenizer_losses(out, images, t.nets, t.disc, loss_weights(a, step, t.nets[1] is not None),
+                             t.model.config, a.aux_weight)
+    parts["grad_norm"] = update(t.opt, trainable(t.model), parts["loss"], a.grad_clip)
+    parts = {k: torch.as_tensor(v).detach() for k, v in parts.items()}
+    parts["psnr"] = -10 * torch.log10(F.mse_loss(out["recon"].detach().float(), images))
+    return {**parts, "codes": out["codes"]}
+
+
+def discriminator_step(t, images):
+    """A discriminator update on this batch and its reconstruction (the tokenizer's train-mode forward
+    runs, so the clustering update does too, as in the original)."""
+    with torch.no_grad():
+        fake = t.forward(images)["recon"]
+    loss, real, fake_logits = discriminator_loss(t.disc_ddp, images, fake, t.args.disc_weight)
+    update(t.disc_opt, list(t.disc.parameters()), loss, t.args.grad_clip)
+    return {"loss": loss.detach(), "d_loss": loss.detach(), "d_real": real.detach().mean(),
+            "d_fake": fake_logits.detach().mean(), "codes": torch.zeros(0, dtype=torch.long, device=images.device)}
+
+
+def loss_networks(args, device, log):
+    """ConvNeXt-S and LPIPS from the files given; a network whose file is not given is switched off."""
+    convnext = lp = None
+    if args.perceptual_weights:
+        convnext = perceptual.load_convnext(args.perceptual_weights).to(device)
+    else:
+        log.info("perceptual (ConvNeXt-S) loss off: pass --perceptual-weights convnext_small-0c510722.pth to use it")
+    if args.lpips_weights:
+        lp = perceptual.load_lpips(*args.lpips_weights).to(device)
+    else:
+        log.info("LPIPS loss off: pass --lpips-weights vgg16-397923af.pth vgg.pth to use it")
+    return convnext, lp
+
+
+def setup_tokenizer(args, device, world, autocast, log):
+    """Stage 1 or 2: the tokenizer (stage 2 from the stage-1 checkpoint), the loss networks, the
+    discriminator, their optimizers, and the images in the tokenizer's training view."""
+    if args.stage == "1":
+        model, first = stage1_tokenizer(args).to(device), None
+        forward = functools.partial(stage1_forward, wrap(model, device, world), autocast)
+    else:
+        model, first = stage2_tokenizer(args, log)
+        model = model.to(device)
+        forward = functools.partial(stage2_forward, model, wrap(model.decoder, device, world), autocast)
+    disc = None
+    if args.gan_start >= 0:
+        disc = perceptual.Discriminator(**DISCRIMINATORS[args.preset]).to(device)
+        if first is not None and (first.get("modules") or {}).get("discriminator") is not None:
+            alitok.load_strict(disc, first["modules"]["discriminator"], source=args.init)
+            log.info(f"stage 2: the discriminator carries over from {args.init}")
+    t = tokenizer_training(model, forward, loss_networks(args, device, log), args, disc,
+                           disc and wrap(disc, device, world))
+    dataset = data.build_dataset(args.data, model.config.image_size, seed=args.seed, n_images=args.n_images,
+                                 max_bad_fraction=args.max_bad_fraction)
+    fixed = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))])   # ADM centre crops
+    optimizers = {"model": t.opt} | ({"discriminator": t.disc_opt} if disc is not None else {})
+    finish = (lambda: data.save_checkpoint(alitok.checkpoint(model), os.path.join(args.out, "tokenizer.pt"))
+              ) if args.stage == "2" else (lambda: None)
+    return Run(model, functools.partial(tokenizer_step, t), optimizers, dataset, model.config.codebook_size,
+               pictures=functools.partial(reconstructions, model, fixed), finish=finish,
+               modules={"discriminator": disc} if disc is not None else {})
+
+
+def reconstructions(model, fixed):
+    """Originals above their reconstructions (eval mode: no codebook update); (images, images per row)."""
+    recon = model(fixed.to(model.latent_tokens.device))["recon"].float().cpu()
+    return torch.cat([fixed, recon]), len(fixed)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generator: the frozen tokenizer, ten-crop codes, the step
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class GeneratorTraining:
+    """What a generator step needs."""
+    model: alitok.Generator
+    ddp: torch.nn.Module                   # the model as the step calls it (DDP under torchrun)
+    opt: torch.optim.Optimizer             # generator_optimizer
+    autocast: object
+    grad_clip: float
+
+
+def generator_step(g, batch, step):
+    """One generator update on a batch (codes, classes): next-token cross-entropy (mean over all tokens),
+    clip, AdamW; loss, token accuracy and the gradient norm before clipping."""
+    codes, classes = batch
+    with g.autocast:
+        logits = g.ddp(codes, classes)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), codes.reshape(-1))
+    norm = update(g.opt, list(g.model.parameters()), loss, g.grad_clip)
+    acc = (logits.detach().argmax(-1) == codes).float().mean()
+    return {"loss": loss.detach(), "acc": acc, "grad_norm": norm.detach(), "codes": codes}
+
+
+def load_frozen_tokenizer(path, device):
+    """The tokenizer whose codes the generator learns, frozen (eval mode)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"stage ar needs a tokenizer checkpoint: {path} not found. Train one (`python "
+                                f"train.py --stage 1` then `--stage 2`) or pass --tokenizer AliTok.pth (the "
+                                f"released tokenizer).")
+    return alitok.load_tokenizer(path).to(device).requires_grad_(False)
+
+
+def setup_generator(args, device, world, autocast, log):
+    """Stage ar: ten-crop codes of the frozen tokenizer (made once if missing), the generator, its optimizer."""
+    tok = load_frozen_tokenizer(args.tokenizer, device)
+    codes = args.codes or os.path.join(args.out, "codes.npz")
+    if not os.path.exists(codes):
+        log.info(f"pre-tokenizing {args.data} with ten-crop into {codes}")
+        images = data.build_dataset(args.data, int(tok.config.image_size * data.TEN_CROP_SCALE), seed=args.seed,
+                                    n_images=args.n_images, max_bad_fraction=args.max_bad_fraction)
+        data.pretokenize(tok, images, codes, batch_size=64, device=device, progress=not args.no_progress)
+    dataset = data.CodesDataset(codes)
+    overrides = {k: getattr(args, k) for k in ("dropout", "token_dropout", "class_dropout")
+                 if getattr(args, k) is not None}
+    cfg = alitok.generator_config(args.preset, tokenizer=tok.config, num_classes=dataset.num_classes, **overrides)
+    model = alitok.Generator(cfg).to(device)
+    g = GeneratorTraining(model, wrap(model, device, world), generator_optimizer(model, args), autocast,
+                          args.grad_clip)
+    saved = {"tokenizer": os.path.abspath(args.tokenizer)}
+    path = os.path.join(args.out, "generator.pt")
+    return Run(model, functools.partial(generator_step, g), {"model": g.opt}, dataset, cfg.codebook_size,
+               pictures=functools.partial(samples, model, tok), saved=saved,
+               finish=lambda: data.save_checkpoint({**alitok.checkpoint(model), **saved}, path))
+
+
+def samples(model, tok):
+    """Eight samples per class (the first 16 classes), decoded; (images, images per row)."""
+    classes = torch.arange(model.config.num_classes).repeat_interleave(8)[:8 * 16]
+    codes = model.generate(classes.to(model.output.weight.device), seeds=list(range(len(classes))))
+    return tok.decode(codes).float().cpu(), 8
+
+
+# ----------------------------------------------------------------------------------------------------
+# The training loop: the same for every stage
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """What the loop needs from a stage's setup."""
+    model: torch.nn.Module                 # the trained model: the checkpoint's "model" and "config"
+    train_step: Callable                   # ((x, y), step) -> metrics; "loss", and the step's "codes"
+    optimizers: dict                       # name -> optimizer; all follow the rate schedule
+    dataset: torch.utils.data.Dataset      # items (index, key): the key seeds the item's augmentation
+    codebook_size: int
+    pictures: Callable                     # () -> (images [N, 3, H, W] in [0, 1], images per row)
+    finish: Callable                       # () -> None: the stage's final file (rank 0)
+    modules: dict = field(default_factory=dict)   # other modules saved and resumed by name
+    saved: dict = field(default_factory=dict)     # other checkpoint entries
+
+
+SETUPS = {"1": setup_tokenizer, "2": setup_tokenizer, "ar": setup_generator}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = data.setup_distributed(args.device)
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} (global) must divide by the {world} processes")
+    os.makedirs(args.out, exist_ok=True)
+    log = Logger(args.out, rank)
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    torch.manual_seed(args.seed + rank)
+    run = SETUPS[args.stage](args, device, world, data.autocast(device, precision), log)
+    n_params = sum(p.numel() for p in trainable(run.model))
+    log.info(f"stage {args.stage}: {n_params / 1e6:.2f}M trainable parameters, {len(run.dataset)} training items, "
+             f"global batch {args.batch_size} = {world} x {args.batch_size // world}, {device}, {precision}")
+    ckpt = os.path.join(args.out, "ckpt.pt")
+    start = resume(run, ckpt, rank, world, log) if args.resume else 0
+    done = start
+    batches = StepBatches(len(run.dataset), args.batch_size, args.seed, start, args.steps, rank, world)
+    loader = iter(torch.utils.data.DataLoader(run.dataset, batch_sampler=batches, num_workers=args.workers,
+                                              pin_memory=device.type == "cuda", collate_fn=collate,
+                                              generator=torch.Generator()))  # leaves the global RNG alone
+    sums, counts, t0, seen = {}, torch.zeros(run.codebook_size, device=device), time.time(), 0
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0 or args.no_progress,
+               desc=f"stage {args.stage}", dynamic_ncols=True)
+    for step in bar:
+        x, y = (t.to(device, non_blocking=True) for t in next(loader))
+        lr = lr_at(step, args)
+        set_lr(run.optimizers.values(), lr)
+        metrics = run.train_step((x, y), step)
+        counts += torch.bincount(metrics.pop("codes").flatten(), minlength=run.codebook_size)
+        check_finite(metrics["loss"], step, ckpt, world)
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + v.float()
+        seen, done = seen + x.shape[0] * world, step + 1
+        if done % args.log_every == 0 or done == args.steps:
+            record = reduce_metrics(sums, seen // args.batch_size, counts, world, done, lr, seen / (time.time() - t0))
+            log.metrics(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{record['img_per_s']:.0f}")
+            sums, counts, t0, seen = {}, torch.zeros_like(counts), time.time(), 0
+        if rank == 0 and (done % args.image_every == 0 or done == args.steps):
+            save_pictures(run, args.out, done)
+        stop = args.stop_after is not None and done - start >= args.stop_after
+        if done % args.ckpt_every == 0 or done == args.steps or stop:
+            save(run, args, done, ckpt, rank, world)
+        if stop:
+            log.info(f"stopped after {args.stop_after} steps at step {done}; continue with --resume")
+            break
+    bar.close()
+    if done >= args.steps and rank == 0:
+        run.finish()
+    data.barrier()
+    if data.is_distributed():
+        dist.destroy_process_group()
+
+
+def collate(items):
+    """Stack (image or codes, label) items; labels as int64."""
+    return torch.stack([torch.as_tensor(a) for a, _ in items]), torch.tensor([int(b) for _, b in items])
+
+
+def check_finite(loss, step, ckpt_path, world):
+    """Stop every process on a NaN or infinite loss, keeping the last good checkpoint untouched."""
+    bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=loss.device)
+    if world > 1:
+        dist.all_reduce(bad)
+    if bad.item() > 0:
+        kept = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint yet"
+        raise FloatingPointError(f"non-finite loss at step {step}; stopping ({kept}). Try a lower --lr.")
 
 
 def codebook_metrics(counts):
@@ -187,8 +617,22 @@ def codebook_metrics(counts):
     return float((counts > 0).float().mean()), float(entropy.exp())
 
 
+def reduce_metrics(sums, n_steps, counts, world, step, lr, img_per_s):
+    """Mean of each summed metric over steps and processes, plus codebook usage; a JSON-ready dict."""
+    keys = sorted(sums)
+    n = torch.stack([torch.tensor(float(n_steps)).to(counts)] + [sums[k].to(counts) for k in keys])
+    n = torch.cat([n, counts])
+    if world > 1:
+        dist.all_reduce(n)
+    steps, vals, counts = n[0], n[1:1 + len(keys)], n[1 + len(keys):]
+    record = {"step": step, **{k: float(v / steps) for k, v in zip(keys, vals)}, "lr": lr, "img_per_s": img_per_s}
+    if counts.sum() > 0:
+        record["codebook_usage"], record["codebook_perplexity"] = codebook_metrics(counts)
+    return record
+
+
 # ----------------------------------------------------------------------------------------------------
-# Processes, checkpoints, logs
+# Checkpoints, RNG states, logs, pictures
 # ----------------------------------------------------------------------------------------------------
 
 def rng_state():
@@ -212,6 +656,33 @@ def all_rng_states(world):
     return out
 
 
+def save(run, args, step, path, rank, world):
+    """The whole training state at `step`, written atomically by rank 0 (AdamW moments included)."""
+    rngs = all_rng_states(world)
+    if rank == 0:
+        data.save_checkpoint({
+            "stage": args.stage, "step": step, "config": asdict(run.model.config), "model": run.model.state_dict(),
+            "modules": {k: m.state_dict() for k, m in run.modules.items()},
+            "optimizers": {k: o.state_dict() for k, o in run.optimizers.items()},
+            "rng": rngs, "args": vars(args), **run.saved}, path)
+
+
+def resume(run, path, rank, world, log):
+    """Load the training state of `path` into the run if the file exists; the step to continue from."""
+    if not os.path.exists(path):
+        log.info(f"--resume: no {path} yet, starting from step 0")
+        return 0
+    ck = alitok.read_checkpoint(path, "training checkpoint")
+    alitok.load_strict(run.model, ck["model"], source=path)
+    for name, module in run.modules.items():
+        alitok.load_strict(module, ck["modules"][name], source=path)
+    for name, opt in run.optimizers.items():
+        opt.load_state_dict(ck["optimizers"][name])
+    set_rng_state(ck["rng"][rank] if len(ck["rng"]) == world else ck["rng"][0])
+    log.info(f"resumed from {path} at step {ck['step']}")
+    return ck["step"]
+
+
 class Logger:
     """Rank-0 JSON-lines metrics and messages."""
 
@@ -228,341 +699,16 @@ class Logger:
                 f.write(json.dumps(record) + "\n")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Models of each stage
-# ----------------------------------------------------------------------------------------------------
-
-def stage1_tokenizer(args):
-    """The stage-1 tokenizer with the requested ablations (decoder attention, prefix, aux loss)."""
-    kw = dict(causal=args.decoder == "causal")
-    if args.no_prefix:
-        kw.update(n_prefix=0, aux_head=False)
-    if args.no_aux:
-        kw.update(aux_head=False)
-    return alitok.Tokenizer(alitok.tokenizer_config(args.preset, 1, **kw))
-
-
-def stage2_tokenizer(args, log):
-    """A fresh bidirectional decoder on the stage-1 encoder, latent tokens and codebook (frozen)."""
-    if not os.path.exists(args.init):
-        sys.exit(f"stage 2 needs the stage-1 checkpoint {args.init} (train it with `python train.py --stage 1`"
-                 f" or pass --init PATH)")
-    first = alitok.load_tokenizer(args.init)
-    preset = alitok.TOKENIZER_PRESETS.get(args.preset, first.config)
-    cfg = replace(first.config, causal=False, aux_head=False, track_usage=True, n_buffer=preset.n_buffer)
-    tok = alitok.Tokenizer(cfg)
-    state = tok.state_dict()
-    frozen = {k: v for k, v in first.state_dict().items() if k.split(".")[0] in FROZEN}
-    state.update(frozen)
-    alitok.load_strict(tok, state)
-    for name, p in tok.named_parameters():
-        p.requires_grad_(name.split(".")[0] not in FROZEN)
-    log.info(f"stage 2: loaded and froze {len(frozen)} tensors (encoder, latent_tokens, quantize) from {args.init}")
-    return tok
-
-
-FROZEN = ("encoder", "latent_tokens", "quantize")
-
-
-def export_inference(tok, path):
-    """Write the stage-2 tokenizer in the released inference layout (no embed_prob) as our checkpoint."""
-    cfg = replace(tok.config, track_usage=False)
-    state = {k: v for k, v in tok.state_dict().items() if k != "quantize.embed_prob"}
-    data.save_checkpoint({"config": asdict(cfg), "model": state}, path)
-
-
-def loss_networks(args, device, log):
-    """ConvNeXt-S and LPIPS from the files given; a network whose file is not given is switched off."""
-    convnext = lp = None
-    if args.perceptual_weights:
-        convnext = perceptual.load_convnext(args.perceptual_weights).to(device)
-    else:
-        log.info("perceptual (ConvNeXt-S) loss off: pass --perceptual-weights convnext_small-0c510722.pth to use it")
-    if args.lpips_weights:
-        lp = perceptual.load_lpips(*args.lpips_weights).to(device)
-    else:
-        log.info("LPIPS loss off: pass --lpips-weights vgg16-397923af.pth vgg.pth to use it")
-    return convnext, lp
-
-
-def tokenizer_loss(args, cfg, out, x, step, nets):
-    """Reconstruction (+ aux) + quantizer (stage 1) + perceptual/LPIPS by phase; returns (loss, parts)."""
-    convnext, lp = nets
-    parts = {"rec": alitok.reconstruction_loss(x, out, cfg.patch_size, cfg.n_prefix, args.aux_weight)}
-    if args.stage == "1":
-        parts["vq"] = out["vq_loss"]
-    early = step < args.lpips_until                    # LPIPS early avoids blank or noisy reconstructions
-    if convnext is not None:
-        parts["perc"] = (0.1 if early and lp is not None else 1.0) * perceptual.perceptual_loss(convnext, out["recon"], x)
-    if lp is not None and early:
-        parts["lpips"] = perceptual.lpips(lp, out["recon"], x)
-    return sum(parts.values()), parts
-
-
-# ----------------------------------------------------------------------------------------------------
-# The training loop
-# ----------------------------------------------------------------------------------------------------
-
-def main(args):
-    rank, world, device = data.setup_distributed(args.device)
-    log = Logger(args.out, rank)
-    os.makedirs(args.out, exist_ok=True)
-    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    autocast = torch.autocast("cuda", torch.bfloat16) if precision == "bf16" else nullcontext()
-    torch.manual_seed(args.seed + rank)
-    assert args.batch_size % world == 0, f"--batch-size {args.batch_size} (global) must divide by {world} processes"
-    share = slice(rank * args.batch_size // world, (rank + 1) * args.batch_size // world)
-
-    # Models and optimizers.
-    tokenizer_stage = args.stage in ("1", "2")
-    disc = disc_opt = nets = None
-    if tokenizer_stage:
-        model = (stage1_tokenizer(args) if args.stage == "1" else stage2_tokenizer(args, log)).to(device)
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
-        nets = loss_networks(args, device, log)
-        if args.gan_start >= 0:
-            disc = perceptual.Discriminator(**({} if args.preset != "tiny" else dict(base_channels=16))).to(device)
-            disc_opt = torch.optim.AdamW(disc.parameters(), lr=args.lr, betas=(0.9, 0.99),
-                                         weight_decay=args.weight_decay)
-        image_size, frozen_tok = model.config.image_size, None
-    else:
-        frozen_tok = load_frozen_tokenizer(args.tokenizer, device)
-        image_size = frozen_tok.config.image_size
-    source = codes_source(args, frozen_tok, image_size, device, log, rank, world) if not tokenizer_stage else None
-    dataset = source if source is not None else data.build_dataset(
-        args.data, image_size, train=True, flip=False, seed=args.seed, n_images=args.n_images,
-        max_bad_fraction=args.max_bad_fraction)
-    if not tokenizer_stage:
-        overrides = {k: getattr(args, k) for k in ("dropout", "token_dropout", "class_dropout")
-                     if getattr(args, k) is not None}
-        cfg = alitok.generator_config(args.gen_preset, tokenizer=frozen_tok.config,
-                                      num_classes=dataset.num_classes, **overrides)
-        model = alitok.Generator(cfg).to(device)
-        opt = torch.optim.AdamW(ar_param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.96))
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info(f"stage {args.stage}: {n_params / 1e6:.2f}M trainable parameters, {len(dataset)} training items, "
-             f"global batch {args.batch_size} = {world} x {args.batch_size // world}, {device}, {precision}")
-
-    # Resume.
-    start, ckpt_path = 0, os.path.join(args.out, "ckpt.pt")
-    if args.resume and os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        alitok.load_strict(model, ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        if disc is not None and ck.get("disc") is not None:
-            disc.load_state_dict(ck["disc"])
-            disc_opt.load_state_dict(ck["disc_optimizer"])
-        start = ck["step"]
-        set_rng_state(ck["rng"][rank] if len(ck["rng"]) == world else ck["rng"][0])
-        log.info(f"resumed from {ckpt_path} at step {start}")
-    elif args.resume:
-        log.info(f"--resume: no {ckpt_path} yet, starting from step 0")
-    if start >= args.steps:
-        log.info(f"already trained to step {start} >= --steps {args.steps}; nothing to do")
-        finish(args, model, rank, frozen_tok)
-        return
-
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
-    ddp_disc = DDP(disc, device_ids=[device.index] if device.type == "cuda" else None) if disc and world > 1 else disc
-    batches = StepBatches(len(dataset), args.batch_size, args.seed, start, args.steps, rank, world)
-    loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.workers,
-                                              pin_memory=device.type == "cuda", collate_fn=collate,
-                                              generator=torch.Generator()))  # leaves the global RNG alone
-    fixed = torch.stack([dataset[i][0] for i in range(8)]) if tokenizer_stage else None
-    codebook_size = (model.config if tokenizer_stage else frozen_tok.config).codebook_size
-    sums, counts, t0, seen = {}, torch.zeros(codebook_size, device=device), time.time(), 0
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0 or args.no_progress,
-               desc=f"stage {args.stage}", dynamic_ncols=True)
-    for step in bar:
-        x, y = next(loader)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        lr = lr_at(step, args.lr, args.warmup, args.steps, args.lr_min)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        if tokenizer_stage:
-            x = random_flip(x, args.seed, step, share)
-            parts = tokenizer_step(args, ddp, model, ddp_disc, opt, disc_opt, nets, x, step, autocast)
-            counts += torch.bincount(parts.pop("codes").flatten(), minlength=codebook_size)
-        else:
-            codes = (pick_crop(x, args.seed, step, share) if source is not None
-                     else frozen_tok.encode(random_flip(x, args.seed, step, share)))
-            parts = generator_step(args, ddp, opt, codes, y, autocast)
-            counts += torch.bincount(codes.flatten(), minlength=codebook_size)
-        check_finite(parts["loss"], step, ckpt_path, world)
-        for k, v in parts.items():
-            sums[k] = sums.get(k, 0.0) + v.detach().float()
-        seen += x.shape[0] * world
-        done = step + 1
-        if done % args.log_every == 0 or done == args.steps:
-            record = reduce_metrics(sums, seen // args.batch_size, counts, world, done, lr, seen / (time.time() - t0))
-            log.metrics(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{record['img_per_s']:.0f}")
-            sums, counts, t0, seen = {}, torch.zeros_like(counts), time.time(), 0
-        if rank == 0 and (done % args.image_every == 0 or done == args.steps):
-            save_pictures(args, model, frozen_tok, fixed, done, device)
-        stop = args.stop_after is not None and done - start >= args.stop_after
-        if done % args.ckpt_every == 0 or done == args.steps or stop:
-            rngs = all_rng_states(world)
-            if rank == 0:
-                data.save_checkpoint({"stage": args.stage, "step": done, "config": asdict(model.config),
-                             "model": model.state_dict(), "optimizer": opt.state_dict(),
-                             "disc": disc.state_dict() if disc else None,
-                             "disc_optimizer": disc_opt.state_dict() if disc else None,
-                             "rng": rngs, "args": vars(args),
-                             "tokenizer": None if tokenizer_stage else os.path.abspath(args.tokenizer)}, ckpt_path)
-        if stop:
-            log.info(f"stopped after {args.stop_after} steps at step {done}; continue with --resume")
-            break
-    bar.close()
-    if done == args.steps:
-        finish(args, model, rank, frozen_tok)
-    elif dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def collate(items):
-    """Stack (image or codes, label) items; labels as int64."""
-    return torch.stack([torch.as_tensor(a) for a, _ in items]), torch.tensor([int(b) for _, b in items])
-
-
-def load_frozen_tokenizer(path, device):
-    if not os.path.exists(path):
-        sys.exit(f"stage ar needs a tokenizer checkpoint: {path} not found. Train one (`python train.py --stage 1`"
-                 f" then `--stage 2`) or pass --tokenizer AliTok.pth (the released tokenizer).")
-    tok = alitok.load_tokenizer(path).to(device)
-    tok.requires_grad_(False)
-    return tok
-
-
-class TenCropCodes(torch.utils.data.Dataset):
-    """Pre-tokenized codes: items (all 10 crops' codes int64 [10, T], label); the loop picks one per visit."""
-
-    def __init__(self, path):
-        codes = data.CodesDataset(path)                     # validates the file
-        self.codes, self.labels, self.num_classes = codes.codes, codes.labels, codes.num_classes
-
-    def __len__(self):
-        return len(self.codes)
-
-    def __getitem__(self, i):
-        return torch.from_numpy(self.codes[i].astype(np.int64)), int(self.labels[i])
-
-
-def pick_crop(codes, seed, step, share):
-    """One of the 10 crops [B, 10, T] -> [B, T] per global batch position, a function of (seed, step)."""
-    crop = torch.randint(10, (share.stop,), generator=step_generator(seed, step, 2))[share]
-    return codes[torch.arange(len(codes)), crop.to(codes.device)]
-
-
-def codes_source(args, tok, image_size, device, log, rank, world):
-    """The generator's training data: ten-crop codes (made once if missing) or None for on-the-fly encoding."""
-    if args.on_the_fly:
-        return None
-    if not os.path.exists(args.codes):
-        log.info(f"pre-tokenizing {args.data} with ten-crop into {args.codes}")
-        images = data.build_dataset(args.data, int(image_size * data.TEN_CROP_SCALE), train=False, flip=False,
-                                    seed=args.seed, n_images=args.n_images)
-        data.pretokenize(tok, images, args.codes, batch_size=64, device=device, progress=not args.no_progress)
-        if world > 1:
-            dist.barrier()
-    return TenCropCodes(args.codes)
-
-
-def tokenizer_step(args, ddp, model, disc, opt, disc_opt, nets, x, step, autocast):
-    """One tokenizer update; after --gan-start, discriminator and tokenizer updates alternate."""
-    gan_on = disc is not None and step >= args.gan_start
-    if gan_on and (step - args.gan_start) % 2 == 1:            # discriminator step
-        with torch.no_grad(), autocast:
-            fake = ddp(x)["recon"]
-        with autocast:
-            d_loss = args.disc_weight * perceptual.hinge_d_loss(disc(x), disc(fake.detach()))
-        disc_opt.zero_grad(set_to_none=True)
-        d_loss.backward()
-        disc_opt.step()
-        return {"loss": d_loss.detach(), "d_loss": d_loss.detach(), "codes": torch.zeros(0, dtype=torch.long, device=x.device)}
-    with autocast:
-        out = ddp(x)
-        loss, parts = tokenizer_loss(args, model.config, out, x, step, nets)
-        if gan_on:
-            parts["g_adv"] = args.gan_weight * perceptual.generator_adv_loss(disc(out["recon"]))
-            loss = loss + parts["g_adv"]
-    if args.stage == "1" and model.config.track_usage:
-        model.quantize.cluster_update_(out["z"].detach())      # CVQ clustering over the global batch
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
-    opt.step()
-    parts = {k: v.detach() for k, v in parts.items()}
-    parts["psnr"] = -10 * torch.log10(F.mse_loss(out["recon"].detach().float(), x.float()))
-    return {"loss": loss.detach(), **parts, "codes": out["codes"].detach()}
-
-
-def generator_step(args, ddp, opt, codes, classes, autocast):
-    """One generator update: next-token cross-entropy; returns loss and top-1 token accuracy."""
-    with autocast:
-        logits = ddp(codes, classes)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1))
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(ddp.parameters(), args.grad_clip)
-    opt.step()
-    return {"loss": loss.detach(), "acc": (logits.detach().argmax(-1) == codes).float().mean()}
-
-
-def check_finite(loss, step, ckpt_path, world):
-    """Stop every process on a NaN or infinite loss, keeping the last good checkpoint untouched."""
-    bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=loss.device)
-    if world > 1:
-        dist.all_reduce(bad)
-    if bad.item() > 0:
-        kept = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint yet"
-        raise FloatingPointError(f"non-finite loss at step {step}; stopping ({kept}). Try a lower --lr.")
-
-
-def reduce_metrics(sums, n_steps, counts, world, step, lr, img_per_s):
-    """Mean of each summed metric over steps and processes, plus codebook usage; a JSON-ready dict."""
-    keys = sorted(sums)
-    n = torch.stack([torch.tensor(float(n_steps)).to(counts)] + [sums[k].to(counts) for k in keys])
-    n = torch.cat([n, counts])
-    if world > 1:
-        dist.all_reduce(n)
-    steps, vals, counts = n[0], n[1:1 + len(keys)], n[1 + len(keys):]
-    record = {"step": step, **{k: float(v / steps) for k, v in zip(keys, vals)}, "lr": lr, "img_per_s": img_per_s}
-    if counts.sum() > 0:
-        record["codebook_usage"], record["codebook_perplexity"] = codebook_metrics(counts)
-    return record
-
-
 @torch.no_grad()
-def save_pictures(args, model, tok, fixed, step, device):
-    """Tokenizer: originals above reconstructions. Generator: one row of samples per class."""
-    was = model.training
-    model.eval()
-    if fixed is not None:
-        recon = model(fixed.to(device))["recon"].float().cpu()
-        images, nrow = torch.cat([fixed, recon]), len(fixed)
-    else:
-        classes = torch.arange(model.config.num_classes, device=device).repeat_interleave(8)[:8 * 16]
-        codes = model.generate(classes, seeds=list(range(len(classes))))
-        images, nrow = tok.decode(codes).float().cpu(), 8
-    model.train(was)
-    for name in (f"{'recon' if fixed is not None else 'samples'}_{step:07d}.png", "latest.png"):
-        data.save_grid(images, os.path.join(args.out, name), nrow=nrow)
-
-
-def finish(args, model, rank, tok):
-    """Stage 2 exports the inference tokenizer; every stage writes its final model checkpoint."""
-    if rank == 0:
-        if args.stage == "2":
-            export_inference(model, os.path.join(args.out, "tokenizer.pt"))
-        if args.stage == "ar":
-            data.save_checkpoint({**alitok.checkpoint(model), "tokenizer": os.path.abspath(args.tokenizer)},
-                        os.path.join(args.out, "generator.pt"))
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+def save_pictures(run, out, step):
+    """The stage's picture grid (eval mode), as <out>/pictures_<step>.png and <out>/latest.png."""
+    was = run.model.training
+    run.model.eval()
+    images, nrow = run.pictures()
+    run.model.train(was)
+    for name in (f"pictures_{step:07d}.png", "latest.png"):
+        data.save_grid(images, os.path.join(out, name), nrow=nrow)
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    sys.exit(data.cli(main))
