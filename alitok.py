@@ -514,7 +514,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, rope, pos=None, mask=None):
         """x [B, T, C]; rope: rotary_factors for the T positions; pos: None (causal over x) or the T cache
-        positions x occupies, then mask [T, n] says which of the first n cache positions each token sees."""
+        positions x occupies, then the additive mask [T, n] (0 or -inf) covers the first n cache positions."""
         B, T, C = x.shape
         q, k, v = linear(x, self.qkv).view(B, T, 3, self.heads, self.head_dim).unbind(2)
         q, k = apply_rotary(self.q_norm(q), *rope), apply_rotary(self.k_norm(k), *rope)
@@ -674,7 +674,8 @@ def compile_decode(generator, block=None):
     shape); a smaller block reads less of the cache at the price of one graph per shape. Callers pad batches
     to one size."""
     mode = "reduce-overhead" if generator.output.weight.device.type == "cuda" else None
-    step = torch.compile(generator.decode_one_token, mode=mode, fullgraph=True, dynamic=False if block is None else None)
+    step = torch.compile(generator.decode_one_token, mode=mode, fullgraph=True,
+                         dynamic=False if block is None else None)   # block: recompiled once, shapes symbolic
 
     def decode_one_token(ids, pos, length):
         torch.compiler.cudagraph_mark_step_begin()     # the last step's logits are used up: its buffers may be reused
@@ -686,7 +687,8 @@ def compile_decode(generator, block=None):
 def hold_weights(model, dtype):
     """Hold the matmul weights of every transformer block (Generator and Tokenizer) in dtype, cast once: bfloat16
     halves what each step reads. Norms, embeddings, output heads and the rotary table stay float32; linear()
-    casts each product's input, and the residual stream, attention softmax and logits stay float32."""
+    casts each product's input; the residual stream, logits, guidance and sampling stay float32 (attention
+    runs in the KV cache's dtype: float32 on a CPU, the weights' on a GPU)."""
     for block in model.modules():
         if isinstance(block, (Block, ARBlock)):
             for layer in block.modules():
@@ -712,7 +714,8 @@ def sample_uniforms(batch, n_steps, generator=None, seeds=None):
     """Uniforms [batch, n_steps] in [0, 1): per-sample streams from seeds, else one stream from generator."""
     if seeds is None:
         return torch.rand(batch, n_steps, generator=generator)
-    assert len(seeds) == batch, "one seed per sample"
+    if len(seeds) != batch:
+        raise ValueError(f"one seed per sample: got {len(seeds)} seeds for {batch} samples")
     return torch.stack([torch.rand(n_steps, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 

@@ -171,7 +171,8 @@ def floor_rows(cfg, batch, precision, device):
     cache_bytes = 4 if device.type == "cpu" else dtype.itemsize          # the cache dtype setup_cache picks
     nbytes = generation_bytes(cfg, sequences, n, dtype.itemsize, cache_bytes)
     flops, bandwidth, rate = generation_flops(cfg, sequences, n), read_bandwidth(device), matmul_rate(device, dtype)
-    return {"memory floor": dict(seconds=nbytes / bandwidth, note=f"{nbytes / 1e9:.1f} GB / {bandwidth / 1e9:.1f} GB/s"),
+    return {"memory floor": dict(seconds=nbytes / bandwidth,
+                                 note=f"{nbytes / 1e9:.1f} GB / {bandwidth / 1e9:.1f} GB/s"),
             "FLOP floor": dict(seconds=flops / rate, note=f"{flops / 1e12:.2f} TFLOP / {rate / 1e12:.2f} TFLOP/s")}
 
 
@@ -216,7 +217,8 @@ def cpu_section(args, device):
         t = tokenizer_rows(device, precision, args.tokenizer_batch, preset)
         print(f"  {precision}: " + "   ".join(
             f"{part} {r['images_per_s']:.2f} images/s, {r['flops_per_s'] / 1e9:.0f} GFLOP/s = "
-            f"{r['flops_per_s'] / rate[precision]:.0%} of {rate[precision] / 1e9:.0f}, peak {r['peak'] / 2 ** 30:.2f} GiB"
+            f"{r['flops_per_s'] / rate[precision]:.0%} of {rate[precision] / 1e9:.0f}, "
+            f"peak {r['peak'] / 2 ** 30:.2f} GiB"
             for part, r in t.items()))
 
 
