@@ -37,10 +37,9 @@ from alitok import check_classes, compile_decode, hold_weights, load_generator, 
 
 SEED_STRIDE = 1_000_003  # above any sample count: seeds of two base seeds never coincide (N < 1,000,003)
 IMAGENET_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)  # DiT's sample.py selection (retriever, otter, ...)
-RELEASE_NOTE = ("The released weights (generators alitok_b.bin, alitok_l.bin, alitok_xl.bin and the tokenizer "
-                "AliTok.pth) come from the AliTok release (arXiv 2506.05289) and are not shipped with this code; "
-                "checkpoints of this project come from train.py. Without any file, `make bench` times sampling "
-                "on random weights, and the tests run on tiny configs.")
+RELEASE_NOTE = ("The released weights (alitok_b.bin, alitok_l.bin, alitok_xl.bin, AliTok.pth) come from the AliTok "
+                "release (arXiv 2506.05289), not with this code; train.py makes this project's checkpoints. "
+                "Without any file, `make bench` times sampling on random weights.")
 # What decides the samples: shards written under other values must not be mixed into one file.
 SHARD_KEYS = ("generator", "generator_stamp", "tokenizer", "tokenizer_stamp", "n", "classes", "seed", "cfg_scale",
               "cfg_power", "temperature", "top_k", "top_p", "precision", "shard_size")
