@@ -258,8 +258,8 @@ def main(argv=None):
     p.add_argument("--preset", default="B", choices=("tiny", "B", "L", "XL"), help="generator shape (default B)")
     p.add_argument("--batch", type=int, default=4, help="images per batch, doubled by guidance (default 4)")
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=tuple(DTYPES))
-    p.add_argument("--uncached-tokens", type=int, default=48, metavar="K", help="tokens of the naive baseline, "
-                   "whose cost grows as K^2 (default 48)")
+    p.add_argument("--uncached-tokens", type=int, default=24, metavar="K", help="tokens of the naive baseline, "
+                   "whose cost grows as K^2 (default 24)")
     p.add_argument("--tokenizer-batch", type=int, default=2, help="images per tokenizer call (default 2)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--gpu-batch", type=int, default=64, help="cuda: batch of the compiled rows (default 64)")

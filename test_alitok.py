@@ -1886,7 +1886,8 @@ def test_missing_files_are_explained(ckpts, tmp_path, capsys):
 def test_grid_png_and_settings_json(ckpts, tmp_path):
     out = tmp_path / "grid.png"
     S.main(["--ckpt", ckpts["gen"], "--per-class", "2", "--batch-size", "8", "--out", str(out), "--device", "cpu"])
-    assert Image.open(out).size == (2 * 34 + 2, 10 * 34 + 2)  # one row per class (all 10), 2 px padding
+    side = 4 * 32 + 2                       # 32 px images enlarged 4x for the eye, 2 px padding
+    assert Image.open(out).size == (2 * side + 2, 10 * side + 2)  # one row per class (all 10)
     result = json.loads((tmp_path / "grid.json").read_text())
     settings = result["settings"]
     assert settings["classes"] == list(range(10)) and settings["per_class"] == 2 and settings["seed"] == 0
