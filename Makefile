@@ -1,27 +1,35 @@
-# alitok: the two commands of the README are `make demo` and `make test`.
+# alitok: `make demo` sets up and runs the whole pipeline on the CPU; `make test` runs the tests.
 PYTHON ?= python3
-PIP ?= $(PYTHON) -m pip
 RUN ?= runs/demo
-INCEPTION ?=
+# Inside a virtualenv or conda environment we use it and install only what is missing. Outside one we make
+# our own in .venv: Debian's and Ubuntu's system Python refuse `pip install` (PEP 668, externally managed).
+IN_ENV := $(shell $(PYTHON) -c "import os, sys; print(int(sys.prefix != sys.base_prefix or 'CONDA_PREFIX' in os.environ))")
+PY := $(if $(filter 1,$(IN_ENV)),$(PYTHON),.venv/bin/python)
 
 .PHONY: install test test-slow demo bench clean
 
-# torch first: a wheel your pip already has locally (no download) if there is one, else the index.
-install:
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q --no-index --no-deps torch 2>/dev/null || true
-	$(PIP) install -q -r requirements.txt
+.venv/bin/python:
+	$(PYTHON) -m venv .venv || { echo "could not create .venv: install your Python's venv module (Debian/Ubuntu: apt install python3-venv) or run make inside an environment of your own"; exit 1; }
+
+# torch first from a wheel already on this machine if pip knows one (no multi-GB download), then the rest with
+# torch held at the installed version; nothing at all when everything imports already.
+TORCH_PIN = $$($(PY) -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" 2>/dev/null)
+install: $(if $(filter 1,$(IN_ENV)),,.venv/bin/python)
+	@$(PY) -c "import torch, numpy, PIL, tqdm, pytest" 2>/dev/null || { \
+	  $(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q --no-index --no-deps torch 2>/dev/null; \
+	  $(PY) -m pip install -q -r requirements.txt $(TORCH_PIN); }
 
 test: install
-	$(PYTHON) -m pytest -q test_alitok.py
+	$(PY) -m pytest -q test_alitok.py
 
 test-slow: install
-	$(PYTHON) -m pytest -q -m slow test_alitok.py
+	$(PY) -m pytest -q -m slow test_alitok.py
 
 demo: install
-	$(PYTHON) demo.py --out $(RUN) $(if $(INCEPTION),--inception $(INCEPTION))
+	$(PY) demo.py --out $(RUN)
 
 bench: install
-	$(PYTHON) sample.py --bench
+	$(PY) bench.py
 
 clean:
 	rm -rf runs .pytest_cache __pycache__

@@ -11,11 +11,19 @@ uint8 npz arrays. Image items are (image float [3, H, W] in [0, 1], label int); 
 (codes int64 [T], label int).
 """
 import colorsys
+import fcntl
 import functools
+import hashlib
+import http.client
 import json
 import os
+import signal
+import socket
 import sys
+import urllib.error
+import urllib.request
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -103,6 +111,63 @@ def to_uint8(images, rounding="round"):
     return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+class RunFolderLock:
+    """Hold a run folder for this process: a second live run on it is refused with the holder's pid and host.
+    The lock is an flock on <folder>/.lock, which the kernel drops when its process dies, so a killed run
+    leaves nothing that blocks its own --resume."""
+
+    def __init__(self, folder):
+        self.path, self.file = os.path.join(folder, ".lock"), None
+
+    def __enter__(self):
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise ValueError(f"{os.path.dirname(self.path)} is in use by a live run ({holder}): wait for it to "
+                             f"finish or stop it, or choose another --out") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+
+
+class StopSignals:
+    """Turn SIGTERM (what a cluster scheduler sends before preempting a job) and SIGINT (Ctrl-C) into a
+    request that the training loop honours between steps; a second signal of a kind stops at once."""
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+        self.signals, self.received, self._old = signals, None, {}
+
+    def _handle(self, signum, frame):
+        if self.received == signum:                         # asked twice: the user means it
+            signal.signal(signum, self._old[signum])
+            signal.raise_signal(signum)
+        self.received = signum
+
+    def __enter__(self):
+        self._old = {s: signal.signal(s, self._handle) for s in self.signals}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+    @property
+    def name(self):
+        """The received signal's name (e.g. "SIGTERM"), or None."""
+        return None if self.received is None else signal.Signals(self.received).name
+
+
 def cli(main, *args):
     """Run an entry point's main(*args): errors of bad input (missing or unreadable files, wrong layouts,
     out-of-range values) end as one "error: ..." line and exit status 2, not a traceback."""
@@ -111,6 +176,119 @@ def cli(main, *args):
     except (OSError, ValueError, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# Standard weight files: fetched on first use into the torch hub cache, verified by SHA-256
+# ----------------------------------------------------------------------------------------------------
+
+class WeightFile(NamedTuple):
+    url: str      # where its makers serve it: the URL their own code (pytorch-fid, torchvision, LPIPS) uses
+    sha256: str   # its SHA-256, or the leading hex digits of it that torchvision-style names carry
+    use: str      # what needs it (for messages)
+    without: str  # what still works without it (for the offline message)
+
+
+INCEPTION_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
+CONVNEXT_WEIGHTS = "convnext_small-0c510722.pth"
+VGG16_WEIGHTS = "vgg16-397923af.pth"
+# lpips/weights/v0.1/vgg.pth of the LPIPS repository (and pip package), cached under a name of its own:
+# "vgg.pth" is too generic for a folder that torch.hub shares with other tools.
+LPIPS_WEIGHTS = "lpips_v0.1_vgg-a78928a0.pth"
+_TORCHVISION = "https://download.pytorch.org/models/"
+_TRAINING = "sampling, scoring and training with that loss switched off work without it"
+STANDARD_WEIGHTS = {  # file name in the cache -> WeightFile (tests point the URLs at a local server)
+    INCEPTION_WEIGHTS: WeightFile(
+        "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_WEIGHTS,
+        "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2",  # torch-fidelity's copy is the same
+        "FID, IS, sFID, Precision/Recall and rFID (the ADM evaluator's Inception)",
+        "training, sampling and every number but these scores work without it"),
+    CONVNEXT_WEIGHTS: WeightFile(_TORCHVISION + CONVNEXT_WEIGHTS, "0c510722",
+                                 "the tokenizer's ConvNeXt-S perceptual loss", _TRAINING),
+    VGG16_WEIGHTS: WeightFile(_TORCHVISION + VGG16_WEIGHTS, "397923af", "the tokenizer's LPIPS loss (VGG16)",
+                              _TRAINING),
+    LPIPS_WEIGHTS: WeightFile(
+        "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth",
+        "a78928a0af1e5f0fcb1f3b9e8f8c3a2a5a3de244d830ad5c1feddc79b8432868",
+        "the tokenizer's LPIPS loss (v0.1 linear heads)", _TRAINING),
+}
+OFFLINE_ENV = "ALITOK_OFFLINE"  # set to 1 to forbid every download (as --offline does)
+
+
+def weights_cache():
+    """The folder of cached standard weight files: torch.hub.get_dir()/checkpoints ($TORCH_HOME/hub/checkpoints),
+    shared with torchvision and pytorch-fid, so files they fetched are used as they are."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints")
+
+
+def offline_mode():
+    """True when $ALITOK_OFFLINE is set to anything but "" or "0"."""
+    return os.environ.get(OFFLINE_ENV, "") not in ("", "0")
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _place_by_hand(name, entry, dest):
+    return (f"Download {entry.url} and put it at {dest} (the folder follows $TORCH_HOME), or pass its path "
+            f"explicitly; {entry.without}.")
+
+
+def _download(name, entry, dest, progress):
+    """Fetch entry.url to dest through a temporary file, renamed only once its SHA-256 matches."""
+    print(f"downloading {name} ({entry.use}) from {entry.url} to {dest}", file=sys.stderr)
+
+    def write(f):
+        digest = hashlib.sha256()
+        try:
+            with urllib.request.urlopen(entry.url, timeout=60) as response:
+                size = int(response.headers.get("Content-Length") or 0) or None
+                with tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=name,
+                          disable=not progress) as bar:
+                    for chunk in iter(lambda: response.read(1 << 20), b""):
+                        f.write(chunk)
+                        digest.update(chunk)
+                        bar.update(len(chunk))
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
+            reason = getattr(error, "reason", None) or error
+            raise OSError(f"could not download {name} from {entry.url} ({reason}). "
+                          + _place_by_hand(name, entry, dest)) from error
+        if not digest.hexdigest().startswith(entry.sha256):
+            raise ValueError(f"the download of {name} from {entry.url} has SHA-256 {digest.hexdigest()}, expected "
+                             f"{entry.sha256}...: a damaged or changed file, deleted (nothing was cached). "
+                             + _place_by_hand(name, entry, dest))
+
+    atomic_write(dest, write)  # a failure anywhere above leaves no file behind
+
+
+def standard_weights(name, path=None, offline=False, progress=True):
+    """Path of standard weight file `name` (a STANDARD_WEIGHTS key): `path` if given (it must exist); else
+    its copy in weights_cache() once its SHA-256 checks; else downloaded there first (progress bar), unless
+    `offline` or $ALITOK_OFFLINE. Callers load it with weights_only=True (alitok.read_checkpoint)."""
+    entry = STANDARD_WEIGHTS[name]
+    if path is not None:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{os.fspath(path)!r} given for {name} ({entry.use}) is not a file; give its "
+                                    f"right path, or none to use the cached standard file (fetched on first use)")
+        return os.fspath(path)
+    dest = os.path.join(weights_cache(), name)
+    if os.path.isfile(dest):
+        found = _sha256(dest)
+        if not found.startswith(entry.sha256):  # not ours (we rename only verified files): leave it to its owner
+            raise ValueError(f"{dest} has SHA-256 {found}, expected {entry.sha256}...: not the standard {name}. "
+                             f"Delete it to have it downloaded again, or pass the right file's path explicitly")
+        return dest
+    if offline or offline_mode():
+        raise FileNotFoundError(f"{name} is needed for {entry.use} and is not in the cache, and offline mode "
+                                f"(--offline or {OFFLINE_ENV}=1) forbids downloading it. "
+                                + _place_by_hand(name, entry, dest))
+    _download(name, entry, dest, progress)
+    return dest
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -133,9 +311,12 @@ def pil_to_tensor(pil_image):
     return uint8_to_tensor(np.asarray(pil_image.convert("RGB"), dtype=np.uint8))
 
 
-def save_grid(images, path, nrow=8, padding=2):
-    """Save float [B, 3, H, W] in [0, 1] as a PNG grid: nrow images per row, `padding` black px around each."""
+def save_grid(images, path, nrow=8, padding=2, min_side=128):
+    """Save float [B, 3, H, W] in [0, 1] as a PNG grid: nrow images per row, `padding` black px around each;
+    images smaller than min_side px are enlarged by a whole factor (nearest neighbour) so a person can see them."""
     x = to_uint8(images)
+    zoom = max(1, -(-min_side // min(x.shape[1:3])))
+    x = x.repeat(zoom, axis=1).repeat(zoom, axis=2)
     b, h, w, _ = x.shape
     rows, cols = -(-b // nrow), min(nrow, b)
     grid = np.zeros((rows * (h + padding) + padding, cols * (w + padding) + padding, 3), np.uint8)

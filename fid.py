@@ -4,13 +4,13 @@ Reproduces OpenAI's ADM evaluator (guided-diffusion/evaluations/evaluator.py, Te
 AliTok's numbers and those of the papers it is compared with. Sections follow the evaluator spec: Inception
 network, preprocessing, feature extraction, metrics, file loading, command line.
 
-  python fid.py VIRTUAL_imagenet256_labeled.npz samples.npz --inception pt_inception-2015-12-05-6726825d.pth
-  python fid.py imagenet_val/ --save-stats val_stats.npz --inception ...   (cache statistics only)
-  python fid.py --recon AliTok.pth imagenet_val/ --inception ...           (tokenizer rFID and PSNR)
+  python fid.py VIRTUAL_imagenet256_labeled.npz samples.npz
+  python fid.py imagenet_val/ --save-stats val_stats.npz      (cache statistics only)
+  python fid.py --recon AliTok.pth imagenet_val/              (tokenizer rFID and PSNR)
 
 Inputs (REF, SAMPLES, SOURCE, IMAGES):
   ADM npz    `arr_0` uint8 [N, H, W, 3] (NHWC, RGB); `arr_1` labels are ignored
-  folder     .png/.jpg/.jpeg/.webp, recursive, RGB, one common size; unreadable files are skipped with a
+  folder     data.IMAGE_EXTENSIONS, recursive, RGB, one common size; unreadable files are skipped with a
              warning and counted; read in a fixed-seed shuffled order (IS splits in order)
   stats npz  `mu`, `sigma` [, `mu_s`, `sigma_s`] are used for FID [sFID] as they are; `arr_0` (ADM reference
              batches) or `pool3` (from --save-stats) serve Precision/Recall
@@ -22,17 +22,18 @@ prints n/a, is null in the JSON, and a warning says why.
 --recon CKPT IMAGES: reconstructs IMAGES (ADM centre crop to the tokenizer's size) through
 alitok.load_tokenizer(CKPT); reports rFID (reconstructions vs originals, not comparable to gFID) and PSNR.
 
-Weights: pt_inception-2015-12-05-6726825d.pth from the pytorch-fid GitHub release (torch-fidelity hosts the
-same file); nothing is downloaded at run time.
+Weights: pt_inception-2015-12-05-6726825d.pth, the file pytorch-fid uses. Without --inception it is read from
+the torch hub cache ($TORCH_HOME/hub/checkpoints), downloaded there from pytorch-fid's GitHub release on first
+use and verified by SHA-256; --offline (or ALITOK_OFFLINE=1) forbids the download. --precision bf16 runs the
+network in bfloat16 (faster on CPUs with bf16 units; published numbers use float32).
 """
 import argparse
 import contextlib
-import json
 import os
 import sys
 import warnings
 import zipfile
-from pathlib import Path
+import zlib
 
 import numpy as np
 import torch
@@ -41,10 +42,11 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
-WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_NAME
+import alitok
+import data as D
+
 MODES = ("adm", "pytorch-fid")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # --precision
 PR_REFERENCE_SIZE = 10_000  # ADM's reference batches hold 10k images for Precision/Recall
 
 # === The FID Inception network: the 2015-12-05 TF graph in torchvision's names (pytorch-fid's port) ===
@@ -59,7 +61,7 @@ class BasicConv2d(nn.Module):
         self.bn = nn.BatchNorm2d(cout, eps=0.001)
 
     def forward(self, x):
-        return F.relu(self.bn(self.conv(x)))
+        return F.relu(self.bn(self.conv(x)), inplace=True)
 
 
 def _avg_pool(x):
@@ -216,36 +218,36 @@ class FIDInception(nn.Module):
         return {"pool3": pool3, "spatial": spatial, "logits": pool3 @ self.fc.weight.T}
 
 
-def _missing_weights_message(path):
-    where = repr(str(path)) if path else "no --inception path given"
-    return (f"FID Inception weights not found: {where}. Scoring needs {WEIGHTS_NAME}, the PyTorch port of the "
-            f"2015-12-05 TF Inception graph used by the ADM evaluator. Get it from the pytorch-fid release on "
-            f"GitHub ({WEIGHTS_URL}); torch-fidelity hosts the same file as "
-            f"weights-inception-2015-12-05-6726825d.pth. Nothing is downloaded at run time: pass its path with "
-            f"--inception. Training, sampling and everything else work without it; only scoring needs it.")
+def fold_batchnorm(model, precision="fp32", device="cpu"):
+    """The network in inference form, in place: each BatchNorm folded into its conv's weight and bias (the same
+    function up to float rounding, one pass over memory fewer), in `precision` (fp32 | bf16), on `device`."""
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, BasicConv2d) and isinstance(m.bn, nn.BatchNorm2d):
+            with torch.no_grad():  # bn(conv(x)) = scale * conv(x) + shift, per output channel
+                scale = m.bn.weight * (m.bn.running_var + m.bn.eps).rsqrt()
+                m.conv.weight.mul_(scale[:, None, None, None])
+                m.conv.bias = nn.Parameter(m.bn.bias - m.bn.running_mean * scale)
+            m.bn = nn.Identity()
+    # The weights' layout decides every activation's. oneDNN (CPU) runs NHWC fastest; cuDNN runs float32
+    # without TF32 faster on NCHW (on an H200 NHWC took 1.2x as long even with BatchNorm folded), bf16 on NHWC.
+    nhwc = torch.device(device).type == "cpu" or precision == "bf16"
+    layout = torch.channels_last if nhwc else torch.contiguous_format
+    return model.to(device, DTYPES[precision], memory_format=layout)  # folded in float32, then cast
 
 
-def load_inception(path):
-    """The FID Inception (eval mode, CPU) from a pytorch-fid weight file; strict except for num_batches_tracked."""
-    if path is None or not os.path.isfile(path):
-        raise FileNotFoundError(_missing_weights_message(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(state).__name__}; expected a state dict of tensors ({WEIGHTS_NAME})")
-    model = FIDInception()
-    expected = model.state_dict()
-    # The BatchNorm step counters are training bookkeeping; pytorch-fid's release file has none.
-    for name, t in expected.items():
-        if name.endswith("num_batches_tracked") and name not in state:
-            state[name] = torch.zeros_like(t)
-    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
-             for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if missing or extra or wrong:
-        raise ValueError(f"{path} is not the FID Inception state dict: missing {missing[:5]}, "
-                         f"unexpected {extra[:5]}, wrong shapes {wrong[:5]}")
-    model.load_state_dict(state, strict=True)
-    return model.eval()
+def load_inception(path=None, offline=False, precision="fp32", device="cpu"):
+    """The FID Inception in inference form (fold_batchnorm) from a pytorch-fid weight file: `path`, or the
+    standard file from the torch hub cache, downloaded on first use (data.standard_weights)."""
+    path = D.standard_weights(D.INCEPTION_WEIGHTS, path, offline)
+    state = alitok.read_checkpoint(path, f"FID Inception weights ({D.INCEPTION_WEIGHTS})")
+    with torch.device("meta"):  # no random init: every tensor comes from the file
+        model = FIDInception()
+    if isinstance(state, dict):  # pytorch-fid's file has no BatchNorm step counters (training bookkeeping)
+        counters = {k: torch.zeros((), dtype=torch.long) for k in model.state_dict() if "num_batches" in k}
+        state = {**counters, **state}
+    alitok.load_strict(model, state, source=f"{path} (FID Inception weights, {D.INCEPTION_WEIGHTS})", assign=True)
+    return fold_batchnorm(model, precision, device)
 
 
 # === Preprocessing: uint8 images -> the network's 299x299 input in [-1, 1] ============================
@@ -309,14 +311,16 @@ def check_images(shape, dtype, where):
                          f"(convert floats in [0, 1] with (x * 255).round().clip(0, 255).astype(np.uint8))")
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def extract(model, images, mode="adm", batch_size=50, device=None, progress=True):
     """Features of uint8 NHWC images [N, H, W, 3]: float32 numpy pool3 [N, 2048], spatial [N, 2023], logits [N, 1008].
 
     `images` is a numpy array or any sliceable with len() that returns such arrays (ImageFolder, NpzImages);
-    `device=None` uses the model's device, otherwise the model is moved there.
+    `device=None` uses the model's device, otherwise the model is moved there. The network runs in the dtype
+    of its weights (see fold_batchnorm).
     """
-    device = next(model.parameters()).device if device is None else torch.device(device)
+    weight = next(model.parameters())
+    device = weight.device if device is None else torch.device(device)
     model = model.to(device).eval()
     out = {"pool3": [], "spatial": [], "logits": []}
     with _exact_fp32(), tqdm(total=len(images), disable=not progress, desc="inception", unit="img") as bar:
@@ -326,7 +330,7 @@ def extract(model, images, mode="adm", batch_size=50, device=None, progress=True
             if len(batch) == 0:  # every file of this slice was unreadable
                 continue
             check_images(batch.shape, batch.dtype, "extract")
-            features = model(preprocess(torch.from_numpy(batch).to(device), mode))
+            features = model(preprocess(torch.from_numpy(batch).to(device), mode).to(weight.dtype))
             for k, v in features.items():
                 out[k].append(v.float().cpu().numpy())
     if not out["pool3"]:
@@ -443,6 +447,13 @@ def precision_recall(ref_pool3, sample_pool3, k=3, block=10000, device=None):
 
 # === File loading: ADM npz, image folders, statistics npz =============================================
 
+NPZ_ERRORS = (zipfile.BadZipFile, EOFError, zlib.error)  # what a damaged npz raises while it is read
+
+
+def _unreadable_npz(path, error):
+    return ValueError(f"{path}: not a readable .npz (truncated or corrupt? {type(error).__name__}: {error}); "
+                      f"write it again with np.savez")
+
 
 class NpzImages:
     """Lazy uint8 NHWC [N, H, W, 3] view of an npz's `arr_0`, read slice by slice (50k images need not fit in RAM)."""
@@ -468,7 +479,12 @@ class NpzImages:
         n = max(stop - start, 0)
         if start != self._pos:  # zip members seek cheaply forwards; extract reads in order
             self._file.seek(self._start + start * self._row)
-        data, self._pos = self._file.read(n * self._row), start + n
+        try:
+            data, self._pos = self._file.read(n * self._row), start + n
+        except NPZ_ERRORS as error:
+            raise _unreadable_npz(self.path, error) from error
+        if len(data) != n * self._row:
+            raise _unreadable_npz(self.path, EOFError(f"{len(data)} of {n * self._row} bytes at image {start}"))
         return np.frombuffer(bytearray(data), np.uint8).reshape(n, *self.shape[1:])  # writable, for torch
 
     def __del__(self):
@@ -481,9 +497,9 @@ class ImageFolder:
     """Lazy uint8 NHWC view of the images under `root` (recursive); unreadable files are skipped and counted."""
 
     def __init__(self, root, transform=None):
-        files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        files = D.list_images(root)
         if not files:
-            raise ValueError(f"{root}: no {'/'.join(IMAGE_EXTENSIONS)} images found (searched recursively)")
+            raise ValueError(f"{root}: no {'/'.join(D.IMAGE_EXTENSIONS)} images found (searched recursively)")
         # A folder has no meaningful order and is often sorted by class (one subfolder each); IS splits in
         # order, so shuffle with a fixed seed to keep every 5,000-image split class-balanced.
         self.files = [files[i] for i in np.random.default_rng(0).permutation(len(files))]
@@ -496,9 +512,8 @@ class ImageFolder:
         arrays = []
         for p in self.files[s]:
             try:
-                with Image.open(p) as im:
-                    im = im.convert("RGB")
-                    a = np.asarray(self.transform(im) if self.transform else im, dtype=np.uint8)
+                im = D.load_image(p)
+                a = np.asarray(self.transform(im) if self.transform else im, dtype=np.uint8)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 warnings.warn(f"skipping unreadable image {p}: {e}")
                 self.skipped.append(str(p))
@@ -526,24 +541,29 @@ def load_source(path, transform=None):
         raise FileNotFoundError(f"{path}: no such file or folder")
     if not path.endswith(".npz"):
         raise ValueError(f"{path}: expected a folder of images or an .npz (ADM `arr_0` images or `mu`/`sigma` stats)")
+    if not zipfile.is_zipfile(path):  # np.load would try to unpickle it and say only that pickles are refused
+        raise _unreadable_npz(path, EOFError("no zip directory at its end"))
     src = {"path": path, "images": None}
-    with np.load(path) as data:
-        keys = set(data.files)
-        if "mu" not in keys and "arr_0" not in keys:
-            raise ValueError(f"{path}: found keys {sorted(keys)}; expected `arr_0` (uint8 images [N, H, W, 3], as "
-                             f"ADM writes them) or `mu` and `sigma` (Inception statistics)")
-        for mu, sigma in (("mu", "sigma"), ("mu_s", "sigma_s")):
-            if mu in keys and sigma not in keys:
-                raise ValueError(f"{path}: found `{mu}` but no `{sigma}`; statistics need both")
-        for key, shape in STAT_SHAPES.items():
-            if key in keys:  # a file's own statistics win over recomputing them from its `arr_0`
-                src[key] = data[key].astype(np.float64)
-                if src[key].shape != shape:
-                    raise ValueError(f"{path}: `{key}` has shape {src[key].shape}; expected {shape}")
-        if "pool3" in keys:
-            src["pool3"] = data["pool3"].astype(np.float32)
-    if "arr_0" in keys:
-        src["images"] = NpzImages(path)
+    try:
+        with np.load(path) as data:
+            keys = set(data.files)
+            if "mu" not in keys and "arr_0" not in keys:
+                raise ValueError(f"{path}: found keys {sorted(keys)}; expected `arr_0` (uint8 images [N, H, W, 3], "
+                                 f"as ADM writes them) or `mu` and `sigma` (Inception statistics)")
+            for mu, sigma in (("mu", "sigma"), ("mu_s", "sigma_s")):
+                if mu in keys and sigma not in keys:
+                    raise ValueError(f"{path}: found `{mu}` but no `{sigma}`; statistics need both")
+            for key, shape in STAT_SHAPES.items():
+                if key in keys:  # a file's own statistics win over recomputing them from its `arr_0`
+                    src[key] = data[key].astype(np.float64)
+                    if src[key].shape != shape:
+                        raise ValueError(f"{path}: `{key}` has shape {src[key].shape}; expected {shape}")
+            if "pool3" in keys:
+                src["pool3"] = data["pool3"].astype(np.float32)
+        if "arr_0" in keys:
+            src["images"] = NpzImages(path)
+    except NPZ_ERRORS as error:
+        raise _unreadable_npz(path, error) from error
     return src
 
 
@@ -570,7 +590,7 @@ def save_stats(src, out):
     arrays = {k: src[k] for k in STAT_SHAPES if k in src}
     if "pool3" in src:  # ADM's reference batches use 10k images for P/R; more would only grow the file
         arrays["pool3"] = np.asarray(src["pool3"][:PR_REFERENCE_SIZE], np.float32)
-    np.savez(out, **arrays)
+    D.save_npz(out, **arrays)
 
 
 # === Evaluation and command line ======================================================================
@@ -610,14 +630,14 @@ def psnr(a, b):
 
 
 @torch.no_grad()
-def reconstruction_scores(tokenizer_path, images_path, model, mode="adm", batch_size=50, device=None):
-    """rFID and mean PSNR (dB, on uint8) of a tokenizer's reconstructions against the centre-cropped originals."""
-    from alitok import load_tokenizer  # imported here: scoring samples must not need the tokenizer code
-    from data import center_crop_adm  # the training pipeline's crop: rFID sees what the tokenizer saw
+def reconstruction_scores(tokenizer, images_path, model, mode="adm", batch_size=50, device=None):
+    """rFID and mean PSNR (dB, on uint8) of a tokenizer module's reconstructions (encode -> decode, images in
+    [0, 1]) against the originals, ADM-centre-cropped to tokenizer.config.image_size; moves it to `device`."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tok = load_tokenizer(tokenizer_path).to(device).eval()
+    tok = tokenizer.to(device).eval()
     size = tok.config.image_size
-    crop = lambda pil, side: np.asarray(center_crop_adm(pil, side), dtype=np.uint8)
+    # the training pipeline's crop: rFID sees what the tokenizer saw
+    crop = lambda pil, side: np.asarray(D.center_crop_adm(pil, side), dtype=np.uint8)
     src = load_source(images_path, transform=lambda pil: crop(pil, size))
     images = src["images"]
     if images is None:
@@ -630,8 +650,7 @@ def reconstruction_scores(tokenizer_path, images_path, model, mode="adm", batch_
         if real.shape[1:3] != (size, size):  # npz images of another size: crop them like a folder's
             real = np.stack([crop(Image.fromarray(a), size) for a in real])
         x = torch.from_numpy(real).to(device).permute(0, 3, 1, 2).float() / 255  # B, 3, H, W in [0, 1]
-        rec = tok.decode(tok.encode(x)).clamp(0, 1)
-        rec = (rec * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # scored as saved images
+        rec = D.to_uint8(tok.decode(tok.encode(x)))  # scored as saved images: rounded uint8
         psnrs.append(psnr(real, rec))
         real_f.append(extract(model, real, mode, batch_size, device, progress=False)["pool3"])
         rec_f.append(extract(model, rec, mode, batch_size, device, progress=False)["pool3"])
@@ -647,10 +666,14 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", metavar="PATH", help="REF SAMPLES; or SOURCE with --save-stats; or IMAGES "
                    "with --recon")
-    p.add_argument("--inception", metavar="PTH", help=f"the FID Inception weights, {WEIGHTS_NAME} (required)")
+    p.add_argument("--inception", metavar="PTH", help=f"the FID Inception weights ({D.INCEPTION_WEIGHTS}); default: "
+                   f"the torch hub cache's copy, downloaded on first use")
+    p.add_argument("--offline", action="store_true", help=f"never download (as {D.OFFLINE_ENV}=1)")
     p.add_argument("--mode", choices=MODES, default="adm",
                    help="adm (default): TF1 bilinear resize and (x - 128) / 128, as the ADM evaluator and published "
                    "numbers; pytorch-fid: torch bilinear resize, as pytorch-fid")
+    p.add_argument("--precision", choices=DTYPES, default="fp32",
+                   help="fp32 (default; published numbers) or bf16 (faster where the hardware has bf16 units)")
     p.add_argument("--batch-size", type=int, default=50, help="images per forward pass (default 50)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--json", metavar="OUT.json", help="also write the results as JSON (null for n/a)")
@@ -659,8 +682,8 @@ def build_parser():
     return p
 
 
-def main(argv=None):
-    """Run the command line; returns the result dict."""
+def run(argv=None):
+    """The command line's work; returns the result dict (main() is its exit-status wrapper)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     n = len(args.paths)
@@ -668,23 +691,24 @@ def main(argv=None):
         parser.error("--recon takes one IMAGES path (a folder or npz of real images)")
     if not args.recon and n != 2 and not (args.save_stats and n == 1):
         parser.error("give REF and SAMPLES (or one SOURCE with --save-stats)")
-    if args.inception is None or not os.path.isfile(args.inception):
-        parser.error(_missing_weights_message(args.inception))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_inception(args.inception).to(device)
+    # every input is opened (and checked) before the first image is run through the network
+    tokenizer = alitok.load_tokenizer(args.recon) if args.recon else None
+    sources = [] if args.recon else [load_source(path) for path in args.paths]
+    model = load_inception(args.inception, args.offline, args.precision, device)
     common = dict(mode=args.mode, batch_size=args.batch_size, device=device)
     if args.recon:
-        result = reconstruction_scores(args.recon, args.paths[0], model, **common)
+        result = reconstruction_scores(tokenizer, args.paths[0], model, **common)
         rows = [("rFID", "rfid"), ("PSNR", "psnr")]
     else:
-        ref = complete(load_source(args.paths[0]), model, False, **common)
+        ref = complete(sources[0], model, False, **common)
         if args.save_stats:
             save_stats(ref, args.save_stats)
             print(f"saved statistics of {args.paths[0]} to {args.save_stats}", file=sys.stderr)
         if n == 1:
             result, rows = {"saved_stats": args.save_stats, "num_images": ref.get("n")}, []
         else:
-            smp = complete(load_source(args.paths[1]), model, True, **common)
+            smp = complete(sources[1], model, True, **common)
             result = scores(ref, smp, device) | {"mode": args.mode}
             rows = [("Inception Score", "inception_score"), ("FID", "fid"), ("sFID", "sfid"),
                     ("Precision", "precision"), ("Recall", "recall")]
@@ -693,10 +717,15 @@ def main(argv=None):
     for label, key in rows:
         print(f"{label}: {'n/a' if result[key] is None else result[key]}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        D.save_json(args.json, result | {"inception_precision": args.precision})
     return result
 
 
+def main(argv=None):
+    """Run the command line; 0 on success (bad input raises; data.cli turns it into a message and status 2)."""
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(D.cli(main))

@@ -3,6 +3,8 @@ the full-size checks. Sections follow the files: alitok.py, data.py, perceptual.
 Manifests and golden vectors come from reference/ in this repository: nothing is skipped in a plain clone."""
 import contextlib
 import functools
+import hashlib
+import http.server
 import json
 import math
 import os
@@ -11,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import types
 import zlib
@@ -752,13 +755,144 @@ def test_pretokenize_two_processes_matches_one(tmp_path):
 
 # ---------------------------------------------------------------- grid
 
+# ---------------------------------------------------------------- run folders and signals
+
+def test_run_folder_lock_refuses_a_live_holder_and_not_a_killed_one(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, data; lock = data.RunFolderLock(sys.argv[1])"
+                               ".__enter__(); print('held', flush=True); time.sleep(60)", str(tmp_path)],
+                              cwd=HERE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ValueError, match=f"in use by a live run \\(pid {holder.pid} on"):
+            D.RunFolderLock(str(tmp_path)).__enter__()
+    finally:
+        holder.kill()
+        holder.wait()
+    with D.RunFolderLock(str(tmp_path)):                    # the killed run's lock file is left, yet free
+        assert f"pid {os.getpid()}" in (tmp_path / ".lock").read_text()
+
+
+def test_stop_signals_turn_a_real_signal_into_a_request():
+    with D.StopSignals() as stop:
+        assert stop.received is None
+        os.kill(os.getpid(), signal.SIGTERM)                # a real signal, delivered to this process
+        assert stop.name == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # the old handler is back
+
+
 def test_save_grid(tmp_path):
     images = torch.rand(5, 3, 6, 7)
-    D.save_grid(images, str(tmp_path / "sub" / "grid.png"), nrow=3)
+    D.save_grid(images, str(tmp_path / "sub" / "grid.png"), nrow=3, min_side=1)
     grid = np.asarray(Image.open(tmp_path / "sub" / "grid.png"))
     assert grid.shape == (2 * 8 + 2, 3 * 9 + 2, 3)
     assert np.array_equal(grid[2:8, 11:18], (images[1] * 255).round().byte().permute(1, 2, 0).numpy())
     assert (grid[:2] == 0).all() and (grid[:, :2] == 0).all()
+
+
+def test_save_grid_enlarges_small_images_by_nearest_neighbour(tmp_path):
+    images = torch.rand(2, 3, 32, 32)
+    D.save_grid(images, str(tmp_path / "grid.png"), nrow=2)             # default: at least 128 px a side
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert grid.shape == (128 + 4, 2 * 130 + 2, 3)
+    first = (images[0] * 255).round().byte().permute(1, 2, 0).numpy()
+    assert np.array_equal(grid[2:130:4, 2:130:4], first) and np.array_equal(grid[5:130:4, 5:130:4], first)
+
+
+# ---------------------------------------------------------------- standard weight files (local server only)
+
+class _WeightRequests(http.server.BaseHTTPRequestHandler):
+    """Serves server.files {url path: bytes} and logs each GET in server.requests; 404 for anything else."""
+    timeout = 10  # seconds a connection may stall: no test can hang on the server
+
+    def do_GET(self):
+        self.server.requests.append(self.path)
+        body = self.server.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def weight_server(tmp_path, monkeypatch):
+    """A file server on 127.0.0.1 (shut down after the test); the hub cache in tmp_path, online mode."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.delenv(D.OFFLINE_ENV, raising=False)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _WeightRequests)
+    server.files, server.requests = {}, []
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(10)
+
+
+def serve_weights(server, monkeypatch, name, body, sha256=None):
+    """Serve `body` as the standard weight file `name`: its table entry points at the local server."""
+    server.files["/files/" + name] = body
+    url = f"http://127.0.0.1:{server.server_port}/files/{name}"
+    sha256 = sha256 or hashlib.sha256(body).hexdigest()
+    monkeypatch.setitem(D.STANDARD_WEIGHTS, name, D.WeightFile(url, sha256, "the tests", "the rest works"))
+
+
+def test_standard_weights_downloaded_once_then_cached_and_explicit_path_wins(weight_server, monkeypatch,
+                                                                              tmp_path):
+    body = os.urandom(3 << 20)  # three read chunks
+    serve_weights(weight_server, monkeypatch, "stand_in.pth", body)
+    cache = tmp_path / "torch_home" / "hub" / "checkpoints"
+    assert D.weights_cache() == str(cache)
+    first = D.standard_weights("stand_in.pth")
+    assert first == str(cache / "stand_in.pth") and Path(first).read_bytes() == body
+    assert weight_server.requests == ["/files/stand_in.pth"] and os.listdir(cache) == ["stand_in.pth"]
+    assert D.standard_weights("stand_in.pth") == first and len(weight_server.requests) == 1  # from the cache
+    mine = tmp_path / "mine.pth"
+    mine.write_bytes(b"not even the same file")  # an explicit path is not checked against the table's hash
+    assert D.standard_weights("stand_in.pth", mine) == str(mine)
+    with pytest.raises(FileNotFoundError, match="stand_in.pth"):
+        D.standard_weights("stand_in.pth", tmp_path / "absent.pth")  # a wrong path never falls back
+    assert len(weight_server.requests) == 1
+
+
+def test_standard_weights_wrong_hash_is_refused_and_leaves_no_file(weight_server, monkeypatch, tmp_path):
+    serve_weights(weight_server, monkeypatch, "stand_in-0123abcd.pth", b"changed upstream", sha256="0123abcd")
+    with pytest.raises(ValueError, match="SHA-256 .* expected 0123abcd.*deleted") as error:
+        D.standard_weights("stand_in-0123abcd.pth", progress=False)
+    assert D.weights_cache() in str(error.value)  # says where the right file would go
+    cache = tmp_path / "torch_home" / "hub" / "checkpoints"
+    assert os.listdir(cache) == [] and len(weight_server.requests) == 1
+    # a file in the cache that does not match is not ours: refused, left in place, nothing downloaded
+    (cache / "stand_in-0123abcd.pth").write_bytes(b"someone else's")
+    with pytest.raises(ValueError, match="Delete it"):
+        D.standard_weights("stand_in-0123abcd.pth")
+    assert (cache / "stand_in-0123abcd.pth").exists() and len(weight_server.requests) == 1
+    serve_weights(weight_server, monkeypatch, "gone.pth", b"")
+    weight_server.files.clear()  # its URL now answers 404
+    with pytest.raises(OSError, match="could not download gone.pth .*Not Found.* put it at"):
+        D.standard_weights("gone.pth")
+    assert not (cache / "gone.pth").exists()
+
+
+def test_standard_weights_offline_says_which_file_goes_where(weight_server, monkeypatch, tmp_path):
+    serve_weights(weight_server, monkeypatch, "stand_in.pth", b"weights")
+    cache = tmp_path / "torch_home" / "hub" / "checkpoints"
+    for offline in (True, "env"):
+        if offline == "env":
+            monkeypatch.setenv(D.OFFLINE_ENV, "1")
+        with pytest.raises(FileNotFoundError) as error:
+            D.standard_weights("stand_in.pth", offline=offline is True)
+        for words in ("stand_in.pth", str(cache), D.OFFLINE_ENV, "the rest works", "/files/stand_in.pth"):
+            assert words in str(error.value), words
+    assert weight_server.requests == []
+    mine = tmp_path / "mine.pth"
+    mine.write_bytes(b"x")
+    assert D.standard_weights("stand_in.pth", mine) == str(mine)  # offline, an explicit path still works
 
 
 # ===================================================================================================
@@ -1763,18 +1897,24 @@ def test_bench_runs_and_prints_a_table(capsys):
 
 
 @pytest.fixture(scope="module")
-def fid_inception():
-    """An FID Inception with the golden weights when ../shared exists, else a fixed random init."""
-    torch.manual_seed(0)
-    model = fid.FIDInception().eval()
-    return fill_(model, golden("inception.npz")[1])
+def fid_state():
+    """The FID Inception's state dict with the golden weights (salt from reference/golden/inception.npz)."""
+    return fill_(fid.FIDInception(), golden("inception.npz")[1]).state_dict()
 
 
 @pytest.fixture(scope="module")
-def fid_weights(fid_inception, tmp_path_factory):
-    """The inception's weights saved like pytorch-fid's release file (no num_batches_tracked)."""
-    path = tmp_path_factory.mktemp("weights") / fid.WEIGHTS_NAME
-    torch.save({k: v for k, v in fid_inception.state_dict().items() if "num_batches_tracked" not in k}, path)
+def fid_inception(fid_state):
+    """The golden-weight FID Inception in inference form (BatchNorm folded, channels_last), as loaded."""
+    model = fid.FIDInception()
+    model.load_state_dict(fid_state)
+    return fid.fold_batchnorm(model)
+
+
+@pytest.fixture(scope="module")
+def fid_weights(fid_state, tmp_path_factory):
+    """The golden weights saved like pytorch-fid's release file (no num_batches_tracked)."""
+    path = tmp_path_factory.mktemp("weights") / D.INCEPTION_WEIGHTS
+    torch.save({k: v for k, v in fid_state.items() if "num_batches_tracked" not in k}, path)
     return path
 
 
@@ -1902,29 +2042,47 @@ def test_inception_reproduces_golden_features(fid_inception, mode):
         assert _fid_rel_err(one_by_one[key], feats[key]) < 1e-5, key
 
 
+def test_inference_form_equals_the_batchnorm_network_and_bf16_stays_close(fid_state, fid_inception):
+    images = golden_inputs()["uint8_images"].numpy()
+    plain, bf16 = fid.FIDInception().eval(), fid.FIDInception()
+    for model in (plain, bf16):
+        model.load_state_dict(fid_state)
+    unfolded, folded = (fid.extract(m, images, progress=False) for m in (plain, fid_inception))
+    assert isinstance(fid_inception.Mixed_6d.branch1x1.bn, torch.nn.Identity)
+    for key in folded:
+        assert _fid_rel_err(folded[key], unfolded[key]) < 1e-5, key
+    fid.fold_batchnorm(bf16, "bf16")
+    assert next(bf16.parameters()).dtype == torch.bfloat16
+    low = fid.extract(bf16, images, progress=False)
+    assert all(low[k].dtype == np.float32 for k in low)
+    for key in low:  # bfloat16 keeps 8 bits of mantissa: about 1% per layer, not a drift
+        assert 1e-4 < _fid_rel_err(low[key], folded[key]) < 0.05, key
+
+
 # --- weights and inputs ------------------------------------------------------------------------------
 
 
-def test_load_inception_strictness(fid_inception, fid_weights, tmp_path):
-    state = fid_inception.state_dict()
+def test_load_inception_strictness(fid_state, fid_inception, fid_weights, tmp_path):
     model = fid.load_inception(fid_weights)  # without num_batches_tracked, like the release file
-    torch.testing.assert_close(model.fc.weight, state["fc.weight"])
     assert not model.training
-    with_counters = tmp_path / "with_counters.pth"
-    torch.save(state, with_counters)
-    torch.testing.assert_close(fid.load_inception(with_counters).Mixed_7c.branch_pool.bn.running_var,
-                               state["Mixed_7c.branch_pool.bn.running_var"])
-    missing = {k: v for k, v in state.items() if k != "Mixed_6d.branch1x1.bn.running_var"}
-    torch.save(missing, tmp_path / "missing.pth")
+    for loaded in (model, fid.load_inception(_fid_save(fid_state, tmp_path / "with_counters.pth"))):
+        for name, t in fid_inception.state_dict().items():
+            assert torch.equal(loaded.state_dict()[name], t), name
+    missing = {k: v for k, v in fid_state.items() if k != "Mixed_6d.branch1x1.bn.running_var"}
     with pytest.raises(ValueError, match="Mixed_6d.branch1x1.bn.running_var"):
-        fid.load_inception(tmp_path / "missing.pth")
-    torch.save({**state, "AuxLogits.fc.weight": torch.zeros(1)}, tmp_path / "extra.pth")
+        fid.load_inception(_fid_save(missing, tmp_path / "missing.pth"))
     with pytest.raises(ValueError, match="AuxLogits.fc.weight"):
-        fid.load_inception(tmp_path / "extra.pth")
-    with pytest.raises(FileNotFoundError) as err:
+        fid.load_inception(_fid_save({**fid_state, "AuxLogits.fc.weight": torch.zeros(1)}, tmp_path / "x.pth"))
+    with pytest.raises(FileNotFoundError, match=f"nowhere.pth.*{D.INCEPTION_WEIGHTS}"):
         fid.load_inception(tmp_path / "nowhere.pth")
-    for words in (fid.WEIGHTS_NAME, "pytorch-fid", "torch-fidelity", "sampling"):
-        assert words in str(err.value)
+    (tmp_path / "cut.pth").write_bytes(fid_weights.read_bytes()[:100_000])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        fid.load_inception(tmp_path / "cut.pth")
+
+
+def _fid_save(state, path):
+    torch.save(state, path)
+    return path
 
 
 @pytest.mark.parametrize("array, words", [
@@ -1982,7 +2140,7 @@ def test_cli_end_to_end_and_cached_statistics(fid_weights, tmp_path, capsys):
     np.savez(tmp_path / "samples.npz", arr_0=_fid_images(6, seed=2), arr_1=np.arange(6))
     common = ["--inception", str(fid_weights), "--device", "cpu"]
     # score, write JSON, and cache REF's statistics in the same run
-    out = fid.main([str(tmp_path / "ref.npz"), str(tmp_path / "samples.npz"), *common,
+    out = fid.run([str(tmp_path / "ref.npz"), str(tmp_path / "samples.npz"), *common,
                     "--json", str(tmp_path / "out.json"), "--save-stats", str(tmp_path / "stats.npz")])
     printed = capsys.readouterr().out
     assert printed.index("Inception Score") < printed.index("FID") < printed.index("sFID") \
@@ -1994,25 +2152,69 @@ def test_cli_end_to_end_and_cached_statistics(fid_weights, tmp_path, capsys):
     cached = np.load(tmp_path / "stats.npz")
     assert set(cached.files) == {"mu", "sigma", "mu_s", "sigma_s", "pool3"} and cached["pool3"].shape == (6, 2048)
     # the cache as REF gives the same numbers (P/R from its pool3)
-    again = fid.main([str(tmp_path / "stats.npz"), str(tmp_path / "samples.npz"), *common])
+    again = fid.run([str(tmp_path / "stats.npz"), str(tmp_path / "samples.npz"), *common])
     for key in ("inception_score", "fid", "sfid", "precision", "recall"):
         assert again[key] == pytest.approx(out[key], rel=1e-6, abs=1e-6), key
     # statistics without images as SAMPLES: IS, sFID and P/R are null, with warnings saying why
     np.savez(tmp_path / "mu_only.npz", mu=cached["mu"], sigma=cached["sigma"])
     with pytest.warns(UserWarning, match="Inception Score not computed"):
-        partial = fid.main([str(tmp_path / "stats.npz"), str(tmp_path / "mu_only.npz"), *common])
+        partial = fid.run([str(tmp_path / "stats.npz"), str(tmp_path / "mu_only.npz"), *common])
     assert partial["inception_score"] is None and partial["sfid"] is None and partial["precision"] is None
     assert abs(partial["fid"]) < 1e-3  # FID(a, a); not ~1e-12 only because 6 samples give a rank-5 covariance
     assert "n/a" in capsys.readouterr().out
 
 
-def test_cli_help_and_missing_weights(tmp_path, capsys):
+def test_cli_fetches_the_inception_on_first_use(fid_weights, weight_server, monkeypatch, tmp_path, capsys):
+    serve_weights(weight_server, monkeypatch, D.INCEPTION_WEIGHTS, fid_weights.read_bytes())
+    np.savez(tmp_path / "ref.npz", arr_0=_fid_images(2))
+    argv = [str(tmp_path / "ref.npz"), "--save-stats", str(tmp_path / "stats.npz"), "--device", "cpu"]
+    fid.run(argv)  # no --inception: downloaded into $TORCH_HOME, verified, used
+    assert weight_server.requests == [f"/files/{D.INCEPTION_WEIGHTS}"]
+    cached = tmp_path / "torch_home" / "hub" / "checkpoints" / D.INCEPTION_WEIGHTS
+    first = np.load(tmp_path / "stats.npz")["pool3"]
+    fid.run(argv + ["--offline"])  # from the cache: no second request, even offline
+    assert len(weight_server.requests) == 1 and np.array_equal(np.load(tmp_path / "stats.npz")["pool3"], first)
+    cached.unlink()
+    capsys.readouterr()
+    assert D.cli(fid.main, argv + ["--offline"]) == 2 and len(weight_server.requests) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert D.INCEPTION_WEIGHTS in err and str(cached.parent) in err and "--offline" in err
+
+
+def _fid_bad_inputs(tmp_path, fid_weights):
+    """{case: argv} of bad input that fid.py must refuse with one message, and the words it must say."""
+    good = tmp_path / "good.npz"
+    np.savez(good, arr_0=_fid_images(3))
+    np.savez(tmp_path / "nchw.npz", arr_0=np.zeros((3, 3, 8, 8), np.uint8))
+    (tmp_path / "cut.npz").write_bytes(good.read_bytes()[:300])
+    (tmp_path / "text.npz").write_text("not an npz")
+    (tmp_path / "cut.pth").write_bytes(fid_weights.read_bytes()[:100_000])
+    weights = ["--inception", str(fid_weights), "--device", "cpu"]
+    return {
+        "missing npz": ([str(tmp_path / "absent.npz"), str(good), *weights], "absent.npz"),
+        "truncated npz": ([str(good), str(tmp_path / "cut.npz"), *weights], "cut.npz: not a readable .npz"),
+        "not an npz": ([str(tmp_path / "text.npz"), str(good), *weights], "text.npz: not a readable .npz"),
+        "NCHW": ([str(good), str(tmp_path / "nchw.npz"), *weights], "NCHW"),
+        "corrupt weights": ([str(good), str(good), "--inception", str(tmp_path / "cut.pth")], "truncated or corrupt"),
+        "missing weights": ([str(good), str(good), "--inception", str(tmp_path / "no.pth")], D.INCEPTION_WEIGHTS),
+        "missing tokenizer": (["--recon", str(tmp_path / "tok.pt"), str(good), *weights], "tok.pt"),
+    }
+
+
+def test_cli_refuses_bad_input_with_one_message(fid_weights, tmp_path, capsys):
     with pytest.raises(SystemExit) as done:
         fid.main(["--help"])
     assert done.value.code == 0 and "--recon" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        fid.main(["a.npz", "b.npz", "--inception", str(tmp_path / "absent.pth")])
-    assert fid.WEIGHTS_NAME in capsys.readouterr().err
+    for case, (argv, words) in _fid_bad_inputs(tmp_path, fid_weights).items():
+        assert D.cli(fid.main, argv) == 2, case
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and words in err and "Traceback" not in err, (case, err)
+    # and as a program: exit status 2, the message, no traceback
+    argv, words = _fid_bad_inputs(tmp_path, fid_weights)["truncated npz"]
+    done = subprocess.run([sys.executable, str(HERE / "fid.py"), *argv], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2 and words in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
 class _FidStandInTokenizer(torch.nn.Module):
@@ -2031,15 +2233,14 @@ class _FidStandInTokenizer(torch.nn.Module):
 
 
 def test_rfid_mode_with_a_stand_in_tokenizer(fid_weights, tmp_path, monkeypatch):
-    stand_in = types.SimpleNamespace(load_tokenizer=lambda path: _FidStandInTokenizer())
-    monkeypatch.setitem(sys.modules, "alitok", stand_in)  # alitok.py may not exist yet
+    monkeypatch.setattr(alitok, "load_tokenizer", lambda path: _FidStandInTokenizer())
     folder = tmp_path / "real"
     folder.mkdir()
     for i, (h, w) in enumerate([(40, 30), (20, 50), (16, 16)]):  # mixed sizes: each is centre-cropped to 16
         Image.fromarray(_fid_images(1, h, w, seed=i)[0]).save(folder / f"{i}.png")
     np.savez(tmp_path / "real.npz", arr_0=_fid_images(3, 24, 20))
     for source in (folder, tmp_path / "real.npz"):
-        out = fid.main(["--recon", "tok.pth", str(source), "--inception", str(fid_weights), "--device", "cpu",
+        out = fid.run(["--recon", "tok.pth", str(source), "--inception", str(fid_weights), "--device", "cpu",
                         "--json", str(tmp_path / "recon.json")])
         saved = json.loads((tmp_path / "recon.json").read_text())
         assert saved["num_images"] == 3 and saved["image_size"] == 16
