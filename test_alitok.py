@@ -514,6 +514,19 @@ def test_center_crop_adm_box_halving(monkeypatch):
     assert [(c[1], c[2]) for c in calls] == [((64, 32), Image.BOX), ((64, 32), Image.BICUBIC)]
 
 
+# ---------------------------------------------------------------- training order
+
+def test_data_order_and_augmentation_keys():
+    steps = [D.global_batch_indices(20, 8, 0, s) for s in range(4)]
+    assert torch.equal(torch.cat(steps[:2]).sort().values.unique(), torch.cat(steps[:2]).sort().values)
+    assert not torch.equal(steps[0], steps[2])                   # a new permutation each epoch
+    shares = [list(D.StepBatches(20, 8, 0, 0, 1, r, 2))[0] for r in range(2)]
+    assert [i for i, _ in shares[0] + shares[1]] == steps[0].tolist()
+    assert [key for _, key in shares[0] + shares[1]] == [(0, 0, pos) for pos in range(8)]
+    with pytest.raises(ValueError, match="fewer than the global batch"):
+        D.global_batch_indices(5, 8, 0, 0)
+
+
 # ---------------------------------------------------------------- procedural shapes
 
 def test_shapes_deterministic_shapes_and_range():
@@ -1417,17 +1430,6 @@ def test_lr_schedules_match_the_original():
     c = train.parse_args(["--stage", "ar", "--preset", "B"])
     np.testing.assert_allclose([factor(c, s) for s in ar["lr_factor_steps"]], ar["lr_factor"], rtol=1e-9)
     assert train.lr_at(0, c) == ar["lr_at_step0"]
-
-
-def test_data_order_and_augmentation_keys():
-    steps = [train.global_batch_indices(20, 8, 0, s) for s in range(4)]
-    assert torch.equal(torch.cat(steps[:2]).sort().values.unique(), torch.cat(steps[:2]).sort().values)
-    assert not torch.equal(steps[0], steps[2])                   # a new permutation each epoch
-    shares = [list(train.StepBatches(20, 8, 0, 0, 1, r, 2))[0] for r in range(2)]
-    assert [i for i, _ in shares[0] + shares[1]] == steps[0].tolist()
-    assert [key for _, key in shares[0] + shares[1]] == [(0, 0, pos) for pos in range(8)]
-    with pytest.raises(ValueError, match="fewer than the global batch"):
-        train.global_batch_indices(5, 8, 0, 0)
 
 
 def test_generator_param_groups_and_optimizer_match_the_original():
