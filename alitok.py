@@ -7,6 +7,7 @@ KV-cached sampling with the power-cosine guidance schedule, and loading of the r
 """
 import math
 import os
+import weakref
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
@@ -146,6 +147,26 @@ def generator_config(preset="B", tokenizer=None, **overrides):
 # Tokenizer transformer blocks (Sec. 3, tokenizer architecture; TiTok-style ViT, pre-norm)
 # ----------------------------------------------------------------------------------------------------
 
+_packed = weakref.WeakKeyDictionary()   # nn.Linear -> ((data pointer, version, dtype) of its weight, packed copy)
+
+
+def linear(x, layer):
+    """layer(x) in the dtype the layer's weights are held in (see hold_weights): x is cast, the weights never are.
+
+    Without autograd on a CPU, a large weight is read from a copy in oneDNN's blocked layout, made once per
+    weight version: skinny products (a decode step multiplies 8 to 64 rows) run about twice as fast from it
+    as from the plain layout, which MKL re-packs at every call.
+    """
+    w, x = layer.weight, x.to(layer.weight.dtype)
+    if (x.device.type != "cpu" or torch.is_grad_enabled() or w.numel() < 2 ** 18    # small: MKL runs them well
+            or torch.compiler.is_compiling() or not torch.backends.mkldnn.is_available()):
+        return F.linear(x, w, layer.bias)
+    key, entry = (w.data_ptr(), w._version, w.dtype), _packed.get(layer)
+    if entry is None or entry[0] != key:
+        entry = _packed[layer] = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), 8))
+    return torch.ops.mkldnn._linear_pointwise(x, entry[1], layer.bias, "none", [], "")
+
+
 class Attention(nn.Module):
     """Multi-head attention with one packed [q | k | v] projection (names follow the released weights)."""
 
@@ -157,10 +178,10 @@ class Attention(nn.Module):
 
     def forward(self, x, causal=False):
         B, T, C = x.shape
-        q, k, v = self.in_proj(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = linear(x, self.in_proj).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
         # Attention in float32 whatever the autocast dtype, as the released code does.
         y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal)
-        return self.out_proj(y.to(x.dtype).transpose(1, 2).reshape(B, T, C))
+        return linear(y.to(x.dtype).transpose(1, 2).reshape(B, T, C), self.out_proj)
 
 
 class MLP(nn.Module):
@@ -170,7 +191,7 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * width, width)
 
     def forward(self, x):
-        return self.c_proj(F.gelu(self.c_fc(x)))
+        return linear(F.gelu(linear(x, self.c_fc)), self.c_proj)
 
 
 class Block(nn.Module):
@@ -419,12 +440,21 @@ def rotary_table(cfg: ARConfig):
     return torch.cat([torch.zeros(1, half, 2), table])
 
 
-def apply_rotary(x, table):
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, T, H, D] by table [T, D/2, 2]; float32 inside."""
-    xp = x.float().reshape(*x.shape[:-1], -1, 2)
-    cos, sin = table[:, None, :, 0], table[:, None, :, 1]
-    out = torch.stack([xp[..., 0] * cos - xp[..., 1] * sin, xp[..., 1] * cos + xp[..., 0] * sin], dim=-1)
-    return out.flatten(3).type_as(x)
+def rotary_factors(rope):
+    """rope [T, D/2, 2] -> (cos, sin) [T, 1, D] float32: each pair's cos twice, its sin as (-sin, +sin)."""
+    cos, sin = rope.unbind(-1)
+    return (cos.repeat_interleave(2, -1).unsqueeze(1),
+            torch.stack([-sin, sin], -1).flatten(-2).unsqueeze(1))
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, T, H, D] by the angles of rotary_factors; float32 inside.
+
+    Pair i becomes (x[2i] cos - x[2i+1] sin, x[2i+1] cos + x[2i] sin), as the released code computes it.
+    """
+    xf = x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)     # (x[2i+1], x[2i]) per pair
+    return (xf * cos + swapped * sin).type_as(x)
 
 
 class RMSNorm(nn.Module):
@@ -433,24 +463,44 @@ class RMSNorm(nn.Module):
         self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).type_as(x) * self.weight
 
 
 class KVCache(nn.Module):
-    """One layer's keys and values, preallocated [B, H, T_max, D] and written at explicit positions."""
+    """One layer's keys and values for B sequences of up to T_max positions, written at explicit positions.
 
-    def __init__(self, batch, heads, max_len, head_dim, dtype, device):
+    Stored [B, H, T_max, D], the layout GPU attention kernels read; on a CPU position-major [T_max, B, H, D],
+    so that the filled part is one contiguous block that one-query attention streams through.
+    """
+
+    def __init__(self, batch, heads, max_len, head_dim, dtype, device, position_major=None):
         super().__init__()
-        shape = (batch, heads, max_len, head_dim)
+        self.position_major = torch.device(device).type == "cpu" if position_major is None else position_major
+        shape = (max_len, batch, heads, head_dim) if self.position_major else (batch, heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        for buffer in (self.k, self.v):    # written in place by captured CUDA graphs: their address must not move
+            torch._dynamo.mark_static_address(buffer)
 
     def update(self, pos, k, v):
-        """Write k, v [B, H, len(pos), D] at positions pos; return the whole cache."""
-        self.k[:, :, pos] = k.to(self.k.dtype)      # under autocast k (after the norms) and v differ
-        self.v[:, :, pos] = v.to(self.v.dtype)
-        return self.k, self.v
+        """Write k, v [B, H, len(pos), D] at positions pos."""
+        for cache, new in ((self.k, k), (self.v, v)):
+            if self.position_major:
+                cache.index_copy_(0, pos, new.permute(2, 0, 1, 3).to(cache.dtype))
+            else:
+                cache.index_copy_(2, pos, new.to(cache.dtype))
+
+    def attend(self, q, mask):
+        """Softmax attention of q [B, H, T, D] over the first n cache positions, plus the additive mask [T, n]."""
+        n, q = mask.shape[-1], q.to(self.k.dtype)
+        if not self.position_major:
+            return F.scaled_dot_product_attention(q, self.k[:, :, :n], self.v[:, :, :n], attn_mask=mask.to(q.dtype))
+        k, v = self.k[:n], self.v[:n]                                      # n, B, H, D
+        if q.shape[2] > 1:
+            return F.scaled_dot_product_attention(q, k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), attn_mask=mask)
+        # One query: streaming products beat the CPU kernel's per-head tiny matrix products.
+        scores = (k * q[:, :, 0]).sum(-1) * q.shape[-1] ** -0.5 + mask[0, :, None, None]   # n, B, H
+        return (scores.softmax(0).unsqueeze(-1) * v).sum(0).unsqueeze(2)                     # B, H, 1, D
 
 
 class SelfAttention(nn.Module):
@@ -462,21 +512,21 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.width, cfg.width)
         self.cache = None
 
-    def forward(self, x, rope, pos=None):
-        """x [B, T, C]; rope [T, D/2, 2]; pos: None (causal over x) or the T cache positions x occupies."""
+    def forward(self, x, rope, pos=None, mask=None):
+        """x [B, T, C]; rope: rotary_factors for the T positions; pos: None (causal over x) or the T cache
+        positions x occupies, then the additive mask [T, n] (0 or -inf) covers the first n cache positions."""
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, self.head_dim).unbind(2)
-        q, k = apply_rotary(self.q_norm(q), rope), apply_rotary(self.k_norm(k), rope)
+        q, k, v = linear(x, self.qkv).view(B, T, 3, self.heads, self.head_dim).unbind(2)
+        q, k = apply_rotary(self.q_norm(q), *rope), apply_rotary(self.k_norm(k), *rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))     # B, H, T, D
         if pos is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+            y = F.scaled_dot_product_attention(q, k, v.to(q.dtype), is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)
         else:
-            k, v = self.cache.update(pos, k, v)
-            mask = torch.arange(k.shape[2], device=x.device) <= pos[:, None]          # T, T_max
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        y = self.proj(y.transpose(1, 2).reshape(B, T, C))
-        return F.dropout(y, self.dropout, self.training)
+            self.cache.update(pos, k, v)
+            y = self.cache.attend(q, mask)
+        y = linear(y.transpose(1, 2).reshape(B, T, C), self.proj)
+        return F.dropout(y, self.dropout, self.training) if self.training else y
 
 
 class SwiGLU(nn.Module):
@@ -489,7 +539,8 @@ class SwiGLU(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x):
-        return F.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)), self.dropout, self.training)
+        y = linear(F.silu(linear(x, self.w1)) * linear(x, self.w3), self.w2)
+        return F.dropout(y, self.dropout, self.training) if self.training else y
 
 
 class ARBlock(nn.Module):
@@ -498,8 +549,8 @@ class ARBlock(nn.Module):
         self.norm1, self.attn = RMSNorm(cfg.width), SelfAttention(cfg)
         self.norm2, self.mlp = RMSNorm(cfg.width), SwiGLU(cfg)
 
-    def forward(self, x, rope, pos=None):
-        x = x + self.attn(self.norm1(x), rope, pos)
+    def forward(self, x, rope, pos=None, mask=None):
+        x = x + self.attn(self.norm1(x), rope, pos, mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -512,6 +563,7 @@ class Generator(nn.Module):
         self.norm = RMSNorm(cfg.width)
         self.output = nn.Linear(cfg.width, cfg.codebook_size)
         self.register_buffer("rope", rotary_table(cfg), persistent=False)
+        self.attend_block = 1   # decode steps attend to the filled cache rounded up to a multiple of this
         self.apply(self._init)
         nn.init.zeros_(self.output.weight)
 
@@ -527,13 +579,20 @@ class Generator(nn.Module):
         check_classes(classes.tolist(), self.config.num_classes, allow_null=True)
         return torch.where(classes < 0, self.config.null_class, classes + self.config.codebook_size + 1)
 
-    def run(self, ids, pos=None):
-        """Token ids [B, T] at sequence positions pos (default 0..T-1) -> logits [B, T, codebook] in float32."""
-        x = F.dropout(self.embeddings(ids), self.config.token_dropout, self.training)
-        rope = self.rope[:ids.shape[1]] if pos is None else self.rope[pos]
+    def run(self, ids, pos=None, length=None):
+        """Token ids [B, T] -> logits [B, T, codebook] in float32. pos None: positions 0..T-1, causal, no cache.
+        Else the T cache positions of ids; each token sees the cache up to itself within its first `length`."""
+        x = self.embeddings(ids)
+        if self.training:
+            x = F.dropout(x, self.config.token_dropout, True)
+        mask = None
+        if pos is not None:                                   # additive: 0 where a token sees a position, else -inf
+            later = torch.arange(length, device=ids.device) > pos[:, None]
+            mask = torch.zeros(later.shape, device=ids.device).masked_fill(later, float("-inf"))    # T, length
+        rope = rotary_factors(self.rope[:ids.shape[1]] if pos is None else self.rope[pos])
         for block in self.blocks:
-            x = block(x, rope, pos)
-        return self.output(self.norm(x)).float()
+            x = block(x, rope, pos, mask)
+        return linear(self.norm(x), self.output).float()
 
     def forward(self, codes, classes):
         """Teacher forcing: codes [B, T'] (T' <= n_tokens), classes [B] -> logits [B, T', codebook]; i predicts code i."""
@@ -546,69 +605,96 @@ class Generator(nn.Module):
     # ---------------- KV-cached sampling (Sec. 4, sampling with the power-cosine schedule) ----------------
 
     def setup_cache(self, batch, dtype=None):
-        """Preallocate every layer's KV cache for `batch` sequences of 1 + n_tokens positions."""
-        p = self.output.weight
+        """Preallocate every layer's KV cache for `batch` sequences of 1 + n_tokens positions (a cache of that
+        shape is kept: compiled decoding captured its address). dtype: float32 on a CPU, whose bfloat16
+        attention is slower than its float32 one, else the dtype the weights are held in."""
+        w = self.blocks[0].attn.qkv.weight
+        dtype = dtype or (torch.float32 if w.device.type == "cpu" else w.dtype)
+        shape = (batch, self.config.heads, self.config.n_tokens + 1, self.config.head_dim)
         for block in self.blocks:
-            block.attn.cache = KVCache(batch, self.config.heads, self.config.n_tokens + 1,
-                                       self.config.head_dim, dtype or p.dtype, p.device)
+            cache = block.attn.cache
+            if cache is None or cache.k.dtype != dtype or cache.k.numel() != math.prod(shape):
+                block.attn.cache = KVCache(*shape, dtype, w.device)
+
+    def free_cache(self):
+        """Drop every layer's KV cache."""
+        for block in self.blocks:
+            block.attn.cache = None
 
     def prefill(self, ids):
-        """Run the first tokens [B, T0] into empty caches; logits [B, codebook] of the last one."""
-        return self.run(ids, torch.arange(ids.shape[1], device=ids.device))[:, -1]
+        """Run the first tokens [B, T0] into the caches at positions 0..T0-1; logits [B, codebook] of the last."""
+        return self.run(ids, torch.arange(ids.shape[1], device=ids.device), ids.shape[1])[:, -1]
 
-    def decode_one_token(self, ids, pos):
-        """One new token [B, 1] at sequence position pos (a 1-element long tensor) -> logits [B, codebook]."""
-        return self.run(ids, pos)[:, -1]
+    def decode_one_token(self, ids, pos, length):
+        """One new token [B, 1] at cache position pos (a 1-element long tensor), attending over the first
+        `length` > pos cache positions (later ones masked) -> logits [B, codebook]."""
+        return self.run(ids, pos, length)[:, -1]
 
     @torch.no_grad()
     def generate(self, classes, cfg_scale=None, cfg_power=None, temperature=1.0, top_k=0, top_p=1.0,
-                 generator=None, seeds=None, use_cache=True, max_tokens=None):
-        """Sample codes [B, n_tokens] (or the first max_tokens of them) for class indices [B].
+                 generator=None, seeds=None):
+        """Sample codes [B, n_tokens] for class indices [B]: prefill the class token, then one decode step per code.
 
-        Guidance follows the power-cosine schedule (cfg_schedule); scale 1 runs no unconditional half.
-        Randomness: one uniform per sample and step, from `seeds` (one int per sample: the result does not
-        depend on batch composition) or else from `generator`. temperature 0 means argmax.
+        Guidance follows the power-cosine schedule (cfg_schedule): the conditional and unconditional sequences
+        run as one doubled batch; scale 1 runs no unconditional half. Randomness: one uniform per sample and
+        step, from `seeds` (one int per sample: the result does not depend on batch composition) or else
+        from `generator`. temperature 0 means argmax.
         """
         cfg = self.config
         g = cfg.cfg_scale if cfg_scale is None else cfg_scale
         p = cfg.cfg_power if cfg_power is None else cfg_power
-        classes = torch.as_tensor(classes, device=self.output.weight.device).long()
+        device = self.output.weight.device
+        classes = torch.as_tensor(classes, device=device).long()
         B, T = len(classes), cfg.n_tokens
-        u = sample_uniforms(B, T, generator, seeds).to(classes.device)
+        u = sample_uniforms(B, T, generator, seeds).to(device)
         ids = self.class_ids(classes)[:, None]
-        if g != 1.0:                                       # the CFG pair as one doubled batch
+        if g != 1.0:
             ids = torch.cat([ids, torch.full_like(ids, cfg.null_class)])
-        codes = torch.zeros(B, T, dtype=torch.long, device=classes.device)
-        step = self._cached_steps(ids) if use_cache else self._uncached_steps(ids, codes)
-        logits = next(step)
-        n = T if max_tokens is None else min(max_tokens, T)
-        for s in range(n):
+        codes = torch.zeros(B, T, dtype=torch.long, device=device)
+        positions, block = torch.arange(T + 1, device=device), self.attend_block   # positions: no copy per step
+        self.setup_cache(len(ids))
+        logits = self.prefill(ids)
+        for s in range(T):
             if g != 1.0:
                 cond, uncond = logits.chunk(2)
                 logits = uncond + cfg_schedule(s, T, g, p) * (cond - uncond)
             codes[:, s] = sample_token(logits, u[:, s], temperature, top_k, top_p)
-            if s + 1 < n:
-                logits = step.send(codes[:, s:s + 1].repeat(ids.shape[0] // B, 1))
-        step.close()                                       # frees the KV cache
-        return codes[:, :n]
+            if s + 1 < T:
+                token = codes[:, s:s + 1].repeat(len(ids) // B, 1)
+                length = min(-(-(s + 2) // block) * block, T + 1)
+                logits = self.decode_one_token(token, positions[s + 1:s + 2], length)
+        if block == 1:                                         # compiled steps keep theirs: graphs hold its address
+            self.free_cache()
+        return codes
 
-    def _cached_steps(self, ids):
-        """Coroutine: yields logits for the next token; receives each sampled token [B', 1]."""
-        self.setup_cache(ids.shape[0], self.embeddings.weight.dtype)
-        try:
-            token = yield self.prefill(ids)
-            for s in range(1, self.config.n_tokens):
-                token = yield self.decode_one_token(token, torch.tensor([s], device=ids.device))
-        finally:
-            for block in self.blocks:
-                block.attn.cache = None
 
-    def _uncached_steps(self, ids, codes):
-        """The naive baseline: recompute the whole prefix at every step (no cache)."""
-        seq = ids
-        while True:
-            token = yield self.run(seq)[:, -1]
-            seq = torch.cat([seq, token], dim=1)
+def compile_decode(generator, block=None):
+    """torch.compile the one-token decode step; on a GPU each step replays a captured CUDA graph. Steps attend
+    over the filled cache rounded up to a multiple of `block` positions (default: the whole cache, one fixed
+    shape); a smaller block reads less of the cache at the price of one graph per shape. Callers pad batches
+    to one size."""
+    mode = "reduce-overhead" if generator.output.weight.device.type == "cuda" else None
+    step = torch.compile(generator.decode_one_token, mode=mode, fullgraph=True,
+                         dynamic=False if block is None else None)   # block: recompiled once, shapes symbolic
+
+    def decode_one_token(ids, pos, length):
+        torch.compiler.cudagraph_mark_step_begin()     # the last step's logits are used up: its buffers may be reused
+        return step(ids, pos, length)
+    generator.attend_block, generator.decode_one_token = block or generator.rope.shape[0], decode_one_token
+    return generator
+
+
+def hold_weights(model, dtype):
+    """Hold the matmul weights of every transformer block (Generator and Tokenizer) in dtype, cast once: bfloat16
+    halves what each step reads. Norms, embeddings, output heads and the rotary table stay float32; linear()
+    casts each product's input; the residual stream, logits, guidance and sampling stay float32 (attention
+    runs in the KV cache's dtype: float32 on a CPU, the weights' on a GPU)."""
+    for block in model.modules():
+        if isinstance(block, (Block, ARBlock)):
+            for layer in block.modules():
+                if isinstance(layer, nn.Linear):
+                    layer.to(dtype)
+    return model
 
 
 def check_classes(classes, num_classes, allow_null=False):
@@ -628,7 +714,8 @@ def sample_uniforms(batch, n_steps, generator=None, seeds=None):
     """Uniforms [batch, n_steps] in [0, 1): per-sample streams from seeds, else one stream from generator."""
     if seeds is None:
         return torch.rand(batch, n_steps, generator=generator)
-    assert len(seeds) == batch, "one seed per sample"
+    if len(seeds) != batch:
+        raise ValueError(f"one seed per sample: got {len(seeds)} seeds for {batch} samples")
     return torch.stack([torch.rand(n_steps, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 

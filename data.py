@@ -12,6 +12,7 @@ uint8 npz arrays. Image items are (image float [3, H, W] in [0, 1], label int); 
 """
 import colorsys
 import fcntl
+import functools
 import hashlib
 import http.client
 import json
@@ -404,6 +405,43 @@ def _spaced_indices(n_total, n):
     if n is None or n >= n_total:
         return np.arange(n_total)
     return np.arange(n) * n_total // n
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training order: each step's global batch and its items' augmentation keys, functions of (seed, step)
+# ----------------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=2)
+def epoch_permutation(n, seed, epoch):
+    """The order of the n items in an epoch: a function of (seed, epoch), so resume reproduces it."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def global_batch_indices(n, global_batch, seed, step):
+    """Dataset indices [global_batch] of a step: epoch permutations, drop last, one epoch after another."""
+    per_epoch = n // global_batch
+    if per_epoch == 0:
+        raise ValueError(f"the dataset has {n} items, fewer than the global batch {global_batch}; "
+                         f"lower --batch-size or use more images")
+    epoch, j = divmod(step, per_epoch)
+    return epoch_permutation(n, seed, epoch)[j * global_batch:(j + 1) * global_batch]
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """This rank's share of each step's global batch, steps start..stop-1, as dataset items (index, key):
+    key = (seed, step, position in the global batch) seeds the item's augmentation (data.split_item)."""
+
+    def __init__(self, n, global_batch, seed, start, stop, rank, world):
+        self.n, self.gb, self.seed, self.start, self.stop = n, global_batch, seed, start, stop
+        self.share = range(rank * global_batch // world, (rank + 1) * global_batch // world)
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            indices = global_batch_indices(self.n, self.gb, self.seed, step).tolist()
+            yield [(indices[pos], (self.seed, step, pos)) for pos in self.share]
+
+    def __len__(self):
+        return self.stop - self.start
 
 
 # ----------------------------------------------------------------------------------------------------

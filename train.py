@@ -1,15 +1,16 @@
 """Training: tokenizer stage 1 (causal decoder), stage 2 (bidirectional decoder), and the generator.
 
-    python train.py --stage 1                       # tiny tokenizer on the built-in shapes, 2 CPU cores, minutes
-    python train.py --stage 2                       # stage 2 from the stage-1 checkpoint (the decoder carries over)
-    python train.py --stage ar                      # tiny generator on ten-crop pre-tokenized codes
+    python train.py --stage 1           # tiny tokenizer on the built-in shapes, 2 CPU cores, minutes
+    python train.py --stage 2           # stage 2 from the stage-1 checkpoint (the decoder carries over)
+    python train.py --stage ar          # tiny generator on ten-crop pre-tokenized codes
     torchrun --nproc_per_node=8 train.py --stage 1 --preset alitok --data /imagenet/train ...
     python train.py --stage 1 --preset alitok --help    # every flag with the paper's value
 
 Each step computes what the original training code computes (reference/golden/train_*.npz): optimizers,
 loss arithmetic in float32, the discriminator, the clustering codebook update, the stage-2 start from the
 stage-1 decoder. One file holds model, optimizers, discriminator, step, RNG states and config; it is written
-atomically and `--resume` continues bit for bit (data order and augmentations are functions of (seed, step)).
+atomically, and `--resume` continues bit for bit (data order and augmentations are functions of (seed,
+step)).
 """
 import argparse
 import contextlib
@@ -77,7 +78,7 @@ SCHEDULE = [  # (flag, type, help)
     ("weight_decay", float, "AdamW decoupled weight decay"),
     ("grad_clip", float, "gradient-norm clipping (0: none)"),
     ("lpips_until", int, "tokenizer: LPIPS 1.0 + ConvNeXt 0.1 before this step, ConvNeXt 1.0 after"),
-    ("gan_start", int, "tokenizer: GAN from this step, discriminator and tokenizer steps alternating (-1: off)"),
+    ("gan_start", int, "tokenizer: GAN from this step, D and tokenizer steps alternating (-1: off)"),
     ("log_every", int, "steps between metrics lines"),
     ("image_every", int, "steps between picture grids"),
     ("ckpt_every", int, "steps between checkpoints"),
@@ -118,7 +119,7 @@ def parse_args(argv=None):
                    help="checkpoint and exit after this many steps of this run (time-limited jobs)")
     s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     s.add_argument("--precision", choices=["fp32", "bf16"], default=None,
-                   help="autocast of the trained model (the losses stay float32); default bf16 on cuda, fp32 on cpu")
+                   help="autocast of the trained model (losses stay float32); default bf16 on cuda, else fp32")
     s.add_argument("--workers", type=int, default=0, help="DataLoader workers per process")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--offline", action="store_true", help=f"never download weight files (as {data.OFFLINE_ENV}=1)")
@@ -139,7 +140,8 @@ def add_tokenizer_flags(p, stage):
     l.add_argument("--aux-weight", type=float, default=10.0, help="aux prefix loss weight, times n_prefix/n_image "
                    "(paper 10)")
     l.add_argument("--disc-weight", type=float, default=0.1, help="discriminator hinge loss weight (paper 0.1)")
-    l.add_argument("--gan-weight", type=float, default=0.1 * 0.05, help="tokenizer adversarial weight (paper 0.005)")
+    l.add_argument("--gan-weight", type=float, default=0.1 * 0.05,
+                   help="tokenizer adversarial weight (paper 0.005)")
     if stage == "1":
         a = p.add_argument_group("ablations (stage 1)")
         a.add_argument("--decoder", choices=["causal", "bidirectional"], default="causal",
@@ -159,14 +161,15 @@ def add_generator_flags(p, stage):
     a = p.add_argument_group("generator")
     a.add_argument("--tokenizer", default=os.path.join("runs", "stage2", "tokenizer.pt"),
                    help="tokenizer checkpoint (default: %(default)s)")
-    a.add_argument("--codes", default=None, help="pre-tokenized codes npz, made if missing (default: <out>/codes.npz)")
+    a.add_argument("--codes", default=None,
+                   help="pre-tokenized codes npz, made if missing (default: <out>/codes.npz)")
     a.add_argument("--dropout", type=float, default=None, help="attention/FFN/residual dropout (paper 0.1)")
     a.add_argument("--token-dropout", type=float, default=None, help="input embedding dropout (paper 0.1)")
     a.add_argument("--class-dropout", type=float, default=None, help="null-class probability (paper 0.1)")
 
 
 # ----------------------------------------------------------------------------------------------------
-# Pure pieces: learning rate, data order, parameter groups, optimizers
+# Pure pieces: learning rate, parameter groups, optimizers
 # ----------------------------------------------------------------------------------------------------
 
 def lr_at(step, args):
@@ -186,43 +189,6 @@ def set_lr(optimizers, lr):
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = lr
-
-
-def step_generator(seed, step, stream):
-    """A torch.Generator for one (seed, step, stream): randomness that resume reproduces exactly."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 7 + stream)
-
-
-@functools.lru_cache(maxsize=2)
-def epoch_permutation(n, seed, epoch):
-    return torch.randperm(n, generator=step_generator(seed, epoch, 0))
-
-
-def global_batch_indices(n, global_batch, seed, step):
-    """Dataset indices [global_batch] of a step: epoch permutations, drop last, one epoch after another."""
-    per_epoch = n // global_batch
-    if per_epoch == 0:
-        raise ValueError(f"the dataset has {n} items, fewer than the global batch {global_batch}; "
-                         f"lower --batch-size or use more images")
-    epoch, j = divmod(step, per_epoch)
-    return epoch_permutation(n, seed, epoch)[j * global_batch:(j + 1) * global_batch]
-
-
-class StepBatches(torch.utils.data.Sampler):
-    """This rank's share of each step's global batch, steps start..stop-1, as dataset items (index, key):
-    key = (seed, step, position in the global batch) seeds the item's augmentation (data.split_item)."""
-
-    def __init__(self, n, global_batch, seed, start, stop, rank, world):
-        self.n, self.gb, self.seed, self.start, self.stop = n, global_batch, seed, start, stop
-        self.share = range(rank * global_batch // world, (rank + 1) * global_batch // world)
-
-    def __iter__(self):
-        for step in range(self.start, self.stop):
-            indices = global_batch_indices(self.n, self.gb, self.seed, step).tolist()
-            yield [(indices[pos], (self.seed, step, pos)) for pos in self.share]
-
-    def __len__(self):
-        return self.stop - self.start
 
 
 def trainable(model):
@@ -286,7 +252,7 @@ def carry_over(model, state, names=None):
     own = model.state_dict()
     loaded = [k for k, v in own.items() if k in state and state[k].shape == v.shape
               and (names is None or k.startswith(names))]
-    new = [k for k in own if k not in set(loaded)]
+    new = sorted(set(own) - set(loaded), key=list(own).index)
     dropped = [k for k in state if k not in own]
     alitok.load_strict(model, {**own, **{k: state[k] for k in loaded}})
     return loaded, new, dropped
@@ -414,8 +380,9 @@ def discriminator_step(t, images):
         fake = t.forward(images)["recon"]
     loss, real, fake_logits = discriminator_loss(t.disc_ddp, images, fake, t.args.disc_weight)
     update(t.disc_opt, list(t.disc.parameters()), loss, t.args.grad_clip)
+    no_codes = torch.zeros(0, dtype=torch.long, device=images.device)
     return {"loss": loss.detach(), "d_loss": loss.detach(), "d_real": real.detach().mean(),
-            "d_fake": fake_logits.detach().mean(), "codes": torch.zeros(0, dtype=torch.long, device=images.device)}
+            "d_fake": fake_logits.detach().mean(), "codes": no_codes}
 
 
 def loss_file(name, path, args, switch_off):
@@ -447,21 +414,32 @@ def loss_networks(args, device, log):
     return convnext, lp
 
 
-def setup_tokenizer(args, device, world, autocast, log):
-    """Stage 1 or 2: the tokenizer (stage 2 from the stage-1 checkpoint), the loss networks, the
-    discriminator, their optimizers, and the images in the tokenizer's training view."""
-    if args.stage == "1":
-        model, first = stage1_tokenizer(args).to(device), None
-        forward = functools.partial(stage1_forward, wrap(model, device, world), autocast)
-    else:
-        model, first = stage2_tokenizer(args, log)
-        model = model.to(device)
-        forward = functools.partial(stage2_forward, model, wrap(model.decoder, device, world), autocast)
+def setup_stage1(args, device, world, autocast, log):
+    """Stage 1: a new tokenizer (with the ablations asked for), trained end to end."""
+    model = stage1_tokenizer(args).to(device)
+    forward = functools.partial(stage1_forward, wrap(model, device, world), autocast)
+    return tokenizer_run(args, model, forward, None, device, world, log, finish=lambda: None)
+
+
+def setup_stage2(args, device, world, autocast, log):
+    """Stage 2: the tokenizer and discriminator of the stage-1 checkpoint, the decoder trained on the frozen
+    codes; at the end the tokenizer in the released inference layout (<out>/tokenizer.pt)."""
+    model, first = stage2_tokenizer(args, log)
+    model = model.to(device)
+    forward = functools.partial(stage2_forward, model, wrap(model.decoder, device, world), autocast)
+    path, disc_state = os.path.join(args.out, "tokenizer.pt"), first.get("modules", {}).get("discriminator")
+    return tokenizer_run(args, model, forward, disc_state, device, world, log,
+                         finish=lambda: data.save_checkpoint(alitok.checkpoint(model), path))
+
+
+def tokenizer_run(args, model, forward, disc_state, device, world, log, finish):
+    """What the loop needs for a tokenizer stage: loss networks, the discriminator (from disc_state if given),
+    the optimizers, and the images in the tokenizer's training view."""
     disc = None
     if args.gan_start >= 0:
         disc = perceptual.Discriminator(**DISCRIMINATORS[args.preset]).to(device)
-        if first is not None and (first.get("modules") or {}).get("discriminator") is not None:
-            alitok.load_strict(disc, first["modules"]["discriminator"], source=args.init)
+        if disc_state is not None:
+            alitok.load_strict(disc, disc_state, source=args.init)
             log.info(f"stage 2: the discriminator carries over from {args.init}")
     t = tokenizer_training(model, forward, loss_networks(args, device, log), args, disc,
                            disc and wrap(disc, device, world))
@@ -469,8 +447,6 @@ def setup_tokenizer(args, device, world, autocast, log):
                                  max_bad_fraction=args.max_bad_fraction)
     fixed = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))])   # ADM centre crops
     optimizers = {"model": t.opt} | ({"discriminator": t.disc_opt} if disc is not None else {})
-    finish = (lambda: data.save_checkpoint(alitok.checkpoint(model), os.path.join(args.out, "tokenizer.pt"))
-              ) if args.stage == "2" else (lambda: None)
     return Run(model, functools.partial(tokenizer_step, t), optimizers, dataset, model.config.codebook_size,
                pictures=functools.partial(reconstructions, model, fixed), finish=finish,
                modules={"discriminator": disc} if disc is not None else {})
@@ -571,7 +547,7 @@ class Run:
     saved: dict = field(default_factory=dict)     # other checkpoint entries
 
 
-SETUPS = {"1": setup_tokenizer, "2": setup_tokenizer, "ar": setup_generator}
+SETUPS = {"1": setup_stage1, "2": setup_stage2, "ar": setup_generator}
 
 
 def main(argv=None):
@@ -611,7 +587,7 @@ def train_loop(run, args, start, ckpt, where, log, signals):
     signal (checkpoint written either way). (steps done, the agreed signal number or 0)."""
     rank, world, device = where
     done, signum = start, 0
-    batches = StepBatches(len(run.dataset), args.batch_size, args.seed, start, args.steps, rank, world)
+    batches = data.StepBatches(len(run.dataset), args.batch_size, args.seed, start, args.steps, rank, world)
     loader = iter(torch.utils.data.DataLoader(run.dataset, batch_sampler=batches, num_workers=args.workers,
                                               pin_memory=device.type == "cuda", collate_fn=collate,
                                               generator=torch.Generator()))  # leaves the global RNG alone
