@@ -643,6 +643,41 @@ def test_npz_bad_layouts(tmp_path, arrays, message):
         D.build_dataset(str(tmp_path / "bad.npz"), 8)
 
 
+# ---------------------------------------------------------------- the held-out split
+
+def test_heldout_split_prefers_the_sources_own_split(tmp_path):
+    x_test = np.full((3, 16, 16, 3), 7, np.uint8)
+    write_npz(tmp_path / "test.npz", n=6, side=16, x_test=x_test, y_test=np.array([0, 1, 2]))
+    train_part, heldout = D.heldout_split(str(tmp_path / "test.npz"), 16)
+    assert len(train_part) == 6 and len(heldout) == 3 and np.array_equal(heldout.images, x_test)
+    write_npz(tmp_path / "val.npz", n=6, side=16, x_val=x_test[:2], y_val=np.array([0, 1]))
+    assert len(D.heldout_split(str(tmp_path / "val.npz"), 16)[1]) == 2           # x_val when no x_test
+    make_folder(tmp_path / "imagenet" / "train", 3, 0)
+    make_folder(tmp_path / "imagenet" / "val", 1, 0)
+    train_part, heldout = D.heldout_split(str(tmp_path / "imagenet" / "train"), 12)
+    assert len(train_part) == 6 and len(heldout) == 2 and heldout.root.endswith("val")
+    train_part, heldout = D.heldout_split("shapes", 16, n_images=50, n_heldout=20)
+    assert (train_part.split, heldout.split, len(train_part), len(heldout)) == ("train", "val", 50, 20)
+
+
+def test_heldout_fraction_never_overlaps_training(tmp_path):
+    n = 500
+    x = np.zeros((n, 8, 8, 3), np.uint8)
+    x[:, 0, 0, 0], x[:, 0, 0, 1] = np.arange(n) % 256, np.arange(n) // 256    # every image unique
+    np.savez(tmp_path / "adm.npz", arr_0=x, arr_1=np.arange(n) % 10)
+    train_part, heldout = D.heldout_split(str(tmp_path / "adm.npz"), 8)
+    assert len(heldout) == 10 and len(train_part) == n - 10                   # 2 %, by a fixed permutation
+    assert not set(train_part.indices) & set(heldout.indices)
+    assert set(train_part.indices) | set(heldout.indices) == set(range(n))
+    content = lambda ds, items: {ds[i][0].numpy().tobytes() for i in items}
+    assert not content(train_part, range(len(train_part))) & content(heldout, range(len(heldout)))
+    again, _ = D.heldout_split(str(tmp_path / "adm.npz"), 8, n_images=100)   # n_images never reaches it
+    assert len(again) == 100 and not set(again.indices) & set(heldout.indices)
+    image, label = train_part[(3, (0, 1, 2))]                                   # training view items
+    assert image.shape == (3, 8, 8) and label == train_part.indices[3] % 10
+    assert D.heldout_indices(n).tolist() == heldout.indices                      # the same in every run
+
+
 # ---------------------------------------------------------------- ten-crop
 
 def test_ten_crop_order():
