@@ -1105,7 +1105,7 @@ def test_hinge_losses_textbook_values():
 # ===================================================================================================
 
 TINY = ["--batch-size", "8", "--n-images", "64", "--warmup", "5", "--log-every", "5", "--image-every", "1000",
-        "--no-progress"]
+        "--eval-images", "24", "--no-progress"]
 
 
 def run_main(argv):
@@ -1208,6 +1208,44 @@ def test_generator_stage_lowers_loss_and_writes_checkpoint(stages):
         loss = float(torch.nn.functional.cross_entropy(gen(c, y).flatten(0, 1), c.flatten()))
     assert loss < math.log(256) - 0.1
     assert (root / "ar" / "latest.png").exists()
+
+
+def heldout_shapes(size, n=24):
+    """The held-out images the stages evaluate (TINY's --eval-images), rounded to uint8 as they store them."""
+    _, heldout = D.heldout_split("shapes", size, n_heldout=n)
+    images = torch.stack([heldout[i][0] for i in range(n)])
+    return (images * 255).round() / 255, torch.tensor([heldout[i][1] for i in range(n)])
+
+
+def test_heldout_generator_metrics_equal_teacher_forcing(stages):
+    root = stages[0]
+    last = [json.loads(l) for l in open(root / "ar" / "metrics.jsonl")][-1]
+    tok = alitok.load_tokenizer(root / "s2" / "tokenizer.pt")
+    gen = alitok.load_generator(root / "ar" / "generator.pt").eval()
+    images, labels = heldout_shapes(tok.config.image_size)
+    with torch.no_grad():
+        codes = tok.encode(images)
+        logits = gen(codes, labels)
+    nll = F.cross_entropy(logits.flatten(0, 1), codes.flatten(), reduction="none").view(codes.shape)
+    hit = (logits.argmax(-1) == codes).float()
+    p = gen.config.n_prefix
+    for part, tokens in (("", slice(None)), ("prefix_", slice(0, p)), ("image_", slice(p, None))):
+        assert last[f"heldout_{part}loss"] == pytest.approx(float(nll[:, tokens].mean()), rel=1e-5)
+        assert last[f"heldout_{part}acc"] == pytest.approx(float(hit[:, tokens].mean()), abs=1e-6)
+    assert last["step"] == 30 and "loss" in last                 # one record: training and held-out
+
+
+def test_heldout_tokenizer_metrics_in_every_tokenizer_stage(stages):
+    root = stages[0]
+    for stage, ckpt in (("s1", "ckpt.pt"), ("s2", "tokenizer.pt")):
+        last = [json.loads(l) for l in open(root / stage / "metrics.jsonl")][-1]
+        tok = alitok.load_tokenizer(root / stage / ckpt)
+        images, _ = heldout_shapes(tok.config.image_size)
+        with torch.no_grad():
+            recon = tok(images)["recon"]
+        psnr = fid.psnr(D.to_uint8(images), D.to_uint8(recon)).mean()
+        assert last["heldout_psnr"] == pytest.approx(psnr, rel=1e-4)
+        assert 0 < last["heldout_codebook_usage"] <= 1 and last["heldout_codebook_perplexity"] >= 1
 
 
 def test_resume_after_stop_is_exact(tmp_path, stages):
