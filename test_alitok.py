@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import ablation
 import alitok
 import data as D
 import fid
@@ -2351,3 +2352,47 @@ def test_demo_quick_pipeline_resumes_after_kill(tmp_path):
     assert {"stage1", "stage2", "generator", "samples"} <= set(metrics)
     assert metrics["samples"]["n"] == 40 and 0 <= metrics["samples"]["class_agreement"] <= 1
     assert metrics["stage2"]["psnr"] > 5 and (out / "grid.png").exists()
+
+
+# ===================================================================================================
+# ablation.py: the tokenizer ablation with seeds, killed and restarted
+# ===================================================================================================
+
+def test_ablation_quick_resumes_after_kill_and_writes_table_and_chart(tmp_path):
+    """Killed (SIGKILL, with the stage it runs) once a run has finished; restarted, it skips that run."""
+    out = tmp_path / "ablation"
+    cmd = [sys.executable, str(HERE / "ablation.py"), "--quick", "--out", str(out), "--seeds", "1",
+           "--variants", "bidirectional", "alitok"]
+    proc = subprocess.Popen(cmd, cwd=HERE, env=env1(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    first = out / "bidirectional" / "seed0" / "result.json"
+    deadline = time.time() + 600
+    while not first.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert first.exists()
+    done = subprocess.run(cmd, cwd=HERE, env=env1(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "skip bidirectional seed 0" in done.stdout
+    assert "--decoder bidirectional" not in done.stdout                       # its stages were not rerun
+    result = json.loads((out / "ablation.json").read_text())
+    assert list(result["summary"]) == ["bidirectional", "alitok"]
+    for variant in result["summary"].values():
+        assert {"psnr", "stage1_psnr", "loss", "acc", "prefix_acc", "image_acc"} <= set(variant)
+        assert 0 <= variant["acc"]["mean"] <= 1 and variant["acc"]["std"] == 0.0
+    table = (out / "ablation.md").read_text()
+    assert "| bidirectional |" in table and "| alitok |" in table and "next-token accuracy" in table
+    with Image.open(out / "ablation.png") as chart:
+        assert chart.size == (3 * 420, 320) and len(chart.getcolors(1 << 16)) > 3
+
+
+def test_ablation_summary_and_chart(tmp_path):
+    runs = [{"variant": v, "seed": s, "psnr": 20 + s, "loss": 3.0 - s * 0.1, "acc": 0.2 + 0.01 * s}
+            for v in ("bidirectional", "alitok") for s in (0, 1)]
+    summary = ablation.summarize(runs)
+    assert summary["alitok"]["psnr"]["mean"] == 20.5
+    assert summary["alitok"]["psnr"]["std"] == pytest.approx(np.std([20, 21], ddof=1))
+    assert "20.5 ± 0.71" in ablation.table(summary, 2, ablation.BUDGETS["quick"])
+    ablation.bar_chart(summary, str(tmp_path / "chart.png"))
+    assert Image.open(tmp_path / "chart.png").size == (3 * 420, 320)
