@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import ablation
 import alitok
 import data as D
 import fid
@@ -673,6 +674,41 @@ def test_npz_bad_layouts(tmp_path, arrays, message):
         D.build_dataset(str(tmp_path / "bad.npz"), 8)
 
 
+# ---------------------------------------------------------------- the held-out split
+
+def test_heldout_split_prefers_the_sources_own_split(tmp_path):
+    x_test = np.full((3, 16, 16, 3), 7, np.uint8)
+    write_npz(tmp_path / "test.npz", n=6, side=16, x_test=x_test, y_test=np.array([0, 1, 2]))
+    train_part, heldout = D.heldout_split(str(tmp_path / "test.npz"), 16)
+    assert len(train_part) == 6 and len(heldout) == 3 and np.array_equal(heldout.images, x_test)
+    write_npz(tmp_path / "val.npz", n=6, side=16, x_val=x_test[:2], y_val=np.array([0, 1]))
+    assert len(D.heldout_split(str(tmp_path / "val.npz"), 16)[1]) == 2           # x_val when no x_test
+    make_folder(tmp_path / "imagenet" / "train", 3, 0)
+    make_folder(tmp_path / "imagenet" / "val", 1, 0)
+    train_part, heldout = D.heldout_split(str(tmp_path / "imagenet" / "train"), 12)
+    assert len(train_part) == 6 and len(heldout) == 2 and heldout.root.endswith("val")
+    train_part, heldout = D.heldout_split("shapes", 16, n_images=50, n_heldout=20)
+    assert (train_part.split, heldout.split, len(train_part), len(heldout)) == ("train", "val", 50, 20)
+
+
+def test_heldout_fraction_never_overlaps_training(tmp_path):
+    n = 500
+    x = np.zeros((n, 8, 8, 3), np.uint8)
+    x[:, 0, 0, 0], x[:, 0, 0, 1] = np.arange(n) % 256, np.arange(n) // 256    # every image unique
+    np.savez(tmp_path / "adm.npz", arr_0=x, arr_1=np.arange(n) % 10)
+    train_part, heldout = D.heldout_split(str(tmp_path / "adm.npz"), 8)
+    assert len(heldout) == 10 and len(train_part) == n - 10                   # 2 %, by a fixed permutation
+    assert not set(train_part.indices) & set(heldout.indices)
+    assert set(train_part.indices) | set(heldout.indices) == set(range(n))
+    content = lambda ds, items: {ds[i][0].numpy().tobytes() for i in items}
+    assert not content(train_part, range(len(train_part))) & content(heldout, range(len(heldout)))
+    again, _ = D.heldout_split(str(tmp_path / "adm.npz"), 8, n_images=100)   # n_images never reaches it
+    assert len(again) == 100 and not set(again.indices) & set(heldout.indices)
+    image, label = train_part[(3, (0, 1, 2))]                                   # training view items
+    assert image.shape == (3, 8, 8) and label == train_part.indices[3] % 10
+    assert D.heldout_indices(n).tolist() == heldout.indices                      # the same in every run
+
+
 # ---------------------------------------------------------------- ten-crop
 
 def test_ten_crop_order():
@@ -1100,7 +1136,7 @@ def test_hinge_losses_textbook_values():
 # ===================================================================================================
 
 TINY = ["--batch-size", "8", "--n-images", "64", "--warmup", "5", "--log-every", "5", "--image-every", "1000",
-        "--no-progress"]
+        "--eval-images", "24", "--no-progress"]
 
 
 def run_main(argv):
@@ -1203,6 +1239,44 @@ def test_generator_stage_lowers_loss_and_writes_checkpoint(stages):
         loss = float(torch.nn.functional.cross_entropy(gen(c, y).flatten(0, 1), c.flatten()))
     assert loss < math.log(256) - 0.1
     assert (root / "ar" / "latest.png").exists()
+
+
+def heldout_shapes(size, n=24):
+    """The held-out images the stages evaluate (TINY's --eval-images), rounded to uint8 as they store them."""
+    _, heldout = D.heldout_split("shapes", size, n_heldout=n)
+    images = torch.stack([heldout[i][0] for i in range(n)])
+    return (images * 255).round() / 255, torch.tensor([heldout[i][1] for i in range(n)])
+
+
+def test_heldout_generator_metrics_equal_teacher_forcing(stages):
+    root = stages[0]
+    last = [json.loads(l) for l in open(root / "ar" / "metrics.jsonl")][-1]
+    tok = alitok.load_tokenizer(root / "s2" / "tokenizer.pt")
+    gen = alitok.load_generator(root / "ar" / "generator.pt").eval()
+    images, labels = heldout_shapes(tok.config.image_size)
+    with torch.no_grad():
+        codes = tok.encode(images)
+        logits = gen(codes, labels)
+    nll = F.cross_entropy(logits.flatten(0, 1), codes.flatten(), reduction="none").view(codes.shape)
+    hit = (logits.argmax(-1) == codes).float()
+    p = gen.config.n_prefix
+    for part, tokens in (("", slice(None)), ("prefix_", slice(0, p)), ("image_", slice(p, None))):
+        assert last[f"heldout_{part}loss"] == pytest.approx(float(nll[:, tokens].mean()), rel=1e-5)
+        assert last[f"heldout_{part}acc"] == pytest.approx(float(hit[:, tokens].mean()), abs=1e-6)
+    assert last["step"] == 30 and "loss" in last                 # one record: training and held-out
+
+
+def test_heldout_tokenizer_metrics_in_every_tokenizer_stage(stages):
+    root = stages[0]
+    for stage, ckpt in (("s1", "ckpt.pt"), ("s2", "tokenizer.pt")):
+        last = [json.loads(l) for l in open(root / stage / "metrics.jsonl")][-1]
+        tok = alitok.load_tokenizer(root / stage / ckpt)
+        images, _ = heldout_shapes(tok.config.image_size)
+        with torch.no_grad():
+            recon = tok(images)["recon"]
+        psnr = fid.psnr(D.to_uint8(images), D.to_uint8(recon)).mean()
+        assert last["heldout_psnr"] == pytest.approx(psnr, rel=1e-4)
+        assert 0 < last["heldout_codebook_usage"] <= 1 and last["heldout_codebook_perplexity"] >= 1
 
 
 def test_resume_after_stop_is_exact(tmp_path, stages):
@@ -2502,3 +2576,47 @@ def test_demo_quick_pipeline_resumes_after_kill(tmp_path):
     assert metrics["samples"]["n"] == 40 and 0 <= metrics["samples"]["class_agreement"] <= 1
     assert metrics["stage2"]["psnr"] > 5 and (out / "grid.png").exists()
     assert f"rFID / FID / IS skipped: {D.INCEPTION_WEIGHTS}" in done.stdout and "fid" not in metrics
+
+
+# ===================================================================================================
+# ablation.py: the tokenizer ablation with seeds, killed and restarted
+# ===================================================================================================
+
+def test_ablation_quick_resumes_after_kill_and_writes_table_and_chart(tmp_path):
+    """Killed (SIGKILL, with the stage it runs) once a run has finished; restarted, it skips that run."""
+    out = tmp_path / "ablation"
+    cmd = [sys.executable, str(HERE / "ablation.py"), "--quick", "--out", str(out), "--seeds", "1",
+           "--variants", "bidirectional", "alitok"]
+    proc = subprocess.Popen(cmd, cwd=HERE, env=env1(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    first = out / "bidirectional" / "seed0" / "result.json"
+    deadline = time.time() + 600
+    while not first.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert first.exists()
+    done = subprocess.run(cmd, cwd=HERE, env=env1(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "skip bidirectional seed 0" in done.stdout
+    assert "--decoder bidirectional" not in done.stdout                       # its stages were not rerun
+    result = json.loads((out / "ablation.json").read_text())
+    assert list(result["summary"]) == ["bidirectional", "alitok"]
+    for variant in result["summary"].values():
+        assert {"psnr", "stage1_psnr", "loss", "acc", "prefix_acc", "image_acc"} <= set(variant)
+        assert 0 <= variant["acc"]["mean"] <= 1 and variant["acc"]["std"] == 0.0
+    table = (out / "ablation.md").read_text()
+    assert "| bidirectional |" in table and "| alitok |" in table and "next-token accuracy" in table
+    with Image.open(out / "ablation.png") as chart:
+        assert chart.size == (3 * 420, 320) and len(chart.getcolors(1 << 16)) > 3
+
+
+def test_ablation_summary_and_chart(tmp_path):
+    runs = [{"variant": v, "seed": s, "psnr": 20 + s, "loss": 3.0 - s * 0.1, "acc": 0.2 + 0.01 * s}
+            for v in ("bidirectional", "alitok") for s in (0, 1)]
+    summary = ablation.summarize(runs)
+    assert summary["alitok"]["psnr"]["mean"] == 20.5
+    assert summary["alitok"]["psnr"]["std"] == pytest.approx(np.std([20, 21], ddof=1))
+    assert "20.5 ± 0.71" in ablation.table(summary, 2, ablation.BUDGETS["quick"])
+    ablation.bar_chart(summary, str(tmp_path / "chart.png"))
+    assert Image.open(tmp_path / "chart.png").size == (3 * 420, 320)

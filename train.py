@@ -44,14 +44,14 @@ import perceptual
 # last two phases); one cosine from the end of the LPIPS phase to 2e-6 approximates it (2.6e-5 at the GAN
 # start of stage 1). The released run's batch is not given; 256 is ours.
 TOKENIZER = dict(batch_size=256, lr=1e-4, lr_min=2e-6, weight_decay=0.01, grad_clip=0.0, lpips_until=50_000,
-                 decay_start=50_000, log_every=100, image_every=5_000, ckpt_every=5_000)
+                 decay_start=50_000, log_every=100, image_every=5_000, ckpt_every=5_000, eval_every=5_000)
 TINY_TOKENIZER = dict(batch_size=32, steps=1500, lr=1e-3, lr_min=1e-4, warmup=100, decay_start=100,
                       weight_decay=0.01, grad_clip=0.0, lpips_until=0, gan_start=-1, log_every=25,
-                      image_every=250, ckpt_every=250)
+                      image_every=250, ckpt_every=250, eval_every=250)
 # Generator: AdamW 4e-4, betas (0.9, 0.96), decay 0.03 on matrices, clip 1.0, global batch 2048, 62.5k warm-up
 # from 0, then cosine to 1e-5.
 GENERATOR = dict(batch_size=2048, lr=4e-4, lr_min=1e-5, warmup=62_500, decay_start=62_500, weight_decay=0.03,
-                 grad_clip=1.0, log_every=100, image_every=10_000, ckpt_every=5_000)
+                 grad_clip=1.0, log_every=100, image_every=10_000, ckpt_every=5_000, eval_every=10_000)
 RECIPES = {
     "1": {"alitok": dict(TOKENIZER, steps=350_000, warmup=10_000, gan_start=250_000), "tiny": TINY_TOKENIZER},
     "2": {"alitok": dict(TOKENIZER, steps=300_000, warmup=0, gan_start=200_000),
@@ -59,7 +59,8 @@ RECIPES = {
     "ar": {"B": dict(GENERATOR, steps=500_000), "L": dict(GENERATOR, steps=500_000),
            "XL": dict(GENERATOR, steps=250_000),
            "tiny": dict(batch_size=64, steps=600, lr=1e-3, lr_min=1e-5, warmup=50, decay_start=50,
-                        weight_decay=0.03, grad_clip=1.0, log_every=25, image_every=300, ckpt_every=100)},
+                        weight_decay=0.03, grad_clip=1.0, log_every=25, image_every=300, ckpt_every=100,
+                        eval_every=300)},
 }
 PAPER = {"1": "alitok", "2": "alitok", "ar": "B"}   # the recipe --help quotes beside a tiny default
 DISCRIMINATORS = {"alitok": {}, "tiny": dict(base_channels=16, pool_size=4)}
@@ -82,6 +83,7 @@ SCHEDULE = [  # (flag, type, help)
     ("log_every", int, "steps between metrics lines"),
     ("image_every", int, "steps between picture grids"),
     ("ckpt_every", int, "steps between checkpoints"),
+    ("eval_every", int, "steps between held-out evaluations (and one at the end)"),
 ]
 
 
@@ -102,6 +104,8 @@ def parse_args(argv=None):
                    help="recipe and model size: tiny (ours, CPU minutes) or the paper's (default: tiny)")
     p.add_argument("--data", default="shapes", help="'shapes' (built-in), an ImageNet-layout folder, or an npz")
     p.add_argument("--n-images", type=int, default=None, help="use this many images of the source")
+    p.add_argument("--eval-images", type=int, default=1000,
+                   help="held-out images evaluated (the source's test split, else 2%% training never sees)")
     p.add_argument("--max-bad-fraction", type=float, default=0.01,
                    help="abort if more than this fraction of a folder's images is unreadable")
     p.add_argument("--out", default=os.path.join("runs", {"1": "stage1", "2": "stage2", "ar": "ar"}[stage]),
@@ -443,13 +447,14 @@ def tokenizer_run(args, model, forward, disc_state, device, world, log, finish):
             log.info(f"stage 2: the discriminator carries over from {args.init}")
     t = tokenizer_training(model, forward, loss_networks(args, device, log), args, disc,
                            disc and wrap(disc, device, world))
-    dataset = data.build_dataset(args.data, model.config.image_size, seed=args.seed, n_images=args.n_images,
-                                 max_bad_fraction=args.max_bad_fraction)
+    dataset, heldout = data.heldout_split(args.data, model.config.image_size, seed=args.seed, n_images=args.n_images,
+                                          n_heldout=args.eval_images, max_bad_fraction=args.max_bad_fraction)
     fixed = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))])   # ADM centre crops
     optimizers = {"model": t.opt} | ({"discriminator": t.disc_opt} if disc is not None else {})
     return Run(model, functools.partial(tokenizer_step, t), optimizers, dataset, model.config.codebook_size,
                pictures=functools.partial(reconstructions, model, fixed), finish=finish,
-               modules={"discriminator": disc} if disc is not None else {})
+               modules={"discriminator": disc} if disc is not None else {},
+               heldout=functools.partial(tokenizer_heldout, model, heldout_images(heldout)[0], autocast))
 
 
 def reconstructions(model, fixed):
@@ -505,8 +510,8 @@ def setup_generator(args, device, world, autocast, log):
     codes = args.codes or os.path.join(args.out, "codes.npz")
     if not os.path.exists(codes):
         log.info(f"pre-tokenizing {args.data} with ten-crop into {codes}")
-        images = data.build_dataset(args.data, int(tok.config.image_size * data.TEN_CROP_SCALE), seed=args.seed,
-                                    n_images=args.n_images, max_bad_fraction=args.max_bad_fraction)
+        images, _ = data.heldout_split(args.data, int(tok.config.image_size * data.TEN_CROP_SCALE), seed=args.seed,
+                                       n_images=args.n_images, max_bad_fraction=args.max_bad_fraction)
         data.pretokenize(tok, images, codes, batch_size=64, device=device, progress=not args.no_progress)
     dataset = data.CodesDataset(codes)
     overrides = {k: getattr(args, k) for k in ("dropout", "token_dropout", "class_dropout")
@@ -517,9 +522,11 @@ def setup_generator(args, device, world, autocast, log):
                           args.grad_clip)
     saved = {"tokenizer": os.path.abspath(args.tokenizer)}
     path = os.path.join(args.out, "generator.pt")
+    held = heldout_codes(tok, args, device)
     return Run(model, functools.partial(generator_step, g), {"model": g.opt}, dataset, cfg.codebook_size,
                pictures=functools.partial(samples, model, tok), saved=saved,
-               finish=lambda: data.save_checkpoint({**alitok.checkpoint(model), **saved}, path))
+               finish=lambda: data.save_checkpoint({**alitok.checkpoint(model), **saved}, path),
+               heldout=functools.partial(generator_heldout, model, *held, autocast))
 
 
 def samples(model, tok):
@@ -545,6 +552,7 @@ class Run:
     finish: Callable                       # () -> None: the stage's final file (rank 0)
     modules: dict = field(default_factory=dict)   # other modules saved and resumed by name
     saved: dict = field(default_factory=dict)     # other checkpoint entries
+    heldout: Callable = None               # () -> {"heldout_<metric>": float} on the held-out split, eval mode
 
 
 SETUPS = {"1": setup_stage1, "2": setup_stage2, "ar": setup_generator}
@@ -604,11 +612,15 @@ def train_loop(run, args, start, ckpt, where, log, signals):
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + v.float()
         seen, done = seen + x.shape[0] * world, step + 1
+        held = heldout_metrics(run, rank, done, args, log)
         if done % args.log_every == 0 or done == args.steps:
             record = reduce_metrics(sums, seen // args.batch_size, counts, world, done, lr, seen / (time.time() - t0))
-            log.metrics(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{record['img_per_s']:.0f}")
+            log.metrics({**record, **held})
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{record['img_per_s']:.0f}",
+                            **heldout_postfix(held))
             sums, counts, t0, seen = {}, torch.zeros_like(counts), time.time(), 0
+        elif held:
+            log.metrics({"step": done, **held})
         if rank == 0 and (done % args.image_every == 0 or done == args.steps):
             save_pictures(run, args.out, done)
         stop = args.stop_after is not None and done - start >= args.stop_after
@@ -658,6 +670,87 @@ def reduce_metrics(sums, n_steps, counts, world, step, lr, img_per_s):
     if counts.sum() > 0:
         record["codebook_usage"], record["codebook_perplexity"] = codebook_metrics(counts)
     return record
+
+
+# ----------------------------------------------------------------------------------------------------
+# Held-out evaluation (nanoGPT's estimate_loss): images training never sees, every --eval-every steps
+# ----------------------------------------------------------------------------------------------------
+
+def heldout_images(dataset):
+    """The held-out ADM centre crops as uint8 [N, 3, S, S] (small in memory) and their labels int64 [N]."""
+    items = [dataset[i] for i in range(len(dataset))]
+    images = torch.stack([(x * 255).round().to(torch.uint8) for x, _ in items])
+    return images, torch.tensor([int(y) for _, y in items])
+
+
+@torch.no_grad()
+def tokenizer_heldout(model, images, autocast, batch_size=64):
+    """Held-out reconstruction of uint8 images [N, 3, S, S]: PSNR in dB (mean over images, the reconstruction
+    rounded to uint8 as a saved picture), usage (0..1) and perplexity of the held-out codes."""
+    device = model.latent_tokens.device
+    counts, psnr = torch.zeros(model.config.codebook_size, device=device), []
+    for x in images.split(batch_size):
+        x = x.to(device).float()
+        with autocast:
+            out = model(x / 255)
+        recon = out["recon"].float().clamp(0, 1).mul(255).round()
+        mse = (recon - x).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+        psnr.append(10 * torch.log10(255.0 ** 2 / mse))
+        counts += torch.bincount(out["codes"].flatten(), minlength=len(counts))
+    usage, perplexity = codebook_metrics(counts)
+    return {"heldout_psnr": float(torch.cat(psnr).mean()), "heldout_codebook_usage": usage,
+            "heldout_codebook_perplexity": perplexity}
+
+
+@torch.no_grad()
+def heldout_codes(tok, args, device, batch_size=64):
+    """(codes int64 [N, T], labels int64 [N]): the ADM centre crops of --eval-images held-out images, encoded
+    once by the frozen tokenizer."""
+    _, heldout = data.heldout_split(args.data, tok.config.image_size, seed=args.seed, n_heldout=args.eval_images,
+                                    max_bad_fraction=args.max_bad_fraction)
+    images, labels = heldout_images(heldout)
+    codes = torch.cat([tok.encode(x.to(device).float() / 255).cpu() for x in images.split(batch_size)])
+    return codes, labels
+
+
+@torch.no_grad()
+def generator_heldout(model, codes, labels, autocast, batch_size=64):
+    """Held-out next-token cross-entropy (nats per token) and accuracy (0..1) by teacher forcing on codes
+    [N, T] with their classes (eval mode: no dropout): over all tokens, the prefix tokens and the image tokens."""
+    device, n_prefix = model.output.weight.device, model.config.n_prefix
+    nll, hit = [], []
+    for c, y in zip(codes.split(batch_size), labels.split(batch_size)):
+        c, y = c.to(device), y.to(device)
+        with autocast:
+            logits = model(c, y).float()
+        nll.append(F.cross_entropy(logits.flatten(0, 1), c.flatten(), reduction="none").view(c.shape).cpu())
+        hit.append((logits.argmax(-1) == c).float().cpu())
+    nll, hit = torch.cat(nll), torch.cat(hit)                  # [N, T]
+    record = {}
+    for part, tokens in (("", slice(None)), ("prefix_", slice(0, n_prefix)), ("image_", slice(n_prefix, None))):
+        if nll[:, tokens].numel():
+            record[f"heldout_{part}loss"] = float(nll[:, tokens].mean())
+            record[f"heldout_{part}acc"] = float(hit[:, tokens].mean())
+    return record
+
+
+def heldout_metrics(run, rank, step, args, log):
+    """The stage's held-out metrics, by rank 0 in eval mode, every --eval-every steps and at the last step;
+    {} on other ranks and steps."""
+    if run.heldout is None or rank != 0 or not (step % args.eval_every == 0 or step == args.steps):
+        return {}
+    was = run.model.training
+    run.model.eval()
+    held = run.heldout()
+    run.model.train(was)
+    log.info(f"step {step} held-out: " + ", ".join(f"{k[8:]} {v:.4g}" for k, v in held.items()))
+    return held
+
+
+def heldout_postfix(held):
+    """The progress line's held-out entry: PSNR for a tokenizer, next-token loss for the generator."""
+    key = next((k for k in ("heldout_psnr", "heldout_loss") if k in held), None)
+    return {} if key is None else {key.replace("heldout_", "ho_"): f"{held[key]:.4g}"}
 
 
 # ----------------------------------------------------------------------------------------------------
