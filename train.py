@@ -578,6 +578,8 @@ def main(argv=None):
         log.info(f"stage {args.stage}: {n_params / 1e6:.2f}M trainable parameters, {len(run.dataset)} training "
                  f"items, global batch {args.batch_size} = {world} x {args.batch_size // world}, {device}, {precision}")
         start = resume(run, saved, ckpt, rank, world, log) if saved is not None else 0
+        if start >= args.steps:
+            log.info(f"{args.out}: already trained to step {start} (--steps {args.steps}); nothing to do")
         with data.StopSignals() as signals:
             done, signum = train_loop(run, args, start, ckpt, (rank, world, device), log, signals)
         if signum:
