@@ -422,7 +422,7 @@ def setup_stage1(args, device, world, autocast, log):
     """Stage 1: a new tokenizer (with the ablations asked for), trained end to end."""
     model = stage1_tokenizer(args).to(device)
     forward = functools.partial(stage1_forward, wrap(model, device, world), autocast)
-    return tokenizer_run(args, model, forward, None, device, world, log, finish=lambda: None)
+    return tokenizer_run(args, model, forward, None, device, world, log, finish=lambda: None, autocast=autocast)
 
 
 def setup_stage2(args, device, world, autocast, log):
@@ -433,12 +433,12 @@ def setup_stage2(args, device, world, autocast, log):
     forward = functools.partial(stage2_forward, model, wrap(model.decoder, device, world), autocast)
     path, disc_state = os.path.join(args.out, "tokenizer.pt"), first.get("modules", {}).get("discriminator")
     return tokenizer_run(args, model, forward, disc_state, device, world, log,
-                         finish=lambda: data.save_checkpoint(alitok.checkpoint(model), path))
+                         finish=lambda: data.save_checkpoint(alitok.checkpoint(model), path), autocast=autocast)
 
 
-def tokenizer_run(args, model, forward, disc_state, device, world, log, finish):
+def tokenizer_run(args, model, forward, disc_state, device, world, log, finish, autocast):
     """What the loop needs for a tokenizer stage: loss networks, the discriminator (from disc_state if given),
-    the optimizers, and the images in the tokenizer's training view."""
+    the optimizers, the images in the tokenizer's training view, and the held-out images (under autocast)."""
     disc = None
     if args.gan_start >= 0:
         disc = perceptual.Discriminator(**DISCRIMINATORS[args.preset]).to(device)
