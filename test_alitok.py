@@ -33,6 +33,7 @@ from PIL import Image
 import ablation
 import alitok
 import data as D
+import demo
 import fid
 import perceptual as P
 import sample as S
@@ -2600,6 +2601,28 @@ def test_demo_quick_pipeline_resumes_after_kill(tmp_path):
     assert metrics["samples"]["n"] == 40 and 0 <= metrics["samples"]["class_agreement"] <= 1
     assert metrics["stage2"]["psnr"] > 5 and (out / "grid.png").exists()
     assert f"rFID / FID / IS skipped: {D.INCEPTION_WEIGHTS}" in done.stdout and "fid" not in metrics
+
+
+@pytest.mark.filterwarnings("ignore:ONLY 12 SAMPLES")
+def test_demo_scores_rfid_fid_and_is_with_the_inception_weights(stages, fid_weights, tmp_path):
+    """With the Inception file, the demo reports rFID of both stages' files and FID / IS of the samples against
+    the held-out images: the same numbers fid.py computes from the same files."""
+    root, out = stages[0], str(tmp_path)
+    tokenizers = {"stage1": str(root / "s1" / "ckpt.pt"), "stage2": str(root / "s2" / "tokenizer.pt")}
+    size = alitok.load_tokenizer(tokenizers["stage2"]).config.image_size
+    labels = np.arange(12) % 10
+    D.save_npz(f"{out}/val.npz", arr_0=_fid_images(12, size, size, seed=1), arr_1=labels)
+    D.save_npz(f"{out}/samples.npz", arr_0=_fid_images(12, size, size, seed=2), arr_1=labels)
+    args = demo.parse_args(["--out", out, "--inception", str(fid_weights), "--offline"])
+    scores = demo.inception_scores(args, out, tokenizers, f"{out}/samples.npz")
+    assert set(scores) == {"rfid_stage1", "rfid_stage2", "fid", "inception_score"}
+    net = fid.load_inception(str(fid_weights))
+    for name, path in tokenizers.items():
+        direct = fid.reconstruction_scores(alitok.load_tokenizer(path), f"{out}/val.npz", net)["rfid"]
+        assert scores[f"rfid_{name}"] == pytest.approx(direct, rel=1e-6) and direct > 0
+    direct = fid.evaluate(f"{out}/val.npz", f"{out}/samples.npz", net)
+    assert scores["fid"] == pytest.approx(direct["fid"], rel=1e-6) and scores["fid"] > 0
+    assert scores["inception_score"] == pytest.approx(direct["inception_score"], rel=1e-6)
 
 
 # ===================================================================================================
