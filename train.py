@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -44,9 +45,12 @@ import perceptual
 # last two phases); one cosine from the end of the LPIPS phase to 2e-6 approximates it (2.6e-5 at the GAN
 # start of stage 1). The released run's batch is not given; 256 is ours.
 TOKENIZER = dict(batch_size=256, lr=1e-4, lr_min=2e-6, weight_decay=0.01, grad_clip=0.0, lpips_until=50_000,
-                 decay_start=50_000, log_every=100, image_every=5_000, ckpt_every=5_000, eval_every=5_000)
+                 decay_start=50_000, weight_init="original", log_every=100, image_every=5_000, ckpt_every=5_000, eval_every=5_000)
+# The tiny tokenizer starts from PyTorch's default init: from the original's (std 0.02 everywhere, a 1x1
+# output conv included) a model this small stays for hundreds of steps, with some seeds the whole run, on the
+# plateau of the mean image (~12 dB on CIFAR-10), which would decide any comparison of tiny runs.
 TINY_TOKENIZER = dict(batch_size=32, steps=1500, lr=1e-3, lr_min=1e-4, warmup=100, decay_start=100,
-                      weight_decay=0.01, grad_clip=0.0, lpips_until=0, gan_start=-1, log_every=25,
+                      weight_decay=0.01, grad_clip=0.0, weight_init="torch", lpips_until=0, gan_start=-1, log_every=25,
                       image_every=250, ckpt_every=250, eval_every=250)
 # Generator: AdamW 4e-4, betas (0.9, 0.96), decay 0.03 on matrices, clip 1.0, global batch 2048, 62.5k warm-up
 # from 0, then cosine to 1e-5.
@@ -84,6 +88,8 @@ SCHEDULE = [  # (flag, type, help)
     ("image_every", int, "steps between picture grids"),
     ("ckpt_every", int, "steps between checkpoints"),
     ("eval_every", int, "steps between held-out evaluations (and one at the end)"),
+    ("weight_init", str, "tokenizer: 'original' (truncated normal, std 0.02) or 'torch' (PyTorch's defaults for "
+                         "Linear and Conv; the codebook keeps the original's)"),
 ]
 
 
@@ -247,7 +253,19 @@ def stage1_tokenizer(args):
         kw.update(n_prefix=0)
     if args.no_aux:
         kw.update(aux_head=False)
-    return alitok.Tokenizer(alitok.tokenizer_config(args.preset, 1, **kw))
+    return init_weights(alitok.Tokenizer(alitok.tokenizer_config(args.preset, 1, **kw)), args.weight_init)
+
+
+def init_weights(module, scheme):
+    """The tokenizer's init (it is built with the original's): 'original' keeps it, 'torch' gives every Linear and
+    Conv PyTorch's default init."""
+    if scheme not in ("original", "torch"):
+        raise ValueError(f"--weight-init {scheme!r}: expected 'original' or 'torch'")
+    if scheme == "torch":
+        for m in module.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                m.reset_parameters()
+    return module
 
 
 def carry_over(model, state, names=None):
@@ -281,6 +299,7 @@ def stage2_tokenizer(args, log):
     cfg = alitok.TokenizerConfig(**first["config"])
     preset = alitok.TOKENIZER_PRESETS[args.preset]
     tok = alitok.Tokenizer(replace(cfg, **alitok.STAGES[2], n_buffer=preset.n_buffer))
+    init_weights(tok.decoder, args.weight_init)                   # what carry_over does not replace
     loaded, new, dropped = carry_over(tok, first["model"], FROZEN if args.fresh_decoder else None)
     log.info(f"stage 2: {len(loaded)} tensors from {args.init}, {len(new)} new ({', '.join(new[:4])}"
              f"{' ...' if len(new) > 4 else ''}), {len(dropped)} dropped")
