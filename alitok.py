@@ -441,14 +441,13 @@ def rotary_table(cfg: ARConfig):
 
 
 def rotary_factors(rope):
-    """rope [T, D/2, 2] -> (cos, sin) [T, 1, D] float32: each pair's cos twice, its sin as (-sin, +sin)."""
+    """rope [T, D/2, 2] -> (cos, sin) [T, 1, 1, D] float32: each pair's cos twice, its sin as (-sin, +sin)."""
     cos, sin = rope.unbind(-1)
-    return (cos.repeat_interleave(2, -1).unsqueeze(1),
-            torch.stack([-sin, sin], -1).flatten(-2).unsqueeze(1))
+    return cos.repeat_interleave(2, -1)[:, None, None], torch.stack([-sin, sin], -1).flatten(-2)[:, None, None]
 
 
 def apply_rotary(x, cos, sin):
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, T, H, D] by the angles of rotary_factors; float32 inside.
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, T, 2, H, D] (q and k) by the angles of rotary_factors.
 
     Pair i becomes (x[2i] cos - x[2i+1] sin, x[2i+1] cos + x[2i] sin), as the released code computes it.
     """
@@ -457,13 +456,18 @@ def apply_rotary(x, cos, sin):
     return (xf * cos + swapped * sin).type_as(x)
 
 
+def rms_norm(x, weight, eps):
+    """x divided by its root mean square over the last dimension (in float32, back in x's dtype), times weight."""
+    return F.rms_norm(x.float(), x.shape[-1:], eps=eps).type_as(x) * weight
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps=1e-5):
         super().__init__()
         self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).type_as(x) * self.weight
+        return rms_norm(x, self.weight, self.eps)
 
 
 class KVCache(nn.Module):
@@ -516,9 +520,11 @@ class SelfAttention(nn.Module):
         """x [B, T, C]; rope: rotary_factors for the T positions; pos: None (causal over x) or the T cache
         positions x occupies, then the additive mask [T, n] (0 or -inf) covers the first n cache positions."""
         B, T, C = x.shape
-        q, k, v = linear(x, self.qkv).view(B, T, 3, self.heads, self.head_dim).unbind(2)
-        q, k = apply_rotary(self.q_norm(q), *rope), apply_rotary(self.k_norm(k), *rope)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))     # B, H, T, D
+        qkv = linear(x, self.qkv).view(B, T, 3, self.heads, self.head_dim)
+        # q and k normalised (each by its own weights) and rotated together: half the small operations per step
+        norms = torch.stack([self.q_norm.weight, self.k_norm.weight])[:, None]                 # 2, 1, D
+        q, k = apply_rotary(rms_norm(qkv[:, :, :2], norms, self.q_norm.eps), *rope).unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, qkv[:, :, 2]))     # B, H, T, D
         if pos is None:
             y = F.scaled_dot_product_attention(q, k, v.to(q.dtype), is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)
