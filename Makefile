@@ -1,12 +1,14 @@
 # alitok: `make demo` sets up and runs the whole pipeline on the CPU; `make test` runs the tests.
 PYTHON ?= python3
 RUN ?= runs/demo
+DATA ?= shapes
+ABLATION ?= runs/ablation
 # Inside a virtualenv or conda environment we use it and install only what is missing. Outside one we make
 # our own in .venv: Debian's and Ubuntu's system Python refuse `pip install` (PEP 668, externally managed).
 IN_ENV := $(shell $(PYTHON) -c "import os, sys; print(int(sys.prefix != sys.base_prefix or 'CONDA_PREFIX' in os.environ))")
 PY := $(if $(filter 1,$(IN_ENV)),$(PYTHON),.venv/bin/python)
 
-.PHONY: install test test-slow demo bench clean
+.PHONY: install test test-slow demo ablation bench clean
 
 .venv/bin/python:
 	$(PYTHON) -m venv .venv || { echo "could not create .venv: install your Python's venv module (Debian/Ubuntu: apt install python3-venv) or run make inside an environment of your own"; exit 1; }
@@ -27,6 +29,11 @@ test-slow: install
 
 demo: install
 	$(PY) demo.py --out $(RUN)
+
+# The tokenizer ablation (4 variants x 2 seeds, each stage 1 -> stage 2 -> generator), resumable:
+# make ablation DATA=../shared/datasets/cifar10_subset_32.npz
+ablation: install
+	$(PY) ablation.py --data $(DATA) --out $(ABLATION)
 
 bench: install
 	$(PY) bench.py

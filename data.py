@@ -728,6 +728,73 @@ def build_dataset(source, image_size, seed=0, n_images=None, split="train", max_
 
 
 # ----------------------------------------------------------------------------------------------------
+# The held-out split: the source's own test split, else a fixed fraction that training never sees
+# ----------------------------------------------------------------------------------------------------
+
+HELDOUT_FRACTION, HELDOUT_MAX, HELDOUT_SEED = 0.02, 5000, 20250605  # fixed: every stage holds out the same
+NPZ_HELDOUT_SPLITS = ("test", "val")  # x_<split>/y_<split> keys a source may carry, in order of preference
+
+
+class IndexSubset(Dataset):
+    """Items `indices` of a dataset (int or (index, key) items, as split_item), with its class attributes."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, [int(i) for i in indices]
+        self.num_classes, self.class_names = dataset.num_classes, dataset.class_names
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, item):
+        i, _ = split_item(item)
+        return self.dataset[(self.indices[i], item[1]) if isinstance(item, (tuple, list)) else self.indices[i]]
+
+
+def heldout_indices(n, fraction=HELDOUT_FRACTION, max_heldout=HELDOUT_MAX):
+    """Sorted indices (int64) of range(n) held out: round(fraction * n) (at least 1, at most max_heldout)
+    drawn by a permutation with a fixed seed, so every run and stage holds out the same images."""
+    k = min(max(1, round(fraction * n)), max_heldout, n - 1)
+    return np.sort(np.random.default_rng(HELDOUT_SEED).permutation(n)[:k])
+
+
+def _own_heldout(source):
+    """The source's own held-out split: ("npz", split), ("folder", path of .../val beside .../train),
+    ("shapes", "val"), or None."""
+    if isinstance(source, str) and source == "shapes":
+        return "shapes", "val"
+    path = os.fspath(source)
+    if os.path.isfile(path) and path.lower().endswith(".npz"):
+        with np.load(path) as f:
+            keys = set(f.files)
+        found = [s for s in NPZ_HELDOUT_SPLITS if {f"x_{s}", f"y_{s}"} <= keys]
+        return ("npz", found[0]) if found and "x_train" in keys else None
+    sibling = os.path.join(os.path.dirname(os.path.normpath(path)), "val")
+    if os.path.basename(os.path.normpath(path)) == "train" and os.path.isdir(sibling):
+        return "folder", sibling
+    return None
+
+
+def heldout_split(source, image_size, seed=0, n_images=None, n_heldout=None, max_bad_fraction=0.01):
+    """(training dataset, held-out dataset) of a source, never overlapping: the source's own held-out split
+    (npz x_test/y_test or x_val/y_val; a folder .../train with a sibling .../val; the shapes' "val" split),
+    else heldout_indices() of the source removed from training. n_images: training images kept (evenly
+    spaced), n_heldout: held-out images kept; items as build_dataset."""
+    own = _own_heldout(source)
+    build = functools.partial(build_dataset, image_size=image_size, seed=seed, max_bad_fraction=max_bad_fraction)
+    if own is not None:
+        kind, where = own
+        train = build(source, n_images=n_images)
+        heldout = (build(where, n_images=n_heldout) if kind == "folder" else
+                   build(source, split=where, n_images=n_heldout or (HELDOUT_MAX if kind == "shapes" else None)))
+        return train, heldout
+    full = build(source)
+    held = heldout_indices(len(full))
+    rest = np.setdiff1d(np.arange(len(full)), held)
+    return (IndexSubset(full, rest[_spaced_indices(len(rest), n_images)]),
+            IndexSubset(full, held[_spaced_indices(len(held), n_heldout)]))
+
+
+# ----------------------------------------------------------------------------------------------------
 # Pre-tokenization with ten-crop (training recipe), one process or torchrun
 # ----------------------------------------------------------------------------------------------------
 

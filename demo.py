@@ -1,7 +1,7 @@
 """The whole method on a laptop CPU: stage 1 -> stage 2 -> ten-crop codes -> generator -> samples -> scores.
 
     python demo.py                        # tiny preset, built-in shapes, about 10-15 minutes on 2 cores
-    python demo.py --inception pt_inception-2015-12-05-6726825d.pth   # adds rFID and FID
+    python demo.py --offline              # no downloads: rFID / FID / IS only if the Inception file is cached
 
 Each step is the command it prints (so you can re-run any of them by hand) and is skipped or resumed when
 its output exists: a demo that is killed and started again continues. Results land in one run folder:
@@ -22,8 +22,8 @@ import data
 import fid
 
 # Steps per stage: the full demo, and a quick pass that only checks the pipeline runs (CI).
-SCHEDULES = {"full": dict(s1=1500, s2=600, ar=600, n_images=5000, samples=500),
-             "quick": dict(s1=30, s2=20, ar=30, n_images=256, samples=40)}
+SCHEDULES = {"full": dict(s1=1500, s2=600, ar=600, n_images=5000, samples=500, val=1000),
+             "quick": dict(s1=30, s2=20, ar=30, n_images=256, samples=40, val=200)}
 
 
 def run(cmd, log):
@@ -67,12 +67,41 @@ def last_record(path):
         return json.loads(f.readlines()[-1])
 
 
-def main(args):
+def inception_scores(args, out, tokenizers, samples):
+    """rFID of each tokenizer file and FID / IS of the samples against {out}/val.npz, with the FID Inception
+    (--inception, the cache, or a download); without it, a line saying how to get it and an empty dict."""
+    try:
+        net = fid.load_inception(args.inception, args.offline)
+    except (OSError, ValueError) as error:
+        print(f"rFID / FID / IS skipped: {error}", flush=True)
+        return {}
+    scores = {f"rfid_{name}": fid.reconstruction_scores(alitok.load_tokenizer(path), f"{out}/val.npz", net)["rfid"]
+              for name, path in tokenizers.items()}
+    both = fid.evaluate(f"{out}/val.npz", samples, net)
+    return scores | {"fid": both["fid"], "inception_score": both["inception_score"]}
+
+
+def main(argv=None):
+    """The pipeline (see the module docstring); a failed step's exit status, else 0."""
+    args = parse_args(argv)
+    try:
+        pipeline(args)
+    except subprocess.CalledProcessError as error:
+        print(f"error: step `{' '.join(error.cmd)}` failed (exit status {error.returncode}; its message is above). "
+              f"Fix it and run the demo again: finished steps are kept", file=sys.stderr)
+        return error.returncode
+    return 0
+
+
+def pipeline(args):
+    """Train, sample and score; every step is skipped or resumed when its output exists."""
     sched = SCHEDULES["quick" if args.quick else "full"]
     out, py = args.out, sys.executable
     os.makedirs(out, exist_ok=True)
     log, t0 = os.path.join(out, "commands.log"), time.time()
-    common = ["--n-images", str(sched["n_images"]), "--resume"] + (["--no-progress"] if args.quick else [])
+    seed = ["--seed", str(args.seed)]
+    common = ["--n-images", str(sched["n_images"]), "--resume", *seed] + (["--no-progress"] if args.quick else [])
+    common += ["--offline"] if args.offline else []
     s1, s2, ar = (os.path.join(out, d) for d in ("stage1", "stage2", "ar"))
     run([py, "train.py", "--stage", "1", "--out", s1, "--steps", str(sched["s1"]), *common], log)
     run([py, "train.py", "--stage", "2", "--init", f"{s1}/ckpt.pt", "--out", s2, "--steps", str(sched["s2"]),
@@ -80,13 +109,13 @@ def main(args):
     run([py, "train.py", "--stage", "ar", "--tokenizer", f"{s2}/tokenizer.pt", "--out", ar, "--steps",
          str(sched["ar"]), *common], log)
     gen = f"{ar}/generator.pt"
-    run([py, "sample.py", "--ckpt", gen, "--out", f"{out}/grid.png"], log)
-    run([py, "sample.py", "--ckpt", gen, "--npz", str(sched["samples"]), "--out", f"{out}/samples.npz"], log)
+    run([py, "sample.py", "--ckpt", gen, "--out", f"{out}/grid.png", *seed], log)
+    run([py, "sample.py", "--ckpt", gen, "--npz", str(sched["samples"]), "--out", f"{out}/samples.npz", *seed], log)
 
     print("scoring ...", flush=True)
     size = alitok.load_tokenizer(f"{s2}/tokenizer.pt").config.image_size
-    real, real_labels = val_images(1000, size)
-    np.savez(f"{out}/val.npz", arr_0=real, arr_1=real_labels)
+    real, real_labels = val_images(sched["val"], size)
+    data.save_npz(f"{out}/val.npz", arr_0=real, arr_1=real_labels)
     smp = np.load(f"{out}/samples.npz")
     agree, real_agree = class_agreement(smp["arr_0"], smp["arr_1"], real, real_labels)
     gen_log = last_record(f"{ar}/metrics.jsonl")
@@ -94,22 +123,26 @@ def main(args):
                "generator": {"loss": gen_log["loss"], "token_accuracy": gen_log["acc"]},
                "samples": {"n": int(len(smp["arr_0"])), "class_agreement": agree, "real_class_agreement": real_agree,
                            "chance": 1 / 10}}
-    if args.inception:
-        net = fid.load_inception(args.inception)
-        metrics["rfid"] = fid.reconstruction_scores(f"{s2}/tokenizer.pt", f"{out}/val.npz", net)["rfid"]
-        metrics["fid"] = fid.evaluate(f"{out}/val.npz", f"{out}/samples.npz", net)["fid"]
-    else:
-        print("rFID / FID skipped: pass --inception pt_inception-2015-12-05-6726825d.pth (the pytorch-fid weights)")
+    tokenizers = {"stage1": f"{s1}/ckpt.pt", "stage2": f"{s2}/tokenizer.pt"}
+    metrics |= inception_scores(args, out, tokenizers, f"{out}/samples.npz")
     metrics["minutes"] = (time.time() - t0) / 60
-    with open(f"{out}/metrics.json", "w") as f:
-        json.dump(metrics, f, indent=2)
+    data.save_json(f"{out}/metrics.json", metrics)
     print(json.dumps(metrics, indent=2))
     print(f"pictures: {s1}/latest.png {s2}/latest.png {out}/grid.png; metrics: {out}/metrics.json")
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
+    """The command line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
-    p.add_argument("--inception", default=None, help="FID Inception weights, for rFID and FID")
+    p.add_argument("--inception", default=None, help=f"FID Inception weights, for rFID, FID and IS (default: the "
+                   f"torch hub cache's {data.INCEPTION_WEIGHTS}, downloaded on first use)")
+    p.add_argument("--offline", action="store_true", help=f"never download (as {data.OFFLINE_ENV}=1): without the "
+                   f"cached Inception file the demo reports everything but rFID / FID / IS")
+    p.add_argument("--seed", type=int, default=0, help="seed of every training and sampling step (default 0)")
     p.add_argument("--quick", action="store_true", help="a few steps per stage: checks the pipeline, learns little")
-    main(p.parse_args())
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(data.cli(main))

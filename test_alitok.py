@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import ablation
 import alitok
 import data as D
 import fid
@@ -673,6 +674,41 @@ def test_npz_bad_layouts(tmp_path, arrays, message):
         D.build_dataset(str(tmp_path / "bad.npz"), 8)
 
 
+# ---------------------------------------------------------------- the held-out split
+
+def test_heldout_split_prefers_the_sources_own_split(tmp_path):
+    x_test = np.full((3, 16, 16, 3), 7, np.uint8)
+    write_npz(tmp_path / "test.npz", n=6, side=16, x_test=x_test, y_test=np.array([0, 1, 2]))
+    train_part, heldout = D.heldout_split(str(tmp_path / "test.npz"), 16)
+    assert len(train_part) == 6 and len(heldout) == 3 and np.array_equal(heldout.images, x_test)
+    write_npz(tmp_path / "val.npz", n=6, side=16, x_val=x_test[:2], y_val=np.array([0, 1]))
+    assert len(D.heldout_split(str(tmp_path / "val.npz"), 16)[1]) == 2           # x_val when no x_test
+    make_folder(tmp_path / "imagenet" / "train", 3, 0)
+    make_folder(tmp_path / "imagenet" / "val", 1, 0)
+    train_part, heldout = D.heldout_split(str(tmp_path / "imagenet" / "train"), 12)
+    assert len(train_part) == 6 and len(heldout) == 2 and heldout.root.endswith("val")
+    train_part, heldout = D.heldout_split("shapes", 16, n_images=50, n_heldout=20)
+    assert (train_part.split, heldout.split, len(train_part), len(heldout)) == ("train", "val", 50, 20)
+
+
+def test_heldout_fraction_never_overlaps_training(tmp_path):
+    n = 500
+    x = np.zeros((n, 8, 8, 3), np.uint8)
+    x[:, 0, 0, 0], x[:, 0, 0, 1] = np.arange(n) % 256, np.arange(n) // 256    # every image unique
+    np.savez(tmp_path / "adm.npz", arr_0=x, arr_1=np.arange(n) % 10)
+    train_part, heldout = D.heldout_split(str(tmp_path / "adm.npz"), 8)
+    assert len(heldout) == 10 and len(train_part) == n - 10                   # 2 %, by a fixed permutation
+    assert not set(train_part.indices) & set(heldout.indices)
+    assert set(train_part.indices) | set(heldout.indices) == set(range(n))
+    content = lambda ds, items: {ds[i][0].numpy().tobytes() for i in items}
+    assert not content(train_part, range(len(train_part))) & content(heldout, range(len(heldout)))
+    again, _ = D.heldout_split(str(tmp_path / "adm.npz"), 8, n_images=100)   # n_images never reaches it
+    assert len(again) == 100 and not set(again.indices) & set(heldout.indices)
+    image, label = train_part[(3, (0, 1, 2))]                                   # training view items
+    assert image.shape == (3, 8, 8) and label == train_part.indices[3] % 10
+    assert D.heldout_indices(n).tolist() == heldout.indices                      # the same in every run
+
+
 # ---------------------------------------------------------------- ten-crop
 
 def test_ten_crop_order():
@@ -1100,7 +1136,7 @@ def test_hinge_losses_textbook_values():
 # ===================================================================================================
 
 TINY = ["--batch-size", "8", "--n-images", "64", "--warmup", "5", "--log-every", "5", "--image-every", "1000",
-        "--no-progress"]
+        "--eval-images", "24", "--no-progress"]
 
 
 def run_main(argv):
@@ -1205,6 +1241,44 @@ def test_generator_stage_lowers_loss_and_writes_checkpoint(stages):
     assert (root / "ar" / "latest.png").exists()
 
 
+def heldout_shapes(size, n=24):
+    """The held-out images the stages evaluate (TINY's --eval-images), rounded to uint8 as they store them."""
+    _, heldout = D.heldout_split("shapes", size, n_heldout=n)
+    images = torch.stack([heldout[i][0] for i in range(n)])
+    return (images * 255).round() / 255, torch.tensor([heldout[i][1] for i in range(n)])
+
+
+def test_heldout_generator_metrics_equal_teacher_forcing(stages):
+    root = stages[0]
+    last = [json.loads(l) for l in open(root / "ar" / "metrics.jsonl")][-1]
+    tok = alitok.load_tokenizer(root / "s2" / "tokenizer.pt")
+    gen = alitok.load_generator(root / "ar" / "generator.pt").eval()
+    images, labels = heldout_shapes(tok.config.image_size)
+    with torch.no_grad():
+        codes = tok.encode(images)
+        logits = gen(codes, labels)
+    nll = F.cross_entropy(logits.flatten(0, 1), codes.flatten(), reduction="none").view(codes.shape)
+    hit = (logits.argmax(-1) == codes).float()
+    p = gen.config.n_prefix
+    for part, tokens in (("", slice(None)), ("prefix_", slice(0, p)), ("image_", slice(p, None))):
+        assert last[f"heldout_{part}loss"] == pytest.approx(float(nll[:, tokens].mean()), rel=1e-5)
+        assert last[f"heldout_{part}acc"] == pytest.approx(float(hit[:, tokens].mean()), abs=1e-6)
+    assert last["step"] == 30 and "loss" in last                 # one record: training and held-out
+
+
+def test_heldout_tokenizer_metrics_in_every_tokenizer_stage(stages):
+    root = stages[0]
+    for stage, ckpt in (("s1", "ckpt.pt"), ("s2", "tokenizer.pt")):
+        last = [json.loads(l) for l in open(root / stage / "metrics.jsonl")][-1]
+        tok = alitok.load_tokenizer(root / stage / ckpt)
+        images, _ = heldout_shapes(tok.config.image_size)
+        with torch.no_grad():
+            recon = tok(images)["recon"]
+        psnr = fid.psnr(D.to_uint8(images), D.to_uint8(recon)).mean()
+        assert last["heldout_psnr"] == pytest.approx(psnr, rel=1e-4)
+        assert 0 < last["heldout_codebook_usage"] <= 1 and last["heldout_codebook_perplexity"] >= 1
+
+
 def test_resume_after_stop_is_exact(tmp_path, stages):
     """Generator stage (dropout, class dropout, ten-crop picks): stop at step 7, resume, equal at 15."""
     root = stages[0]
@@ -1243,6 +1317,122 @@ def test_resume_after_kill_is_exact(tmp_path):
     a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)
     b = torch.load(ckpt, weights_only=False)
     assert b["step"] == 60 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def same_training_state(a, b):
+    """Two training checkpoints hold the same step, weights and AdamW moments, bit for bit."""
+    a, b = (torch.load(path, weights_only=True) for path in (a, b))
+    assert a["step"] == b["step"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    for name, opt in a["optimizers"].items():
+        sa, sb = opt["state"], b["optimizers"][name]["state"]
+        assert all(torch.equal(sa[i][m], sb[i][m]) for i in sa for m in ("exp_avg", "exp_avg_sq"))
+
+
+def sigterm_then_resume(tmp_path, *args):
+    """train.py `args` in a subprocess, sent a real SIGTERM once it has logged 3 steps; it must write its
+    checkpoint at the step it reports and exit 143. Resumed here for 2 more steps, it must equal an
+    uninterrupted run (in this process too, with the subprocess on as many threads: the same float sums)."""
+    common = [*args, "--steps", "10000", "--ckpt-every", "10000", *TINY, "--log-every", "1"]
+    out, env = tmp_path / "stopped", {**env1(), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen([sys.executable, str(HERE / "train.py"), *common, "--out", str(out)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    logged = lambda: len((out / "metrics.jsonl").read_text().splitlines()) if (out / "metrics.jsonl").exists() else 0
+    deadline = time.time() + 120
+    while logged() < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    said = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, said[-3000:]
+    step = int(re.search(rf"received SIGTERM at step (\d+): wrote {re.escape(str(out / 'ckpt.pt'))}; continue "
+                         rf"with --resume", said).group(1))
+    assert step >= 3 and torch.load(out / "ckpt.pt", weights_only=True)["step"] == step
+    assert (out / ".lock").exists()                           # left by the stopped run; it blocks nothing
+    run_main([*common, "--out", str(out), "--resume", "--stop-after", "2"])
+    run_main([*common, "--out", str(tmp_path / "whole"), "--stop-after", str(step + 2)])
+    same_training_state(tmp_path / "whole" / "ckpt.pt", out / "ckpt.pt")
+
+
+def test_sigterm_stage1_writes_checkpoint_and_resumes_exactly(tmp_path):
+    sigterm_then_resume(tmp_path, "--stage", "1")
+
+
+def test_sigterm_stage2_writes_checkpoint_and_resumes_exactly(tmp_path, stages):
+    sigterm_then_resume(tmp_path, "--stage", "2", "--init", str(stages[0] / "s1" / "ckpt.pt"))
+
+
+def test_sigterm_generator_writes_checkpoint_and_resumes_exactly(tmp_path, stages):
+    root = stages[0]
+    sigterm_then_resume(tmp_path, "--stage", "ar", "--tokenizer", str(root / "s2" / "tokenizer.pt"), "--codes",
+                        str(root / "ar" / "codes.npz"))
+
+
+def test_second_run_on_a_held_folder_is_refused_naming_the_holder(tmp_path):
+    with D.RunFolderLock(tmp_path / "run"):
+        done = subprocess.run([sys.executable, str(HERE / "train.py"), "--stage", "1", "--out", str(tmp_path / "run"),
+                               "--steps", "1", *TINY], env=env1(), capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"in use by a live run (pid {os.getpid()} on" in done.stderr
+    assert not (tmp_path / "run" / "ckpt.pt").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def bad_inputs(root, tmp):
+    """(flags, words of the message) for each row of README's "When something is wrong" table."""
+    s1, gen, tok = root / "s1" / "ckpt.pt", root / "ar" / "generator.pt", root / "s2" / "tokenizer.pt"
+    (tmp / "cut.pt").write_bytes(s1.read_bytes()[:5000])
+    torch.save({"weight": torch.zeros(2)}, tmp / "foreign.pt")
+    np.savez(tmp / "nchw.npz", x_train=np.zeros((4, 3, 8, 8), np.uint8), y_train=np.zeros(4, np.int64))
+    (tmp / "a_file").write_text("")
+    s2, ar = ["--stage", "2", "--out", str(tmp / "s2")], ["--stage", "ar", "--out", str(tmp / "ar")]
+    resume = ["--out", str(tmp / "run"), "--resume"]
+    return [
+        ([*s2, "--init", str(tmp / "nope.pt")], "stage-1 checkpoint .* not found"),
+        ([*s2, "--init", str(tmp / "cut.pt")], "not a readable PyTorch file"),
+        ([*s2, "--init", str(tmp / "foreign.pt")], "holds weights without this project's training state"),
+        ([*s2, "--init", str(tok)], "holds a finished model file"),
+        ([*ar, "--tokenizer", str(tmp / "cut.pt")], "tokenizer checkpoint .* not a readable PyTorch file"),
+        ([*ar, "--tokenizer", str(gen)], "is not a tokenizer checkpoint"),
+        (["--stage", "2", "--init", str(s1), *resume], "run holds a stage-1 run of preset tiny; you asked for stage 2"),
+        (["--stage", "1", "--preset", "alitok", *resume], "holds a stage-1 run of preset tiny; you asked for preset "
+                                                         "alitok"),
+        (["--stage", "1", "--decoder", "bidirectional", *resume], "made with other settings: causal=True"),
+        (["--stage", "1", "--out", str(tmp / "s1"), "--data", str(tmp / "missing")], "missing"),
+        (["--stage", "1", "--out", str(tmp / "s1"), "--data", str(tmp / "nchw.npz")], "NCHW"),
+        (["--stage", "1", "--out", str(tmp / "a_file" / "run")], "cannot write the run folder"),
+    ]
+
+
+def test_bad_input_is_one_message_and_status_2(tmp_path, stages, capsys):
+    """Every row: exit status 2, one message naming what was found and what to do, checkpoints untouched."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "ckpt.pt").write_bytes((stages[0] / "s1" / "ckpt.pt").read_bytes())
+    before = (tmp_path / "run" / "ckpt.pt").read_bytes()
+    for argv, words in bad_inputs(stages[0], tmp_path):
+        assert D.cli(train.main, [*argv, *TINY]) == 2, argv
+        said = capsys.readouterr().err
+        assert said.startswith("error: ") and re.search(words, said), (argv, said)
+    assert (tmp_path / "run" / "ckpt.pt").read_bytes() == before
+    (tmp_path / "cut.pt").write_bytes(before[:5000])            # a truncated --resume file is explained too
+    (tmp_path / "run" / "ckpt.pt").write_bytes(before[:5000])
+    assert D.cli(train.main, ["--stage", "1", "--out", str(tmp_path / "run"), "--resume", *TINY]) == 2
+    assert "training checkpoint (--resume)" in capsys.readouterr().err
+
+
+def test_loss_networks_fetch_standard_weights_or_say_how_to_train_without(weight_server, monkeypatch, tmp_path):
+    logged, loaded = [], []
+    log = SimpleNamespace(info=logged.append)
+    nets = train.loss_networks(train.parse_args(["--stage", "1"]), "cpu", log)   # tiny: off, no download
+    assert nets == (None, None) and len(logged) == 1 and "--perceptual-loss / --lpips-loss" in logged[0]
+    serve_weights(weight_server, monkeypatch, D.CONVNEXT_WEIGHTS, b"convnext bytes")
+    monkeypatch.setattr(P, "load_convnext", lambda path: loaded.append(path) or StandIn())
+    args = train.parse_args(["--stage", "1", "--perceptual-loss", "--no-progress"])
+    convnext, lp = train.loss_networks(args, "cpu", log)
+    assert loaded == [os.path.join(D.weights_cache(), D.CONVNEXT_WEIGHTS)] and lp is None
+    monkeypatch.setenv(D.OFFLINE_ENV, "1")                     # LPIPS, on by default for alitok, cannot be had
+    with pytest.raises(FileNotFoundError) as error:
+        train.loss_networks(train.parse_args(["--stage", "1", "--preset", "alitok", "--no-perceptual-loss"]),
+                            "cpu", log)
+    said = str(error.value)
+    assert D.VGG16_WEIGHTS in said and D.weights_cache() in said and "pass --no-lpips-loss" in said
 
 
 def test_two_processes_match_one_process(tmp_path, stages):
@@ -2367,7 +2557,7 @@ def test_demo_quick_pipeline_resumes_after_kill(tmp_path):
     """`demo.py --quick` runs every stage; killed during the generator stage and restarted, it continues."""
     out = tmp_path / "demo"
     cmd = [sys.executable, str(HERE / "demo.py"), "--quick", "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_HOME": str(tmp_path / "torch_home"), D.OFFLINE_ENV: "1"}
     proc = subprocess.Popen(cmd, cwd=HERE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 300
@@ -2385,3 +2575,48 @@ def test_demo_quick_pipeline_resumes_after_kill(tmp_path):
     assert {"stage1", "stage2", "generator", "samples"} <= set(metrics)
     assert metrics["samples"]["n"] == 40 and 0 <= metrics["samples"]["class_agreement"] <= 1
     assert metrics["stage2"]["psnr"] > 5 and (out / "grid.png").exists()
+    assert f"rFID / FID / IS skipped: {D.INCEPTION_WEIGHTS}" in done.stdout and "fid" not in metrics
+
+
+# ===================================================================================================
+# ablation.py: the tokenizer ablation with seeds, killed and restarted
+# ===================================================================================================
+
+def test_ablation_quick_resumes_after_kill_and_writes_table_and_chart(tmp_path):
+    """Killed (SIGKILL, with the stage it runs) once a run has finished; restarted, it skips that run."""
+    out = tmp_path / "ablation"
+    cmd = [sys.executable, str(HERE / "ablation.py"), "--quick", "--out", str(out), "--seeds", "1",
+           "--variants", "bidirectional", "alitok"]
+    proc = subprocess.Popen(cmd, cwd=HERE, env=env1(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    first = out / "bidirectional" / "seed0" / "result.json"
+    deadline = time.time() + 600
+    while not first.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert first.exists()
+    done = subprocess.run(cmd, cwd=HERE, env=env1(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "skip bidirectional seed 0" in done.stdout
+    assert "--decoder bidirectional" not in done.stdout                       # its stages were not rerun
+    result = json.loads((out / "ablation.json").read_text())
+    assert list(result["summary"]) == ["bidirectional", "alitok"]
+    for variant in result["summary"].values():
+        assert {"psnr", "stage1_psnr", "loss", "acc", "prefix_acc", "image_acc"} <= set(variant)
+        assert 0 <= variant["acc"]["mean"] <= 1 and variant["acc"]["std"] == 0.0
+    table = (out / "ablation.md").read_text()
+    assert "| bidirectional |" in table and "| alitok |" in table and "next-token accuracy" in table
+    with Image.open(out / "ablation.png") as chart:
+        assert chart.size == (3 * 420, 320) and len(chart.getcolors(1 << 16)) > 3
+
+
+def test_ablation_summary_and_chart(tmp_path):
+    runs = [{"variant": v, "seed": s, "psnr": 20 + s, "loss": 3.0 - s * 0.1, "acc": 0.2 + 0.01 * s}
+            for v in ("bidirectional", "alitok") for s in (0, 1)]
+    summary = ablation.summarize(runs)
+    assert summary["alitok"]["psnr"]["mean"] == 20.5
+    assert summary["alitok"]["psnr"]["std"] == pytest.approx(np.std([20, 21], ddof=1))
+    assert "20.5 ± 0.71" in ablation.table(summary, 2, ablation.BUDGETS["quick"])
+    ablation.bar_chart(summary, str(tmp_path / "chart.png"))
+    assert Image.open(tmp_path / "chart.png").size == (3 * 420, 320)

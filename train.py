@@ -13,10 +13,12 @@ atomically, and `--resume` continues bit for bit (data order and augmentations a
 step)).
 """
 import argparse
+import contextlib
 import functools
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -42,14 +44,14 @@ import perceptual
 # last two phases); one cosine from the end of the LPIPS phase to 2e-6 approximates it (2.6e-5 at the GAN
 # start of stage 1). The released run's batch is not given; 256 is ours.
 TOKENIZER = dict(batch_size=256, lr=1e-4, lr_min=2e-6, weight_decay=0.01, grad_clip=0.0, lpips_until=50_000,
-                 decay_start=50_000, log_every=100, image_every=5_000, ckpt_every=5_000)
+                 decay_start=50_000, log_every=100, image_every=5_000, ckpt_every=5_000, eval_every=5_000)
 TINY_TOKENIZER = dict(batch_size=32, steps=1500, lr=1e-3, lr_min=1e-4, warmup=100, decay_start=100,
                       weight_decay=0.01, grad_clip=0.0, lpips_until=0, gan_start=-1, log_every=25,
-                      image_every=250, ckpt_every=250)
+                      image_every=250, ckpt_every=250, eval_every=250)
 # Generator: AdamW 4e-4, betas (0.9, 0.96), decay 0.03 on matrices, clip 1.0, global batch 2048, 62.5k warm-up
 # from 0, then cosine to 1e-5.
 GENERATOR = dict(batch_size=2048, lr=4e-4, lr_min=1e-5, warmup=62_500, decay_start=62_500, weight_decay=0.03,
-                 grad_clip=1.0, log_every=100, image_every=10_000, ckpt_every=5_000)
+                 grad_clip=1.0, log_every=100, image_every=10_000, ckpt_every=5_000, eval_every=10_000)
 RECIPES = {
     "1": {"alitok": dict(TOKENIZER, steps=350_000, warmup=10_000, gan_start=250_000), "tiny": TINY_TOKENIZER},
     "2": {"alitok": dict(TOKENIZER, steps=300_000, warmup=0, gan_start=200_000),
@@ -57,7 +59,8 @@ RECIPES = {
     "ar": {"B": dict(GENERATOR, steps=500_000), "L": dict(GENERATOR, steps=500_000),
            "XL": dict(GENERATOR, steps=250_000),
            "tiny": dict(batch_size=64, steps=600, lr=1e-3, lr_min=1e-5, warmup=50, decay_start=50,
-                        weight_decay=0.03, grad_clip=1.0, log_every=25, image_every=300, ckpt_every=100)},
+                        weight_decay=0.03, grad_clip=1.0, log_every=25, image_every=300, ckpt_every=100,
+                        eval_every=300)},
 }
 PAPER = {"1": "alitok", "2": "alitok", "ar": "B"}   # the recipe --help quotes beside a tiny default
 DISCRIMINATORS = {"alitok": {}, "tiny": dict(base_channels=16, pool_size=4)}
@@ -80,6 +83,7 @@ SCHEDULE = [  # (flag, type, help)
     ("log_every", int, "steps between metrics lines"),
     ("image_every", int, "steps between picture grids"),
     ("ckpt_every", int, "steps between checkpoints"),
+    ("eval_every", int, "steps between held-out evaluations (and one at the end)"),
 ]
 
 
@@ -100,6 +104,8 @@ def parse_args(argv=None):
                    help="recipe and model size: tiny (ours, CPU minutes) or the paper's (default: tiny)")
     p.add_argument("--data", default="shapes", help="'shapes' (built-in), an ImageNet-layout folder, or an npz")
     p.add_argument("--n-images", type=int, default=None, help="use this many images of the source")
+    p.add_argument("--eval-images", type=int, default=1000,
+                   help="held-out images evaluated (the source's test split, else 2%% training never sees)")
     p.add_argument("--max-bad-fraction", type=float, default=0.01,
                    help="abort if more than this fraction of a folder's images is unreadable")
     p.add_argument("--out", default=os.path.join("runs", {"1": "stage1", "2": "stage2", "ar": "ar"}[stage]),
@@ -120,15 +126,21 @@ def parse_args(argv=None):
                    help="autocast of the trained model (losses stay float32); default bf16 on cuda, else fp32")
     s.add_argument("--workers", type=int, default=0, help="DataLoader workers per process")
     s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--offline", action="store_true", help=f"never download weight files (as {data.OFFLINE_ENV}=1)")
     return p.parse_args(argv)
 
 
 def add_tokenizer_flags(p, stage):
     """Loss weights, loss-network files, and the stage's model switches."""
     l = p.add_argument_group("tokenizer losses")
-    l.add_argument("--perceptual-weights", default=None, help="torchvision convnext_small-0c510722.pth")
+    l.add_argument("--perceptual-loss", action=argparse.BooleanOptionalAction, default=None,
+                   help="the ConvNeXt-S perceptual loss (default: on, off for the tiny preset)")
+    l.add_argument("--lpips-loss", action=argparse.BooleanOptionalAction, default=None,
+                   help="the LPIPS loss (default: on, off for the tiny preset)")
+    l.add_argument("--perceptual-weights", default=None, help="torchvision convnext_small-0c510722.pth (default: "
+                   "the torch hub cache's copy, downloaded on first use)")
     l.add_argument("--lpips-weights", nargs=2, default=None, metavar=("VGG16", "LIN"),
-                   help="torchvision vgg16-397923af.pth and LPIPS v0.1 vgg.pth")
+                   help="torchvision vgg16-397923af.pth and LPIPS v0.1 vgg.pth (default: cached, as above)")
     l.add_argument("--aux-weight", type=float, default=10.0, help="aux prefix loss weight, times n_prefix/n_image "
                    "(paper 10)")
     l.add_argument("--disc-weight", type=float, default=0.1, help="discriminator hinge loss weight (paper 0.1)")
@@ -262,6 +274,10 @@ def stage2_tokenizer(args, log):
     whole decoder trunk); only the buffer tokens and the positional table are new. (model, stage-1 file)."""
     first = alitok.read_checkpoint(args.init, "the stage-1 checkpoint (train it with `python train.py "
                                               "--stage 1`, or pass --init PATH)")
+    made = (first.get("stage"), first.get("args", {}).get("preset")) if isinstance(first, dict) else None
+    if made != ("1", args.preset) or "config" not in first:
+        raise ValueError(f"--init {args.init} holds {describe(first)}; stage 2 of preset {args.preset} starts from "
+                         f"a stage-1 run of preset {args.preset} (its <out>/ckpt.pt): pass that file with --init")
     cfg = alitok.TokenizerConfig(**first["config"])
     preset = alitok.TOKENIZER_PRESETS[args.preset]
     tok = alitok.Tokenizer(replace(cfg, **alitok.STAGES[2], n_buffer=preset.n_buffer))
@@ -373,17 +389,32 @@ def discriminator_step(t, images):
             "d_fake": fake_logits.detach().mean(), "codes": no_codes}
 
 
+def loss_file(name, path, args, switch_off):
+    """The path of a loss network's standard weight file (data.standard_weights: an explicit path wins); the
+    error, if it cannot be had, also says how to train without that loss."""
+    try:
+        return data.standard_weights(name, path, args.offline, progress=not args.no_progress)
+    except (OSError, ValueError) as error:
+        kind = ValueError if isinstance(error, ValueError) else FileNotFoundError
+        raise kind(f"{error}. To train without this loss, pass {switch_off}.") from None
+
+
 def loss_networks(args, device, log):
-    """ConvNeXt-S and LPIPS from the files given; a network whose file is not given is switched off."""
+    """ConvNeXt-S and LPIPS, each on by --perceptual-loss / --lpips-loss (default: on, except for the tiny
+    preset, which needs no download; a weights path given switches it on), frozen."""
+    wanted = lambda switch, path: switch if switch is not None else path is not None or args.preset != "tiny"
     convnext = lp = None
-    if args.perceptual_weights:
-        convnext = perceptual.load_convnext(args.perceptual_weights).to(device)
-    else:
-        log.info("perceptual (ConvNeXt-S) loss off: pass --perceptual-weights convnext_small-0c510722.pth to use it")
-    if args.lpips_weights:
-        lp = perceptual.load_lpips(*args.lpips_weights).to(device)
-    else:
-        log.info("LPIPS loss off: pass --lpips-weights vgg16-397923af.pth vgg.pth to use it")
+    if wanted(args.perceptual_loss, args.perceptual_weights):
+        path = loss_file(data.CONVNEXT_WEIGHTS, args.perceptual_weights, args, "--no-perceptual-loss")
+        convnext = perceptual.load_convnext(path).to(device)
+    if wanted(args.lpips_loss, args.lpips_weights):
+        vgg, lin = args.lpips_weights or (None, None)
+        lp = perceptual.load_lpips(loss_file(data.VGG16_WEIGHTS, vgg, args, "--no-lpips-loss"),
+                                   loss_file(data.LPIPS_WEIGHTS, lin, args, "--no-lpips-loss")).to(device)
+    off = [name for name, net in (("ConvNeXt-S perceptual", convnext), ("LPIPS", lp)) if net is None]
+    if off:
+        log.info(f"{' and '.join(off)} loss off: pass --perceptual-loss / --lpips-loss to use them (their "
+                 f"standard weights are downloaded on first use into {data.weights_cache()})")
     return convnext, lp
 
 
@@ -391,7 +422,7 @@ def setup_stage1(args, device, world, autocast, log):
     """Stage 1: a new tokenizer (with the ablations asked for), trained end to end."""
     model = stage1_tokenizer(args).to(device)
     forward = functools.partial(stage1_forward, wrap(model, device, world), autocast)
-    return tokenizer_run(args, model, forward, None, device, world, log, finish=lambda: None)
+    return tokenizer_run(args, model, forward, None, device, world, log, finish=lambda: None, autocast=autocast)
 
 
 def setup_stage2(args, device, world, autocast, log):
@@ -402,12 +433,12 @@ def setup_stage2(args, device, world, autocast, log):
     forward = functools.partial(stage2_forward, model, wrap(model.decoder, device, world), autocast)
     path, disc_state = os.path.join(args.out, "tokenizer.pt"), first.get("modules", {}).get("discriminator")
     return tokenizer_run(args, model, forward, disc_state, device, world, log,
-                         finish=lambda: data.save_checkpoint(alitok.checkpoint(model), path))
+                         finish=lambda: data.save_checkpoint(alitok.checkpoint(model), path), autocast=autocast)
 
 
-def tokenizer_run(args, model, forward, disc_state, device, world, log, finish):
+def tokenizer_run(args, model, forward, disc_state, device, world, log, finish, autocast):
     """What the loop needs for a tokenizer stage: loss networks, the discriminator (from disc_state if given),
-    the optimizers, and the images in the tokenizer's training view."""
+    the optimizers, the images in the tokenizer's training view, and the held-out images (under autocast)."""
     disc = None
     if args.gan_start >= 0:
         disc = perceptual.Discriminator(**DISCRIMINATORS[args.preset]).to(device)
@@ -416,13 +447,14 @@ def tokenizer_run(args, model, forward, disc_state, device, world, log, finish):
             log.info(f"stage 2: the discriminator carries over from {args.init}")
     t = tokenizer_training(model, forward, loss_networks(args, device, log), args, disc,
                            disc and wrap(disc, device, world))
-    dataset = data.build_dataset(args.data, model.config.image_size, seed=args.seed, n_images=args.n_images,
-                                 max_bad_fraction=args.max_bad_fraction)
+    dataset, heldout = data.heldout_split(args.data, model.config.image_size, seed=args.seed, n_images=args.n_images,
+                                          n_heldout=args.eval_images, max_bad_fraction=args.max_bad_fraction)
     fixed = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))])   # ADM centre crops
     optimizers = {"model": t.opt} | ({"discriminator": t.disc_opt} if disc is not None else {})
     return Run(model, functools.partial(tokenizer_step, t), optimizers, dataset, model.config.codebook_size,
                pictures=functools.partial(reconstructions, model, fixed), finish=finish,
-               modules={"discriminator": disc} if disc is not None else {})
+               modules={"discriminator": disc} if disc is not None else {},
+               heldout=functools.partial(tokenizer_heldout, model, heldout_images(heldout)[0], autocast))
 
 
 def reconstructions(model, fixed):
@@ -463,7 +495,13 @@ def load_frozen_tokenizer(path, device):
         raise FileNotFoundError(f"stage ar needs a tokenizer checkpoint: {path} not found. Train one (`python "
                                 f"train.py --stage 1` then `--stage 2`) or pass --tokenizer AliTok.pth (the "
                                 f"released tokenizer).")
-    return alitok.load_tokenizer(path).to(device).requires_grad_(False)
+    saved = alitok.read_checkpoint(path, "tokenizer checkpoint (--tokenizer)")
+    try:
+        tok = alitok.load_tokenizer(saved)
+    except ValueError as error:
+        raise ValueError(f"--tokenizer {path} is not a tokenizer checkpoint ({str(error)[:300]}); pass the "
+                         f"stage-2 tokenizer.pt of `python train.py --stage 2` or the released AliTok.pth") from None
+    return tok.to(device).requires_grad_(False)
 
 
 def setup_generator(args, device, world, autocast, log):
@@ -472,8 +510,8 @@ def setup_generator(args, device, world, autocast, log):
     codes = args.codes or os.path.join(args.out, "codes.npz")
     if not os.path.exists(codes):
         log.info(f"pre-tokenizing {args.data} with ten-crop into {codes}")
-        images = data.build_dataset(args.data, int(tok.config.image_size * data.TEN_CROP_SCALE), seed=args.seed,
-                                    n_images=args.n_images, max_bad_fraction=args.max_bad_fraction)
+        images, _ = data.heldout_split(args.data, int(tok.config.image_size * data.TEN_CROP_SCALE), seed=args.seed,
+                                       n_images=args.n_images, max_bad_fraction=args.max_bad_fraction)
         data.pretokenize(tok, images, codes, batch_size=64, device=device, progress=not args.no_progress)
     dataset = data.CodesDataset(codes)
     overrides = {k: getattr(args, k) for k in ("dropout", "token_dropout", "class_dropout")
@@ -484,9 +522,11 @@ def setup_generator(args, device, world, autocast, log):
                           args.grad_clip)
     saved = {"tokenizer": os.path.abspath(args.tokenizer)}
     path = os.path.join(args.out, "generator.pt")
+    held = heldout_codes(tok, args, device)
     return Run(model, functools.partial(generator_step, g), {"model": g.opt}, dataset, cfg.codebook_size,
                pictures=functools.partial(samples, model, tok), saved=saved,
-               finish=lambda: data.save_checkpoint({**alitok.checkpoint(model), **saved}, path))
+               finish=lambda: data.save_checkpoint({**alitok.checkpoint(model), **saved}, path),
+               heldout=functools.partial(generator_heldout, model, *held, autocast))
 
 
 def samples(model, tok):
@@ -512,27 +552,51 @@ class Run:
     finish: Callable                       # () -> None: the stage's final file (rank 0)
     modules: dict = field(default_factory=dict)   # other modules saved and resumed by name
     saved: dict = field(default_factory=dict)     # other checkpoint entries
+    heldout: Callable = None               # () -> {"heldout_<metric>": float} on the held-out split, eval mode
 
 
 SETUPS = {"1": setup_stage1, "2": setup_stage2, "ar": setup_generator}
 
 
 def main(argv=None):
+    """Train one stage; 0 when done or stopped by --stop-after, 128 + the signal number when SIGTERM/SIGINT
+    stopped it (after writing the checkpoint)."""
     args = parse_args(argv)
     rank, world, device = data.setup_distributed(args.device)
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} (global) must divide by the {world} processes")
-    os.makedirs(args.out, exist_ok=True)
-    log = Logger(args.out, rank)
-    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    torch.manual_seed(args.seed + rank)
-    run = SETUPS[args.stage](args, device, world, data.autocast(device, precision), log)
-    n_params = sum(p.numel() for p in trainable(run.model))
-    log.info(f"stage {args.stage}: {n_params / 1e6:.2f}M trainable parameters, {len(run.dataset)} training items, "
-             f"global batch {args.batch_size} = {world} x {args.batch_size // world}, {device}, {precision}")
+    make_run_folder(args.out)
     ckpt = os.path.join(args.out, "ckpt.pt")
-    start = resume(run, ckpt, rank, world, log) if args.resume else 0
-    done = start
+    # rank 0 holds the folder for the whole run: a second run on it is refused, naming this process
+    with data.RunFolderLock(args.out) if rank == 0 else contextlib.nullcontext():
+        log = Logger(args.out, rank)
+        saved = read_resumable(ckpt, args, log) if args.resume else None   # checked before any setup
+        precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+        torch.manual_seed(args.seed + rank)
+        run = SETUPS[args.stage](args, device, world, data.autocast(device, precision), log)
+        n_params = sum(p.numel() for p in trainable(run.model))
+        log.info(f"stage {args.stage}: {n_params / 1e6:.2f}M trainable parameters, {len(run.dataset)} training "
+                 f"items, global batch {args.batch_size} = {world} x {args.batch_size // world}, {device}, {precision}")
+        start = resume(run, saved, ckpt, rank, world, log) if saved is not None else 0
+        if start >= args.steps:
+            log.info(f"{args.out}: already trained to step {start} (--steps {args.steps}); nothing to do")
+        with data.StopSignals() as signals:
+            done, signum = train_loop(run, args, start, ckpt, (rank, world, device), log, signals)
+        if signum:
+            log.info(f"received {signal.Signals(signum).name} at step {done}: wrote {ckpt}; continue with --resume")
+        elif done >= args.steps and rank == 0:
+            run.finish()
+    data.barrier()
+    if data.is_distributed():
+        dist.destroy_process_group()
+    return 128 + signum if signum else 0
+
+
+def train_loop(run, args, start, ckpt, where, log, signals):
+    """Steps start..--steps-1 with logs, pictures and checkpoints; stops early at --stop-after or at a stop
+    signal (checkpoint written either way). (steps done, the agreed signal number or 0)."""
+    rank, world, device = where
+    done, signum = start, 0
     batches = data.StepBatches(len(run.dataset), args.batch_size, args.seed, start, args.steps, rank, world)
     loader = iter(torch.utils.data.DataLoader(run.dataset, batch_sampler=batches, num_workers=args.workers,
                                               pin_memory=device.type == "cuda", collate_fn=collate,
@@ -546,29 +610,30 @@ def main(argv=None):
         set_lr(run.optimizers.values(), lr)
         metrics = run.train_step((x, y), step)
         counts += torch.bincount(metrics.pop("codes").flatten(), minlength=run.codebook_size)
-        check_finite(metrics["loss"], step, ckpt, world)
+        signum = check_finite(metrics["loss"], step, ckpt, world, signals.received)
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + v.float()
         seen, done = seen + x.shape[0] * world, step + 1
+        held = heldout_metrics(run, rank, done, args, log)
         if done % args.log_every == 0 or done == args.steps:
             record = reduce_metrics(sums, seen // args.batch_size, counts, world, done, lr, seen / (time.time() - t0))
-            log.metrics(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{record['img_per_s']:.0f}")
+            log.metrics({**record, **held})
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{record['img_per_s']:.0f}",
+                            **heldout_postfix(held))
             sums, counts, t0, seen = {}, torch.zeros_like(counts), time.time(), 0
+        elif held:
+            log.metrics({"step": done, **held})
         if rank == 0 and (done % args.image_every == 0 or done == args.steps):
             save_pictures(run, args.out, done)
         stop = args.stop_after is not None and done - start >= args.stop_after
-        if done % args.ckpt_every == 0 or done == args.steps or stop:
+        if done % args.ckpt_every == 0 or done == args.steps or stop or signum:
             save(run, args, done, ckpt, rank, world)
-        if stop:
+        if stop and not signum:
             log.info(f"stopped after {args.stop_after} steps at step {done}; continue with --resume")
+        if stop or signum:
             break
     bar.close()
-    if done >= args.steps and rank == 0:
-        run.finish()
-    data.barrier()
-    if data.is_distributed():
-        dist.destroy_process_group()
+    return done, signum
 
 
 def collate(items):
@@ -576,14 +641,16 @@ def collate(items):
     return torch.stack([torch.as_tensor(a) for a, _ in items]), torch.tensor([int(b) for _, b in items])
 
 
-def check_finite(loss, step, ckpt_path, world):
-    """Stop every process on a NaN or infinite loss, keeping the last good checkpoint untouched."""
-    bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=loss.device)
+def check_finite(loss, step, ckpt_path, world, signum=None):
+    """Stop every process on a NaN or infinite loss, keeping the last good checkpoint untouched; returns the
+    stop signal any process has received (0: none), agreed by all in the same all_reduce."""
+    flags = torch.tensor([0.0 if torch.isfinite(loss) else 1.0, float(signum or 0)], device=loss.device)
     if world > 1:
-        dist.all_reduce(bad)
-    if bad.item() > 0:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    if flags[0].item() > 0:
         kept = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint yet"
         raise FloatingPointError(f"non-finite loss at step {step}; stopping ({kept}). Try a lower --lr.")
+    return int(flags[1].item())
 
 
 def codebook_metrics(counts):
@@ -605,6 +672,87 @@ def reduce_metrics(sums, n_steps, counts, world, step, lr, img_per_s):
     if counts.sum() > 0:
         record["codebook_usage"], record["codebook_perplexity"] = codebook_metrics(counts)
     return record
+
+
+# ----------------------------------------------------------------------------------------------------
+# Held-out evaluation (nanoGPT's estimate_loss): images training never sees, every --eval-every steps
+# ----------------------------------------------------------------------------------------------------
+
+def heldout_images(dataset):
+    """The held-out ADM centre crops as uint8 [N, 3, S, S] (small in memory) and their labels int64 [N]."""
+    items = [dataset[i] for i in range(len(dataset))]
+    images = torch.stack([(x * 255).round().to(torch.uint8) for x, _ in items])
+    return images, torch.tensor([int(y) for _, y in items])
+
+
+@torch.no_grad()
+def tokenizer_heldout(model, images, autocast, batch_size=64):
+    """Held-out reconstruction of uint8 images [N, 3, S, S]: PSNR in dB (mean over images, the reconstruction
+    rounded to uint8 as a saved picture), usage (0..1) and perplexity of the held-out codes."""
+    device = model.latent_tokens.device
+    counts, psnr = torch.zeros(model.config.codebook_size, device=device), []
+    for x in images.split(batch_size):
+        x = x.to(device).float()
+        with autocast:
+            out = model(x / 255)
+        recon = out["recon"].float().clamp(0, 1).mul(255).round()
+        mse = (recon - x).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+        psnr.append(10 * torch.log10(255.0 ** 2 / mse))
+        counts += torch.bincount(out["codes"].flatten(), minlength=len(counts))
+    usage, perplexity = codebook_metrics(counts)
+    return {"heldout_psnr": float(torch.cat(psnr).mean()), "heldout_codebook_usage": usage,
+            "heldout_codebook_perplexity": perplexity}
+
+
+@torch.no_grad()
+def heldout_codes(tok, args, device, batch_size=64):
+    """(codes int64 [N, T], labels int64 [N]): the ADM centre crops of --eval-images held-out images, encoded
+    once by the frozen tokenizer."""
+    _, heldout = data.heldout_split(args.data, tok.config.image_size, seed=args.seed, n_heldout=args.eval_images,
+                                    max_bad_fraction=args.max_bad_fraction)
+    images, labels = heldout_images(heldout)
+    codes = torch.cat([tok.encode(x.to(device).float() / 255).cpu() for x in images.split(batch_size)])
+    return codes, labels
+
+
+@torch.no_grad()
+def generator_heldout(model, codes, labels, autocast, batch_size=64):
+    """Held-out next-token cross-entropy (nats per token) and accuracy (0..1) by teacher forcing on codes
+    [N, T] with their classes (eval mode: no dropout): over all tokens, the prefix tokens and the image tokens."""
+    device, n_prefix = model.output.weight.device, model.config.n_prefix
+    nll, hit = [], []
+    for c, y in zip(codes.split(batch_size), labels.split(batch_size)):
+        c, y = c.to(device), y.to(device)
+        with autocast:
+            logits = model(c, y).float()
+        nll.append(F.cross_entropy(logits.flatten(0, 1), c.flatten(), reduction="none").view(c.shape).cpu())
+        hit.append((logits.argmax(-1) == c).float().cpu())
+    nll, hit = torch.cat(nll), torch.cat(hit)                  # [N, T]
+    record = {}
+    for part, tokens in (("", slice(None)), ("prefix_", slice(0, n_prefix)), ("image_", slice(n_prefix, None))):
+        if nll[:, tokens].numel():
+            record[f"heldout_{part}loss"] = float(nll[:, tokens].mean())
+            record[f"heldout_{part}acc"] = float(hit[:, tokens].mean())
+    return record
+
+
+def heldout_metrics(run, rank, step, args, log):
+    """The stage's held-out metrics, by rank 0 in eval mode, every --eval-every steps and at the last step;
+    {} on other ranks and steps."""
+    if run.heldout is None or rank != 0 or not (step % args.eval_every == 0 or step == args.steps):
+        return {}
+    was = run.model.training
+    run.model.eval()
+    held = run.heldout()
+    run.model.train(was)
+    log.info(f"step {step} held-out: " + ", ".join(f"{k[8:]} {v:.4g}" for k, v in held.items()))
+    return held
+
+
+def heldout_postfix(held):
+    """The progress line's held-out entry: PSNR for a tokenizer, next-token loss for the generator."""
+    key = next((k for k in ("heldout_psnr", "heldout_loss") if k in held), None)
+    return {} if key is None else {key.replace("heldout_", "ho_"): f"{held[key]:.4g}"}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -643,12 +791,60 @@ def save(run, args, step, path, rank, world):
             "rng": rngs, "args": vars(args), **run.saved}, path)
 
 
-def resume(run, path, rank, world, log):
-    """Load the training state of `path` into the run if the file exists; the step to continue from."""
+def make_run_folder(out):
+    """Create the run folder, or an OSError saying that it cannot be written and what to do."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        data.atomic_write(os.path.join(out, ".writable"), lambda f: None)
+        os.remove(os.path.join(out, ".writable"))
+    except OSError as error:
+        raise OSError(f"cannot write the run folder --out {out} ({error.strerror or error}): choose a folder "
+                      f"you can write to") from error
+
+
+def describe(ck):
+    """What a loaded checkpoint holds, in words for messages ("a stage-1 run of preset tiny")."""
+    if isinstance(ck, dict) and "stage" in ck and isinstance(ck.get("args"), dict):
+        return f"a stage-{ck['stage']} run of preset {ck['args'].get('preset')}"
+    if isinstance(ck, dict) and "config" in ck and "model" in ck:
+        return "a finished model file (tokenizer.pt / generator.pt), not a training state"
+    return "weights without this project's training state (a released file?)"
+
+
+def read_resumable(path, args, log):
+    """The training state of `path` for --resume (None if there is none yet), refused before any setup when
+    it is not a train.py training state or holds another stage's or preset's run."""
     if not os.path.exists(path):
         log.info(f"--resume: no {path} yet, starting from step 0")
-        return 0
-    ck = alitok.read_checkpoint(path, "training checkpoint")
+        return None
+    ck = alitok.read_checkpoint(path, "training checkpoint (--resume)")
+    folder = os.path.dirname(path)
+    if not (isinstance(ck, dict) and {"stage", "step", "args", "config", "model", "optimizers"} <= set(ck)):
+        raise ValueError(f"{path} holds {describe(ck)}; --resume expects the ckpt.pt that train.py writes. "
+                         f"Choose another --out, or move the file away to start afresh")
+    asked = [f"{what} {mine}" for what, theirs, mine in (("stage", ck["stage"], args.stage),
+             ("preset", ck["args"].get("preset"), args.preset)) if theirs != mine]
+    if asked:
+        raise ValueError(f"{folder} holds {describe(ck)}; you asked for {' and '.join(asked)}. Choose another "
+                         f"--out, or continue it with --stage {ck['stage']} --preset {ck['args'].get('preset')}")
+    return ck
+
+
+def check_same_run(run, ck, path):
+    """Refuse to resume a run made with other settings (model config, GAN on or off) before loading tensors."""
+    config = asdict(run.model.config)
+    differ = [f"{k}={ck['config'].get(k)!r} (now {v!r})" for k, v in config.items() if ck["config"].get(k) != v]
+    for what, mine in (("modules", run.modules), ("optimizers", run.optimizers)):
+        if set(ck[what]) != set(mine):
+            differ.append(f"{what} {sorted(ck[what])} (now {sorted(mine)})")
+    if differ:
+        raise ValueError(f"{os.path.dirname(path)} holds {describe(ck)} made with other settings: "
+                         f"{', '.join(differ)}. Resume with the flags it was made with, or choose another --out")
+
+
+def resume(run, ck, path, rank, world, log):
+    """Load the training state `ck` (read from `path`) into the run; the step to continue from."""
+    check_same_run(run, ck, path)
     alitok.load_strict(run.model, ck["model"], source=path)
     for name, module in run.modules.items():
         alitok.load_strict(module, ck["modules"][name], source=path)

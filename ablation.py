@@ -1,0 +1,180 @@
+"""The paper's tokenizer ablation, rerun with seeds: bidirectional stage 1 / causal without prefix / causal
+without aux / AliTok, each through stage 2 and a generator; held-out numbers as mean and spread.
+
+    python ablation.py --data ../shared/datasets/cifar10_subset_32.npz --out runs/ablation
+    python ablation.py --quick --out runs/ablation_quick      # a few steps per stage: checks the loop only
+
+Every step is a train.py command (printed, and kept in <out>/commands.log). A run (variant, seed) whose
+result.json exists is skipped, and a killed one continues from its checkpoints (--resume), so the same command
+started again finishes the work. Writes <out>/ablation.json, ablation.md (table) and ablation.png (bar chart
+with one standard deviation over seeds as error bars).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+import data
+
+# Stage-1 switches of each variant (train.py flags); stage 2 and the generator are the same for all.
+VARIANTS = {"bidirectional": ["--decoder", "bidirectional"], "no_prefix": ["--no-prefix"],
+            "no_aux": ["--no-aux"], "alitok": []}
+# Steps per stage (the demo's), training images, held-out images evaluated.
+BUDGETS = {"full": dict(s1=1500, s2=600, ar=600, n_images=None, eval_images=1000),
+           "quick": dict(s1=4, s2=3, ar=4, n_images=64, eval_images=32)}
+METRICS = (  # (result key, what it is), in the order of the table
+    ("stage1_psnr", "stage-1 held-out PSNR (dB)"),
+    ("psnr", "held-out PSNR (dB)"),
+    ("codebook_usage", "held-out codebook usage"),
+    ("loss", "held-out next-token loss (nats)"),
+    ("acc", "held-out next-token accuracy"),
+    ("prefix_acc", "held-out prefix-token accuracy"),
+    ("image_acc", "held-out image-token accuracy"),
+)
+CHART = ("psnr", "loss", "acc")
+COLOURS = ((150, 150, 150), (86, 180, 233), (230, 159, 0), (0, 114, 178))
+
+
+def last_heldout(metrics_path):
+    """The last held-out record of a stage's metrics.jsonl, its keys without the "heldout_" prefix."""
+    with open(metrics_path) as f:
+        records = [json.loads(line) for line in f if "heldout_" in line]
+    if not records:
+        raise ValueError(f"{metrics_path}: no held-out record; expected train.py's heldout_* metrics")
+    return {k[len("heldout_"):]: v for k, v in records[-1].items() if k.startswith("heldout_")}
+
+
+def train_variant(variant, seed, args, budget):
+    """Stage 1 (with the variant's switches), stage 2 and the generator of one (variant, seed), each resumed;
+    the run's held-out numbers, also written to its result.json."""
+    folder = os.path.join(args.out, variant, f"seed{seed}")
+    result_path = os.path.join(folder, "result.json")
+    if os.path.exists(result_path):
+        print(f"skip {variant} seed {seed}: {result_path} exists", flush=True)
+        with open(result_path) as f:
+            return json.load(f)
+    t0, (s1, s2, ar) = time.time(), (os.path.join(folder, s) for s in ("stage1", "stage2", "ar"))
+    common = ["--data", args.data, "--seed", str(seed), "--eval-images", str(budget["eval_images"]),
+              "--resume", "--no-progress"]
+    common += ["--n-images", str(budget["n_images"])] if budget["n_images"] else []
+    stages = [(s1, ["--stage", "1", *VARIANTS[variant]], budget["s1"], "stage2/tokenizer.pt"),
+              (s2, ["--stage", "2", "--init", os.path.join(s1, "ckpt.pt")], budget["s2"], "stage2/tokenizer.pt"),
+              (ar, ["--stage", "ar", "--tokenizer", os.path.join(s2, "tokenizer.pt")], budget["ar"],
+               "ar/generator.pt")]
+    for out, flags, steps, final in stages:
+        if not os.path.exists(os.path.join(folder, final)):  # a finished stage is not started again
+            run([sys.executable, "train.py", *flags, "--out", out, "--steps", str(steps), *common], args.out)
+    first, tokenizer, generator = (last_heldout(os.path.join(s, "metrics.jsonl")) for s in (s1, s2, ar))
+    result = {"variant": variant, "seed": seed, "stage1_psnr": first["psnr"], "psnr": tokenizer["psnr"],
+              "codebook_usage": tokenizer["codebook_usage"],
+              **{k: generator[k] for k in ("loss", "acc", "prefix_acc", "image_acc") if k in generator},
+              "minutes": (time.time() - t0) / 60}
+    data.save_json(result_path, result)
+    return result
+
+
+def run(cmd, out):
+    """Run one train.py command, echoed to the terminal and to <out>/commands.log; raises if it fails."""
+    line = "+ " + " ".join(cmd)
+    print(line, flush=True)
+    with open(os.path.join(out, "commands.log"), "a") as f:
+        f.write(line + "\n")
+    subprocess.run(cmd, check=True)
+
+
+def summarize(results):
+    """{variant: {metric: {"mean", "std" (over seeds, ddof 1; 0 for one seed), "values"}}}."""
+    summary = {}
+    for variant in dict.fromkeys(r["variant"] for r in results):
+        rows = [r for r in results if r["variant"] == variant]
+        summary[variant] = {}
+        for key, _ in METRICS:
+            values = [r[key] for r in rows if key in r]
+            if values:
+                std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+                summary[variant][key] = {"mean": float(np.mean(values)), "std": std, "values": values}
+    return summary
+
+
+def table(summary, n_seeds, budget):
+    """The Markdown table: mean ± standard deviation over seeds per variant and metric."""
+    keys = [(k, what) for k, what in METRICS if any(k in s for s in summary.values())]
+    lines = [f"Held-out metrics, mean ± std over {n_seeds} seed(s); steps per stage {budget['s1']} / {budget['s2']}"
+             f" / {budget['ar']} (stage 1 / stage 2 / generator). rFID and FID/IS are not computed here.", "",
+             "| variant | " + " | ".join(what for _, what in keys) + " |",
+             "|---|" + "---|" * len(keys)]
+    for variant, metrics in summary.items():
+        cells = [f"{metrics[k]['mean']:.4g} ± {metrics[k]['std']:.2g}" if k in metrics else "" for k, _ in keys]
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def font(size):
+    """PIL's default font at `size` px where this Pillow scales it (10.1+), else its fixed bitmap font."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def bar_chart(summary, path, panel=(420, 320), margin=40):
+    """One panel per CHART metric: a bar per variant at its mean, an error bar of one std, the value above."""
+    variants, small, big = list(summary), font(13), font(15)
+    image = Image.new("RGB", (panel[0] * len(CHART), panel[1]), "white")
+    draw = ImageDraw.Draw(image)
+    for k, key in enumerate(CHART):
+        left0, base = k * panel[0] + margin // 2, panel[1] - margin
+        draw.text((left0, 8), dict(METRICS)[key], fill="black", font=big)
+        stats = [summary[v].get(key, {"mean": 0.0, "std": 0.0}) for v in variants]
+        scale = (base - 2 * margin) / max(1e-9, max(s["mean"] + s["std"] for s in stats))
+        width = (panel[0] - margin) // len(variants)
+        for i, (variant, s) in enumerate(zip(variants, stats)):
+            left, right = left0 + i * width + 6, left0 + (i + 1) * width - 6
+            top, centre = base - s["mean"] * scale, (left + right) // 2
+            draw.rectangle((left, top, right, base), fill=COLOURS[i % len(COLOURS)])
+            high, low = base - (s["mean"] + s["std"]) * scale, base - max(0.0, s["mean"] - s["std"]) * scale
+            draw.line((centre, high, centre, low), fill="black", width=2)
+            draw.line((centre - 6, high, centre + 6, high), fill="black", width=2)
+            draw.line((centre - 6, low, centre + 6, low), fill="black", width=2)
+            draw.text((left, high - 18), f"{s['mean']:.3g}", fill="black", font=small)
+            draw.text((left, base + 6), variant, fill="black", font=small)
+        draw.line((left0, base, left0 + panel[0] - margin, base), fill="black")
+    data.atomic_write(path, lambda f: image.save(f, format="PNG"))
+
+
+def main(args):
+    budget = dict(BUDGETS["quick" if args.quick else "full"])
+    budget.update(dict(zip(("s1", "s2", "ar"), args.steps or ())))
+    budget["n_images"] = args.n_images or budget["n_images"]
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}; expected some of {list(VARIANTS)}")
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.time()
+    results = [train_variant(v, seed, args, budget) for seed in range(args.seeds) for v in args.variants]
+    summary = summarize(results)
+    data.save_json(os.path.join(args.out, "ablation.json"),
+                   {"data": args.data, "seeds": args.seeds, "budget": budget, "summary": summary, "runs": results,
+                    "minutes_this_call": (time.time() - t0) / 60})
+    data.atomic_write(os.path.join(args.out, "ablation.md"), lambda f: f.write(table(summary, args.seeds, budget)),
+                      mode="w")
+    bar_chart(summary, os.path.join(args.out, "ablation.png"))
+    print(table(summary, args.seeds, budget), flush=True)
+    print(f"wrote {args.out}/ablation.json, ablation.md, ablation.png")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="shapes", help="'shapes' (built-in), an ImageNet-layout folder, or an npz")
+    p.add_argument("--out", default="runs/ablation", help="folder of all runs and the results")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per variant (0, 1, ...)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"some of {list(VARIANTS)}")
+    p.add_argument("--steps", type=int, nargs=3, metavar=("S1", "S2", "AR"), help="steps per stage")
+    p.add_argument("--n-images", type=int, default=None, help="training images (default: all; quick: 64)")
+    p.add_argument("--quick", action="store_true", help="a few steps per stage: checks the loop, learns little")
+    sys.exit(data.cli(main, p.parse_args()))
