@@ -4,12 +4,16 @@ without aux / AliTok, each through stage 2 and a generator; held-out numbers as 
     python ablation.py --data ../shared/datasets/cifar10_subset_32.npz --out runs/ablation
     python ablation.py --quick --out runs/ablation_quick      # a few steps per stage: checks the loop only
 
+--jobs N trains N (variant, seed) runs at once, each with its share of the CPU threads (the tiny preset uses
+one core about as well as two, so two single-thread runs on a 2-core machine take about half the wall time).
+
 Every step is a train.py command (printed, and kept in <out>/commands.log). A run (variant, seed) whose
 result.json exists is skipped, and a killed one continues from its checkpoints (--resume), so the same command
 started again finishes the work. Writes <out>/ablation.json, ablation.md (table) and ablation.png (bar chart
 with one standard deviation over seeds as error bars).
 """
 import argparse
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -68,7 +72,8 @@ def train_variant(variant, seed, args, budget):
                "ar/generator.pt")]
     for out, flags, steps, final in stages:
         if not os.path.exists(os.path.join(folder, final)):  # a finished stage is not started again
-            run([sys.executable, "train.py", *flags, "--out", out, "--steps", str(steps), *common], args.out)
+            run([sys.executable, "train.py", *flags, "--out", out, "--steps", str(steps), *common], args.out,
+                args.threads)
     first, tokenizer, generator = (last_heldout(os.path.join(s, "metrics.jsonl")) for s in (s1, s2, ar))
     result = {"variant": variant, "seed": seed, "stage1_psnr": first["psnr"], "psnr": tokenizer["psnr"],
               "codebook_usage": tokenizer["codebook_usage"],
@@ -78,13 +83,15 @@ def train_variant(variant, seed, args, budget):
     return result
 
 
-def run(cmd, out):
-    """Run one train.py command, echoed to the terminal and to <out>/commands.log; raises if it fails."""
+def run(cmd, out, threads=None):
+    """Run one train.py command (with `threads` CPU threads when given), echoed to the terminal and to
+    <out>/commands.log; raises if it fails."""
     line = "+ " + " ".join(cmd)
     print(line, flush=True)
     with open(os.path.join(out, "commands.log"), "a") as f:
         f.write(line + "\n")
-    subprocess.run(cmd, check=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+    subprocess.run(cmd, check=True, env=env)
 
 
 def summarize(results):
@@ -155,8 +162,12 @@ def main(args):
     if unknown:
         raise ValueError(f"unknown variants {unknown}; expected some of {list(VARIANTS)}")
     os.makedirs(args.out, exist_ok=True)
-    t0 = time.time()
-    results = [train_variant(v, seed, args, budget) for seed in range(args.seeds) for v in args.variants]
+    if args.jobs < 1:
+        raise ValueError(f"--jobs {args.jobs}: expected 1 or more")
+    args.threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+    t0, pairs = time.time(), [(v, seed) for seed in range(args.seeds) for v in args.variants]
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:  # each worker waits on its train.py
+        results = list(pool.map(lambda pair: train_variant(*pair, args, budget), pairs))
     summary = summarize(results)
     data.save_json(os.path.join(args.out, "ablation.json"),
                    {"data": args.data, "seeds": args.seeds, "budget": budget, "summary": summary, "runs": results,
@@ -176,5 +187,6 @@ if __name__ == "__main__":
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"some of {list(VARIANTS)}")
     p.add_argument("--steps", type=int, nargs=3, metavar=("S1", "S2", "AR"), help="steps per stage")
     p.add_argument("--n-images", type=int, default=None, help="training images (default: all; quick: 64)")
+    p.add_argument("--jobs", type=int, default=1, help="(variant, seed) runs trained at once (default 1)")
     p.add_argument("--quick", action="store_true", help="a few steps per stage: checks the loop, learns little")
     sys.exit(data.cli(main, p.parse_args()))

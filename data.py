@@ -269,13 +269,27 @@ def _download(name, entry, dest, progress):
 def standard_weights(name, path=None, offline=False, progress=True):
     """Path of standard weight file `name` (a STANDARD_WEIGHTS key): `path` if given (it must exist); else
     its copy in weights_cache() once its SHA-256 checks; else downloaded there first (progress bar), unless
-    `offline` or $ALITOK_OFFLINE. Callers load it with weights_only=True (alitok.read_checkpoint)."""
+    `offline` or $ALITOK_OFFLINE. Callers load it with weights_only=True (alitok.read_checkpoint). Under
+    torchrun every rank must call it (it waits on the others)."""
     entry = STANDARD_WEIGHTS[name]
     if path is not None:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{os.fspath(path)!r} given for {name} ({entry.use}) is not a file; give its "
                                     f"right path, or none to use the cached standard file (fetched on first use)")
         return os.fspath(path)
+    # Under torchrun each machine's local rank 0 fetches the file while the other ranks wait, then read its copy.
+    first = not is_distributed() or int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if not first:
+        barrier()
+    try:
+        return _cached_or_downloaded(name, entry, offline, progress)
+    finally:
+        if first and is_distributed():
+            barrier()
+
+
+def _cached_or_downloaded(name, entry, offline, progress):
+    """standard_weights' cache lookup (hash-checked) and download."""
     dest = os.path.join(weights_cache(), name)
     if os.path.isfile(dest):
         found = _sha256(dest)

@@ -859,6 +859,7 @@ class _WeightRequests(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):
         self.server.requests.append(self.path)
+        time.sleep(getattr(self.server, "delay", 0.0))
         body = self.server.files.get(self.path)
         if body is None:
             self.send_error(404)
@@ -930,6 +931,29 @@ def test_standard_weights_wrong_hash_is_refused_and_leaves_no_file(weight_server
     with pytest.raises(OSError, match="could not download gone.pth .*Not Found.* put it at"):
         D.standard_weights("gone.pth")
     assert not (cache / "gone.pth").exists()
+
+
+def _download_worker(rank, world, port, url, sha256, torch_home, paths):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), TORCH_HOME=torch_home)
+    os.environ.pop(D.OFFLINE_ENV, None)
+    D.STANDARD_WEIGHTS["stand_in.pth"] = D.WeightFile(url, sha256, "the tests", "the rest works")
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    paths[rank] = D.standard_weights("stand_in.pth", progress=False)
+    torch.distributed.destroy_process_group()
+
+
+def test_standard_weights_under_two_processes_are_downloaded_once(weight_server, monkeypatch, tmp_path):
+    """Under torchrun local rank 0 downloads while the other rank waits, then reads the cached copy."""
+    body = os.urandom(1 << 20)
+    serve_weights(weight_server, monkeypatch, "stand_in.pth", body)
+    weight_server.delay = 1.0            # a slow answer: two ranks asking at once would both be served
+    paths = torch.multiprocessing.Manager().dict()
+    torch.multiprocessing.spawn(_download_worker, nprocs=2, args=(
+        2, free_port(), D.STANDARD_WEIGHTS["stand_in.pth"].url, hashlib.sha256(body).hexdigest(),
+        str(tmp_path / "torch_home"), paths))
+    cached = tmp_path / "torch_home" / "hub" / "checkpoints" / "stand_in.pth"
+    assert weight_server.requests == ["/files/stand_in.pth"]
+    assert dict(paths) == {0: str(cached), 1: str(cached)} and cached.read_bytes() == body
 
 
 def test_standard_weights_offline_says_which_file_goes_where(weight_server, monkeypatch, tmp_path):
@@ -2583,10 +2607,11 @@ def test_demo_quick_pipeline_resumes_after_kill(tmp_path):
 # ===================================================================================================
 
 def test_ablation_quick_resumes_after_kill_and_writes_table_and_chart(tmp_path):
-    """Killed (SIGKILL, with the stage it runs) once a run has finished; restarted, it skips that run."""
+    """Two runs at once (--jobs 2), killed (SIGKILL, with the stages they run) once one has finished;
+    restarted, it skips that run."""
     out = tmp_path / "ablation"
     cmd = [sys.executable, str(HERE / "ablation.py"), "--quick", "--out", str(out), "--seeds", "1",
-           "--variants", "bidirectional", "alitok"]
+           "--variants", "bidirectional", "alitok", "--jobs", "2"]
     proc = subprocess.Popen(cmd, cwd=HERE, env=env1(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     first = out / "bidirectional" / "seed0" / "result.json"
