@@ -471,16 +471,12 @@ class RMSNorm(nn.Module):
 
 
 class KVCache(nn.Module):
-    """One layer's keys and values for B sequences of up to T_max positions, written at explicit positions.
+    """One layer's keys and values for B sequences of up to T_max positions [B, H, T_max, D], written at explicit
+    positions; a step attends over the filled first n positions only (the whole, static cache when compiled)."""
 
-    Stored [B, H, T_max, D], the layout GPU attention kernels read; on a CPU position-major [T_max, B, H, D],
-    so that the filled part is one contiguous block that one-query attention streams through.
-    """
-
-    def __init__(self, batch, heads, max_len, head_dim, dtype, device, position_major=None):
+    def __init__(self, batch, heads, max_len, head_dim, dtype, device):
         super().__init__()
-        self.position_major = torch.device(device).type == "cpu" if position_major is None else position_major
-        shape = (max_len, batch, heads, head_dim) if self.position_major else (batch, heads, max_len, head_dim)
+        shape = (batch, heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         for buffer in (self.k, self.v):    # written in place by captured CUDA graphs: their address must not move
@@ -488,23 +484,13 @@ class KVCache(nn.Module):
 
     def update(self, pos, k, v):
         """Write k, v [B, H, len(pos), D] at positions pos."""
-        for cache, new in ((self.k, k), (self.v, v)):
-            if self.position_major:
-                cache.index_copy_(0, pos, new.permute(2, 0, 1, 3).to(cache.dtype))
-            else:
-                cache.index_copy_(2, pos, new.to(cache.dtype))
+        self.k.index_copy_(2, pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, pos, v.to(self.v.dtype))
 
     def attend(self, q, mask):
         """Softmax attention of q [B, H, T, D] over the first n cache positions, plus the additive mask [T, n]."""
         n, q = mask.shape[-1], q.to(self.k.dtype)
-        if not self.position_major:
-            return F.scaled_dot_product_attention(q, self.k[:, :, :n], self.v[:, :, :n], attn_mask=mask.to(q.dtype))
-        k, v = self.k[:n], self.v[:n]                                      # n, B, H, D
-        if q.shape[2] > 1:
-            return F.scaled_dot_product_attention(q, k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), attn_mask=mask)
-        # One query: streaming products beat the CPU kernel's per-head tiny matrix products.
-        scores = (k * q[:, :, 0]).sum(-1) * q.shape[-1] ** -0.5 + mask[0, :, None, None]   # n, B, H
-        return (scores.softmax(0).unsqueeze(-1) * v).sum(0).unsqueeze(2)                     # B, H, 1, D
+        return F.scaled_dot_product_attention(q, self.k[:, :, :n], self.v[:, :, :n], attn_mask=mask.to(q.dtype))
 
 
 class SelfAttention(nn.Module):
