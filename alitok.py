@@ -441,14 +441,13 @@ def rotary_table(cfg: ARConfig):
 
 
 def rotary_factors(rope):
-    """rope [T, D/2, 2] -> (cos, sin) [T, 1, D] float32: each pair's cos twice, its sin as (-sin, +sin)."""
+    """rope [T, D/2, 2] -> (cos, sin) [T, 1, 1, D] float32: each pair's cos twice, its sin as (-sin, +sin)."""
     cos, sin = rope.unbind(-1)
-    return (cos.repeat_interleave(2, -1).unsqueeze(1),
-            torch.stack([-sin, sin], -1).flatten(-2).unsqueeze(1))
+    return cos.repeat_interleave(2, -1)[:, None, None], torch.stack([-sin, sin], -1).flatten(-2)[:, None, None]
 
 
 def apply_rotary(x, cos, sin):
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, T, H, D] by the angles of rotary_factors; float32 inside.
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, T, 2, H, D] (q and k) by the angles of rotary_factors.
 
     Pair i becomes (x[2i] cos - x[2i+1] sin, x[2i+1] cos + x[2i] sin), as the released code computes it.
     """
@@ -457,26 +456,27 @@ def apply_rotary(x, cos, sin):
     return (xf * cos + swapped * sin).type_as(x)
 
 
+def rms_norm(x, weight, eps):
+    """x divided by its root mean square over the last dimension (in float32, back in x's dtype), times weight."""
+    return F.rms_norm(x.float(), x.shape[-1:], eps=eps).type_as(x) * weight
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps=1e-5):
         super().__init__()
         self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).type_as(x) * self.weight
+        return rms_norm(x, self.weight, self.eps)
 
 
 class KVCache(nn.Module):
-    """One layer's keys and values for B sequences of up to T_max positions, written at explicit positions.
+    """One layer's keys and values for B sequences of up to T_max positions [B, H, T_max, D], written at explicit
+    positions; a step attends over the filled first n positions only (the whole, static cache when compiled)."""
 
-    Stored [B, H, T_max, D], the layout GPU attention kernels read; on a CPU position-major [T_max, B, H, D],
-    so that the filled part is one contiguous block that one-query attention streams through.
-    """
-
-    def __init__(self, batch, heads, max_len, head_dim, dtype, device, position_major=None):
+    def __init__(self, batch, heads, max_len, head_dim, dtype, device):
         super().__init__()
-        self.position_major = torch.device(device).type == "cpu" if position_major is None else position_major
-        shape = (max_len, batch, heads, head_dim) if self.position_major else (batch, heads, max_len, head_dim)
+        shape = (batch, heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         for buffer in (self.k, self.v):    # written in place by captured CUDA graphs: their address must not move
@@ -484,23 +484,13 @@ class KVCache(nn.Module):
 
     def update(self, pos, k, v):
         """Write k, v [B, H, len(pos), D] at positions pos."""
-        for cache, new in ((self.k, k), (self.v, v)):
-            if self.position_major:
-                cache.index_copy_(0, pos, new.permute(2, 0, 1, 3).to(cache.dtype))
-            else:
-                cache.index_copy_(2, pos, new.to(cache.dtype))
+        self.k.index_copy_(2, pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, pos, v.to(self.v.dtype))
 
     def attend(self, q, mask):
         """Softmax attention of q [B, H, T, D] over the first n cache positions, plus the additive mask [T, n]."""
         n, q = mask.shape[-1], q.to(self.k.dtype)
-        if not self.position_major:
-            return F.scaled_dot_product_attention(q, self.k[:, :, :n], self.v[:, :, :n], attn_mask=mask.to(q.dtype))
-        k, v = self.k[:n], self.v[:n]                                      # n, B, H, D
-        if q.shape[2] > 1:
-            return F.scaled_dot_product_attention(q, k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), attn_mask=mask)
-        # One query: streaming products beat the CPU kernel's per-head tiny matrix products.
-        scores = (k * q[:, :, 0]).sum(-1) * q.shape[-1] ** -0.5 + mask[0, :, None, None]   # n, B, H
-        return (scores.softmax(0).unsqueeze(-1) * v).sum(0).unsqueeze(2)                     # B, H, 1, D
+        return F.scaled_dot_product_attention(q, self.k[:, :, :n], self.v[:, :, :n], attn_mask=mask.to(q.dtype))
 
 
 class SelfAttention(nn.Module):
@@ -516,9 +506,11 @@ class SelfAttention(nn.Module):
         """x [B, T, C]; rope: rotary_factors for the T positions; pos: None (causal over x) or the T cache
         positions x occupies, then the additive mask [T, n] (0 or -inf) covers the first n cache positions."""
         B, T, C = x.shape
-        q, k, v = linear(x, self.qkv).view(B, T, 3, self.heads, self.head_dim).unbind(2)
-        q, k = apply_rotary(self.q_norm(q), *rope), apply_rotary(self.k_norm(k), *rope)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))     # B, H, T, D
+        qkv = linear(x, self.qkv).view(B, T, 3, self.heads, self.head_dim)
+        # q and k normalised (each by its own weights) and rotated together: half the small operations per step
+        norms = torch.stack([self.q_norm.weight, self.k_norm.weight])[:, None]                 # 2, 1, D
+        q, k = apply_rotary(rms_norm(qkv[:, :, :2], norms, self.q_norm.eps), *rope).unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, qkv[:, :, 2]))     # B, H, T, D
         if pos is None:
             y = F.scaled_dot_product_attention(q, k, v.to(q.dtype), is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)

@@ -334,11 +334,10 @@ def test_out_of_range_classes_raise():
         gen.generate(torch.tensor([3, -5]), cfg_scale=1.0)
 
 
-@pytest.mark.parametrize("layout", ["cpu", "gpu"])
 @pytest.mark.parametrize("shape", ["tiny", "B-width"])
-def test_cached_logits_equal_full_forward(shape, layout):
+def test_cached_logits_equal_full_forward(shape):
     """prefill + decode_one_token give the full forward's logits at every position, CFG batch included, attending
-    over exactly the filled cache or the whole static one, in the CPU (position-major) and GPU cache layouts."""
+    over exactly the filled cache or the whole static one."""
     kw = {} if shape == "tiny" else dict(width=768, heads=16, layers=2, n_prefix=5, grid=4, codebook_size=512)
     gen = tiny_generator(**kw)
     cfg, T = gen.config, gen.config.n_tokens
@@ -350,8 +349,7 @@ def test_cached_logits_equal_full_forward(shape, layout):
         full = gen.run(ids)
         for static in (False, True):
             for block in gen.blocks:
-                block.attn.cache = alitok.KVCache(6, cfg.heads, T + 1, cfg.head_dim, torch.float32, "cpu",
-                                                  position_major=layout == "cpu")
+                block.attn.cache = alitok.KVCache(6, cfg.heads, T + 1, cfg.head_dim, torch.float32, "cpu")
             steps = [gen.prefill(ids[:, :2])]                  # two tokens at once, then one at a time
             steps += [gen.decode_one_token(ids[:, s:s + 1], torch.tensor([s]), T + 1 if static else s + 1)
                       for s in range(2, T)]
