@@ -87,7 +87,8 @@ def run(cmd, out, threads=None):
     """Run one train.py command (with `threads` CPU threads when given), echoed to the terminal and to
     <out>/commands.log; raises if it fails."""
     line = "+ " + " ".join(cmd)
-    print(line, flush=True)
+    sys.stdout.write(line + "\n")        # one write: lines of runs started at once do not interleave
+    sys.stdout.flush()
     with open(os.path.join(out, "commands.log"), "a") as f:
         f.write(line + "\n")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
