@@ -21,24 +21,30 @@ import sys
 import time
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import data
+import fid
 
 # Stage-1 switches of each variant (train.py flags); stage 2 and the generator are the same for all.
 VARIANTS = {"bidirectional": ["--decoder", "bidirectional"], "no_prefix": ["--no-prefix"],
             "no_aux": ["--no-aux"], "alitok": []}
 # Steps per stage (the demo's), training images, held-out images evaluated.
-BUDGETS = {"full": dict(s1=1500, s2=600, ar=600, n_images=None, eval_images=1000),
-           "quick": dict(s1=4, s2=3, ar=4, n_images=64, eval_images=32)}
+BUDGETS = {"full": dict(s1=1500, s2=600, ar=600, n_images=None, eval_images=1000, samples=1000),
+           "quick": dict(s1=4, s2=3, ar=4, n_images=64, eval_images=32, samples=16)}
 METRICS = (  # (result key, what it is), in the order of the table
     ("stage1_psnr", "stage-1 held-out PSNR (dB)"),
     ("psnr", "held-out PSNR (dB)"),
+    ("stage1_rfid", "stage-1 held-out rFID"),
+    ("rfid", "held-out rFID"),
     ("codebook_usage", "held-out codebook usage"),
     ("loss", "held-out next-token loss (nats)"),
     ("acc", "held-out next-token accuracy"),
     ("prefix_acc", "held-out prefix-token accuracy"),
     ("image_acc", "held-out image-token accuracy"),
+    ("fid", "FID of samples vs held-out"),
+    ("inception_score", "IS of samples"),
 )
 CHART = ("psnr", "loss", "acc")
 COLOURS = ((150, 150, 150), (86, 180, 233), (230, 159, 0), (0, 114, 178))
@@ -64,7 +70,7 @@ def train_variant(variant, seed, args, budget):
             return json.load(f)
     t0, (s1, s2, ar) = time.time(), (os.path.join(folder, s) for s in ("stage1", "stage2", "ar"))
     common = ["--data", args.data, "--seed", str(seed), "--eval-images", str(budget["eval_images"]),
-              "--resume", "--no-progress"]
+              "--resume", "--no-progress"] + (["--inception", args.inception] if args.inception else [])
     common += ["--n-images", str(budget["n_images"])] if budget["n_images"] else []
     stages = [(s1, ["--stage", "1", *VARIANTS[variant]], budget["s1"], "stage2/tokenizer.pt"),
               (s2, ["--stage", "2", "--init", os.path.join(s1, "ckpt.pt")], budget["s2"], "stage2/tokenizer.pt"),
@@ -78,9 +84,25 @@ def train_variant(variant, seed, args, budget):
     result = {"variant": variant, "seed": seed, "stage1_psnr": first["psnr"], "psnr": tokenizer["psnr"],
               "codebook_usage": tokenizer["codebook_usage"],
               **{k: generator[k] for k in ("loss", "acc", "prefix_acc", "image_acc") if k in generator},
-              "minutes": (time.time() - t0) / 60}
+              **({"stage1_rfid": first["rfid"], "rfid": tokenizer["rfid"]} if "rfid" in tokenizer else {})}
+    if args.net is not None:
+        result |= sample_scores(folder, seed, args, budget)
+    result["minutes"] = (time.time() - t0) / 60
     data.save_json(result_path, result)
     return result
+
+
+def sample_scores(folder, seed, args, budget):
+    """FID and IS of budget["samples"] samples of the run's generator against as many held-out images."""
+    n, samples = budget["samples"], os.path.join(folder, "samples.npz")
+    run([sys.executable, "sample.py", "--ckpt", os.path.join(folder, "ar", "generator.pt"), "--npz", str(n), "--out",
+         samples, "--seed", str(seed)], args.out, args.threads)
+    size = int(np.load(samples)["arr_0"].shape[1])
+    _, heldout = data.heldout_split(args.data, size, seed=seed, n_heldout=n)
+    real = data.to_uint8(torch.stack([heldout[i][0] for i in range(len(heldout))]))
+    data.save_npz(os.path.join(folder, "heldout.npz"), arr_0=real)
+    scores = fid.evaluate(os.path.join(folder, "heldout.npz"), samples, args.net)
+    return {"fid": scores["fid"], "inception_score": scores["inception_score"]}
 
 
 def run(cmd, out, threads=None):
@@ -113,7 +135,8 @@ def table(summary, n_seeds, budget):
     """The Markdown table: mean ± standard deviation over seeds per variant and metric."""
     keys = [(k, what) for k, what in METRICS if any(k in s for s in summary.values())]
     lines = [f"Held-out metrics, mean ± std over {n_seeds} seed(s); steps per stage {budget['s1']} / {budget['s2']}"
-             f" / {budget['ar']} (stage 1 / stage 2 / generator). rFID and FID/IS are not computed here.", "",
+             f" / {budget['ar']} (stage 1 / stage 2 / generator)." + ("" if any("rfid" in s for s in summary.values())
+             else " rFID and FID / IS: no Inception file."), "",
              "| variant | " + " | ".join(what for _, what in keys) + " |",
              "|---|" + "---|" * len(keys)]
     for variant, metrics in summary.items():
@@ -163,6 +186,14 @@ def main(args):
     if unknown:
         raise ValueError(f"unknown variants {unknown}; expected some of {list(VARIANTS)}")
     os.makedirs(args.out, exist_ok=True)
+    try:                                       # rFID, FID and IS when the Inception file is here (never downloaded)
+        args.net = fid.load_inception(args.inception, offline=True)
+    except FileNotFoundError:
+        if args.inception is not None:
+            raise
+        args.net = None
+        print(f"rFID, FID and IS off: no {data.INCEPTION_WEIGHTS} in {data.weights_cache()} (fid.py and demo.py "
+              f"fetch it there on first use), and no --inception PATH", flush=True)
     if args.jobs < 1:
         raise ValueError(f"--jobs {args.jobs}: expected 1 or more")
     args.threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
@@ -188,6 +219,8 @@ if __name__ == "__main__":
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"some of {list(VARIANTS)}")
     p.add_argument("--steps", type=int, nargs=3, metavar=("S1", "S2", "AR"), help="steps per stage")
     p.add_argument("--n-images", type=int, default=None, help="training images (default: all; quick: 64)")
+    p.add_argument("--inception", default=None, metavar="PATH", help=f"FID Inception weights for rFID, FID and IS "
+                   f"(default: the cached {data.INCEPTION_WEIGHTS} if present)")
     p.add_argument("--jobs", type=int, default=1, help="(variant, seed) runs trained at once (default 1)")
     p.add_argument("--quick", action="store_true", help="a few steps per stage: checks the loop, learns little")
     sys.exit(data.cli(main, p.parse_args()))

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -1321,6 +1322,29 @@ def test_heldout_tokenizer_metrics_in_every_tokenizer_stage(stages):
         psnr = fid.psnr(D.to_uint8(images), D.to_uint8(recon)).mean()
         assert last["heldout_psnr"] == pytest.approx(psnr, rel=1e-4)
         assert 0 < last["heldout_codebook_usage"] <= 1 and last["heldout_codebook_perplexity"] >= 1
+
+
+@pytest.mark.filterwarnings("ignore:ONLY 24 SAMPLES")
+def test_heldout_rfid_with_the_inception_file_and_a_note_without(tmp_path, fid_weights, monkeypatch, capsys):
+    """With --inception a tokenizer stage adds held-out rFID (the same as computing it from the checkpoint);
+    without the file (empty cache) it says why there is none and downloads nothing."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    out = tmp_path / "s1"
+    train.main(["--stage", "1", "--out", str(out), "--steps", "2", *TINY, "--inception", str(fid_weights)])
+    last = [json.loads(l) for l in open(out / "metrics.jsonl")][-1]
+    tok = alitok.load_tokenizer(out / "ckpt.pt")
+    images, _ = heldout_shapes(tok.config.image_size)
+    with torch.no_grad():
+        recon = tok(images)["recon"]
+    net = fid.load_inception(str(fid_weights))
+    pool3 = lambda x: fid.extract(net, D.to_uint8(x), progress=False)["pool3"]
+    direct = fid.frechet_distance(*fid.statistics(pool3(images)), *fid.statistics(pool3(recon)))
+    assert last["heldout_rfid"] == pytest.approx(direct, rel=1e-4) and direct > 0
+    capsys.readouterr()
+    train.main(["--stage", "1", "--out", str(tmp_path / "none"), "--steps", "1", *TINY])
+    assert "held-out rFID off" in capsys.readouterr().out
+    assert all("heldout_rfid" not in json.loads(l) for l in open(tmp_path / "none" / "metrics.jsonl"))
+    assert not (tmp_path / "torch_home" / "hub" / "checkpoints" / D.INCEPTION_WEIGHTS).exists()
 
 
 def test_resume_after_stop_is_exact(tmp_path, stages):
@@ -2676,6 +2700,24 @@ def test_ablation_quick_resumes_after_kill_and_writes_table_and_chart(tmp_path):
     assert "| bidirectional |" in table and "| alitok |" in table and "next-token accuracy" in table
     with Image.open(out / "ablation.png") as chart:
         assert chart.size == (3 * 420, 320) and len(chart.getcolors(1 << 16)) > 3
+
+
+@pytest.mark.filterwarnings("ignore:ONLY 12 SAMPLES")
+def test_ablation_scores_samples_against_heldout_images(stages, fid_weights, tmp_path):
+    """With the Inception file, a run's FID / IS are fid.py's numbers for its generator's samples against as
+    many held-out images (never training images)."""
+    folder = tmp_path / "alitok" / "seed0"
+    (folder / "ar").mkdir(parents=True)
+    shutil.copy(stages[0] / "ar" / "generator.pt", folder / "ar" / "generator.pt")
+    net = fid.load_inception(str(fid_weights))
+    args = SimpleNamespace(data="shapes", out=str(tmp_path), threads=None, net=net)
+    scores = ablation.sample_scores(str(folder), 0, args, {"samples": 12})
+    direct = fid.evaluate(str(folder / "heldout.npz"), str(folder / "samples.npz"), net)
+    assert scores == {"fid": pytest.approx(direct["fid"]), "inception_score": pytest.approx(direct["inception_score"])}
+    held = np.load(folder / "heldout.npz")["arr_0"]
+    _, heldout = D.heldout_split("shapes", held.shape[1], n_heldout=12)
+    assert held.shape == (12, 32, 32, 3) and np.array_equal(held, D.to_uint8(torch.stack([heldout[i][0] for i in range(12)])))
+    assert len(np.load(folder / "samples.npz")["arr_0"]) == 12
 
 
 def test_ablation_summary_and_chart(tmp_path):

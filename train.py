@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 import alitok
 import data
+import fid
 import perceptual
 
 # ----------------------------------------------------------------------------------------------------
@@ -112,6 +113,9 @@ def parse_args(argv=None):
     p.add_argument("--n-images", type=int, default=None, help="use this many images of the source")
     p.add_argument("--eval-images", type=int, default=1000,
                    help="held-out images evaluated (the source's test split, else 2%% training never sees)")
+    p.add_argument("--inception", default=None, metavar="PATH",
+                   help=f"tokenizer stages: FID Inception weights for the held-out rFID (default: the cached "
+                        f"{data.INCEPTION_WEIGHTS} if present; training never downloads it)")
     p.add_argument("--max-bad-fraction", type=float, default=0.01,
                    help="abort if more than this fraction of a folder's images is unreadable")
     p.add_argument("--out", default=os.path.join("runs", {"1": "stage1", "2": "stage2", "ar": "ar"}[stage]),
@@ -473,7 +477,23 @@ def tokenizer_run(args, model, forward, disc_state, device, world, log, finish, 
     return Run(model, functools.partial(tokenizer_step, t), optimizers, dataset, model.config.codebook_size,
                pictures=functools.partial(reconstructions, model, fixed), finish=finish,
                modules={"discriminator": disc} if disc is not None else {},
-               heldout=functools.partial(tokenizer_heldout, model, heldout_images(heldout)[0], autocast))
+               heldout=functools.partial(tokenizer_heldout, model, heldout_images(heldout)[0], autocast,
+                                         rfid_network(args, device, log)))
+
+
+def rfid_network(args, device, log):
+    """The FID Inception for held-out rFID: --inception, else the cached standard file; None (said once) if
+    neither is there. Only rank 0 evaluates."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        return None
+    try:
+        return {"net": fid.load_inception(args.inception, offline=True, device=device)}
+    except FileNotFoundError as error:
+        if args.inception is not None:
+            raise
+        log.info(f"held-out rFID off: no {data.INCEPTION_WEIGHTS} in {data.weights_cache()} (fid.py and demo.py "
+                 f"fetch it there on first use), and no --inception PATH")
+        return None
 
 
 def reconstructions(model, fixed):
@@ -705,11 +725,12 @@ def heldout_images(dataset):
 
 
 @torch.no_grad()
-def tokenizer_heldout(model, images, autocast, batch_size=64):
+def tokenizer_heldout(model, images, autocast, inception=None, batch_size=64):
     """Held-out reconstruction of uint8 images [N, 3, S, S]: PSNR in dB (mean over images, the reconstruction
-    rounded to uint8 as a saved picture), usage (0..1) and perplexity of the held-out codes."""
+    rounded to uint8 as a saved picture), usage (0..1) and perplexity of the held-out codes; with `inception`
+    ({"net": FID Inception}, where the originals' statistics are kept) also rFID of the reconstructions."""
     device = model.latent_tokens.device
-    counts, psnr = torch.zeros(model.config.codebook_size, device=device), []
+    counts, psnr, recons = torch.zeros(model.config.codebook_size, device=device), [], []
     for x in images.split(batch_size):
         x = x.to(device).float()
         with autocast:
@@ -718,9 +739,16 @@ def tokenizer_heldout(model, images, autocast, batch_size=64):
         mse = (recon - x).pow(2).flatten(1).mean(1).clamp_min(1e-10)
         psnr.append(10 * torch.log10(255.0 ** 2 / mse))
         counts += torch.bincount(out["codes"].flatten(), minlength=len(counts))
+        recons.append(recon.to(torch.uint8).permute(0, 2, 3, 1).cpu())
     usage, perplexity = codebook_metrics(counts)
-    return {"heldout_psnr": float(torch.cat(psnr).mean()), "heldout_codebook_usage": usage,
-            "heldout_codebook_perplexity": perplexity}
+    record = {"heldout_psnr": float(torch.cat(psnr).mean()), "heldout_codebook_usage": usage,
+              "heldout_codebook_perplexity": perplexity}
+    if inception is not None:
+        pool3 = lambda nhwc: fid.extract(inception["net"], nhwc.numpy(), progress=False)["pool3"]
+        if "real" not in inception:
+            inception["real"] = fid.statistics(pool3(images.permute(0, 2, 3, 1)))
+        record["heldout_rfid"] = fid.frechet_distance(*inception["real"], *fid.statistics(pool3(torch.cat(recons))))
+    return record
 
 
 @torch.no_grad()
