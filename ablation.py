@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 import data
 import fid
@@ -145,17 +145,9 @@ def table(summary, n_seeds, budget):
     return "\n".join(lines) + "\n"
 
 
-def font(size):
-    """PIL's default font at `size` px where this Pillow scales it (10.1+), else its fixed bitmap font."""
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:
-        return ImageFont.load_default()
-
-
 def bar_chart(summary, path, panel=(420, 320), margin=40):
     """One panel per CHART metric: a bar per variant at its mean, an error bar of one std, the value above."""
-    variants, small, big = list(summary), font(13), font(15)
+    variants, small, big = list(summary), data.font(13), data.font(15)
     image = Image.new("RGB", (panel[0] * len(CHART), panel[1]), "white")
     draw = ImageDraw.Draw(image)
     for k, key in enumerate(CHART):

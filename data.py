@@ -16,6 +16,7 @@ import functools
 import hashlib
 import http.client
 import json
+import math
 import os
 import signal
 import socket
@@ -28,7 +29,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
@@ -338,6 +339,42 @@ def save_grid(images, path, nrow=8, padding=2, min_side=128):
         top, left = padding + (i // nrow) * (h + padding), padding + (i % nrow) * (w + padding)
         grid[top:top + h, left:left + w] = x[i]
     atomic_write(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
+
+
+def font(size):
+    """PIL's default font at `size` px where this Pillow scales it (10.1+), else its fixed bitmap font."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def save_curves(path, records, keys, panel=(360, 220), margin=44):
+    """A PNG of metric curves: one panel per key of `keys` found in the records (dicts with "step"), the value
+    against the step as a line, with its first, last, lowest and highest values written beside it."""
+    series = {k: [(r["step"], r[k]) for r in records if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])]
+              for k in keys}
+    series = {k: v for k, v in series.items() if len(v) >= 2}
+    if not series:
+        return
+    cols = min(3, len(series))
+    image = Image.new("RGB", (panel[0] * cols, panel[1] * -(-len(series) // cols)), "white")
+    draw, small = ImageDraw.Draw(image), font(12)
+    for i, (key, points) in enumerate(series.items()):
+        x0, y0 = (i % cols) * panel[0] + margin, (i // cols) * panel[1] + 24
+        w, h = panel[0] - margin - 12, panel[1] - 24 - 30
+        steps, values = zip(*points)
+        lo, hi = min(values), max(values)
+        scale = lambda v: y0 + h - (v - lo) / ((hi - lo) or 1.0) * h
+        xs = lambda s: x0 + (s - steps[0]) / ((steps[-1] - steps[0]) or 1) * w
+        draw.rectangle((x0, y0, x0 + w, y0 + h), outline=(180, 180, 180))
+        draw.line([(xs(s), scale(v)) for s, v in points], fill=(0, 114, 178), width=2)
+        draw.text((x0, y0 - 18), f"{key}: {values[0]:.4g} -> {values[-1]:.4g}", fill="black", font=small)
+        draw.text((x0 - margin + 2, y0), f"{hi:.3g}", fill="black", font=small)
+        draw.text((x0 - margin + 2, y0 + h - 12), f"{lo:.3g}", fill="black", font=small)
+        draw.text((x0, y0 + h + 4), f"step {steps[0]}", fill="black", font=small)
+        draw.text((x0 + w - 70, y0 + h + 4), f"step {steps[-1]}", fill="black", font=small)
+    atomic_write(path, lambda f: image.save(f, format="PNG"))
 
 
 # ----------------------------------------------------------------------------------------------------

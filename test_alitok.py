@@ -1237,6 +1237,8 @@ def test_stage1_lowers_loss_on_fixed_batch(stages):
     assert records[-1]["step"] == 40
     assert {"loss", "rec", "quantizer", "psnr", "codebook_usage", "lr"} <= set(records[-1])
     assert (root / "s1" / "latest.png").exists()
+    with Image.open(root / "s1" / "metrics.png") as curves:     # loss, psnr, lr (one held-out point: no panel)
+        assert curves.size == (3 * 360, 220)
 
 
 def test_stage2_starts_from_the_stage1_decoder_and_lowers_loss(stages, tmp_path):
@@ -2718,6 +2720,19 @@ def test_ablation_scores_samples_against_heldout_images(stages, fid_weights, tmp
     _, heldout = D.heldout_split("shapes", held.shape[1], n_heldout=12)
     assert held.shape == (12, 32, 32, 3) and np.array_equal(held, D.to_uint8(torch.stack([heldout[i][0] for i in range(12)])))
     assert len(np.load(folder / "samples.npz")["arr_0"]) == 12
+
+
+def test_save_curves_draws_a_panel_per_metric_with_two_points_or_more(tmp_path):
+    records = [{"step": s, "loss": 2.0 / s, "psnr": 10 + s, "once": 1.0} for s in range(1, 30)]
+    records.append({"step": 30, "heldout_psnr": 20.0})                 # one point: no panel
+    D.save_curves(str(tmp_path / "curves.png"), records, ("loss", "psnr", "heldout_psnr", "absent"))
+    with Image.open(tmp_path / "curves.png") as image:
+        assert image.size == (2 * 360, 220)
+        pixels = np.asarray(image.convert("RGB"))
+    line = np.all(pixels == (0, 114, 178), axis=-1)
+    assert line[:, :360].sum() > 100 and line[:, 360:].sum() > 100   # both curves drawn
+    D.save_curves(str(tmp_path / "none.png"), records[:1], ("loss",))
+    assert not (tmp_path / "none.png").exists()
 
 
 def test_ablation_summary_and_chart(tmp_path):

@@ -918,6 +918,9 @@ class Logger:
                 f.write(json.dumps(record) + "\n")
 
 
+CURVES = ("loss", "psnr", "acc", "heldout_psnr", "heldout_rfid", "heldout_loss", "heldout_acc", "lr")
+
+
 @torch.no_grad()
 def save_pictures(run, out, step):
     """The stage's picture grid (eval mode), as <out>/pictures_<step>.png and <out>/latest.png."""
@@ -927,6 +930,9 @@ def save_pictures(run, out, step):
     run.model.train(was)
     for name in (f"pictures_{step:07d}.png", "latest.png"):
         data.save_grid(images, os.path.join(out, name), nrow=nrow)
+    if os.path.exists(os.path.join(out, "metrics.jsonl")):      # the curves so far
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            data.save_curves(os.path.join(out, "metrics.png"), [json.loads(line) for line in f], CURVES)
 
 
 if __name__ == "__main__":
