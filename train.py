@@ -46,13 +46,14 @@ import perceptual
 # last two phases); one cosine from the end of the LPIPS phase to 2e-6 approximates it (2.6e-5 at the GAN
 # start of stage 1). The released run's batch is not given; 256 is ours.
 TOKENIZER = dict(batch_size=256, lr=1e-4, lr_min=2e-6, weight_decay=0.01, grad_clip=0.0, lpips_until=50_000,
-                 decay_start=50_000, weight_init="original", log_every=100, image_every=5_000, ckpt_every=5_000, eval_every=5_000)
+                 decay_start=50_000, weight_init="original", log_every=100, image_every=5_000, ckpt_every=5_000,
+                 eval_every=5_000)
 # The tiny tokenizer starts from PyTorch's default init: from the original's (std 0.02 everywhere, a 1x1
 # output conv included) a model this small stays for hundreds of steps, with some seeds the whole run, on the
 # plateau of the mean image (~12 dB on CIFAR-10), which would decide any comparison of tiny runs.
 TINY_TOKENIZER = dict(batch_size=32, steps=1500, lr=1e-3, lr_min=1e-4, warmup=100, decay_start=100,
-                      weight_decay=0.01, grad_clip=0.0, weight_init="torch", lpips_until=0, gan_start=-1, log_every=25,
-                      image_every=250, ckpt_every=250, eval_every=250)
+                      weight_decay=0.01, grad_clip=0.0, weight_init="torch", lpips_until=0, gan_start=-1,
+                      log_every=25, image_every=250, ckpt_every=250, eval_every=250)
 # Generator: AdamW 4e-4, betas (0.9, 0.96), decay 0.03 on matrices, clip 1.0, global batch 2048, 62.5k warm-up
 # from 0, then cosine to 1e-5.
 GENERATOR = dict(batch_size=2048, lr=4e-4, lr_min=1e-5, warmup=62_500, decay_start=62_500, weight_decay=0.03,
@@ -488,7 +489,7 @@ def rfid_network(args, device, log):
         return None
     try:
         return {"net": fid.load_inception(args.inception, offline=True, device=device)}
-    except FileNotFoundError as error:
+    except FileNotFoundError:
         if args.inception is not None:
             raise
         log.info(f"held-out rFID off: no {data.INCEPTION_WEIGHTS} in {data.weights_cache()} (fid.py and demo.py "
