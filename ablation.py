@@ -118,11 +118,11 @@ def run(cmd, out, threads=None):
 
 
 def summarize(results):
-    """{variant: {metric: {"mean", "std" (over seeds, ddof 1; 0 for one seed), "values"}}}."""
+    """{variant: {"seeds": [...], metric: {"mean", "std" (over seeds, ddof 1; 0 for one seed), "values"}}}."""
     summary = {}
     for variant in dict.fromkeys(r["variant"] for r in results):
         rows = [r for r in results if r["variant"] == variant]
-        summary[variant] = {}
+        summary[variant] = {"seeds": [r["seed"] for r in rows]}
         for key, _ in METRICS:
             values = [r[key] for r in rows if key in r]
             if values:
@@ -131,17 +131,17 @@ def summarize(results):
     return summary
 
 
-def table(summary, n_seeds, budget):
-    """The Markdown table: mean ± standard deviation over seeds per variant and metric."""
+def table(summary, budget):
+    """The Markdown table: mean ± standard deviation over each variant's seeds per metric."""
     keys = [(k, what) for k, what in METRICS if any(k in s for s in summary.values())]
-    lines = [f"Held-out metrics, mean ± std over {n_seeds} seed(s); steps per stage {budget['s1']} / {budget['s2']}"
+    lines = [f"Held-out metrics, mean ± std over the seeds listed; steps per stage {budget['s1']} / {budget['s2']}"
              f" / {budget['ar']} (stage 1 / stage 2 / generator)." + ("" if any("rfid" in s for s in summary.values())
              else " rFID and FID / IS: no Inception file."), "",
-             "| variant | " + " | ".join(what for _, what in keys) + " |",
-             "|---|" + "---|" * len(keys)]
+             "| variant | seeds | " + " | ".join(what for _, what in keys) + " |",
+             "|---|---|" + "---|" * len(keys)]
     for variant, metrics in summary.items():
         cells = [f"{metrics[k]['mean']:.4g} ± {metrics[k]['std']:.2g}" if k in metrics else "" for k, _ in keys]
-        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+        lines.append(f"| {variant} | {', '.join(map(str, metrics['seeds']))} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -190,20 +190,25 @@ def main(args):
         raise ValueError(f"--jobs {args.jobs}: expected 1 or more")
     args.threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
     t0, pairs = time.time(), [(v, seed) for seed in range(args.seeds) for v in args.variants]
+    if args.report:                                          # the finished runs only
+        done = lambda v, seed: os.path.exists(os.path.join(args.out, v, f"seed{seed}", "result.json"))
+        pairs = [(v, seed) for v, seed in pairs if done(v, seed)]
+        if not pairs:
+            raise FileNotFoundError(f"--report: no finished run (<variant>/seed<N>/result.json) in {args.out}")
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:  # each worker waits on its train.py
         results = list(pool.map(lambda pair: train_variant(*pair, args, budget), pairs))
     summary = summarize(results)
     data.save_json(os.path.join(args.out, "ablation.json"),
                    {"data": args.data, "seeds": args.seeds, "budget": budget, "summary": summary, "runs": results,
                     "minutes_this_call": (time.time() - t0) / 60})
-    data.atomic_write(os.path.join(args.out, "ablation.md"), lambda f: f.write(table(summary, args.seeds, budget)),
-                      mode="w")
+    data.atomic_write(os.path.join(args.out, "ablation.md"), lambda f: f.write(table(summary, budget)), mode="w")
     bar_chart(summary, os.path.join(args.out, "ablation.png"))
-    print(table(summary, args.seeds, budget), flush=True)
+    print(table(summary, budget), flush=True)
     print(f"wrote {args.out}/ablation.json, ablation.md, ablation.png")
 
 
-if __name__ == "__main__":
+def build_parser():
+    """The command line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="shapes", help="'shapes' (built-in), an ImageNet-layout folder, or an npz")
     p.add_argument("--out", default="runs/ablation", help="folder of all runs and the results")
@@ -213,6 +218,12 @@ if __name__ == "__main__":
     p.add_argument("--n-images", type=int, default=None, help="training images (default: all; quick: 64)")
     p.add_argument("--inception", default=None, metavar="PATH", help=f"FID Inception weights for rFID, FID and IS "
                    f"(default: the cached {data.INCEPTION_WEIGHTS} if present)")
+    p.add_argument("--report", action="store_true", help="train nothing: the table and chart of the runs that have "
+                   "finished among the variants and seeds asked for")
     p.add_argument("--jobs", type=int, default=1, help="(variant, seed) runs trained at once (default 1)")
     p.add_argument("--quick", action="store_true", help="a few steps per stage: checks the loop, learns little")
-    sys.exit(data.cli(main, p.parse_args()))
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(data.cli(main, build_parser().parse_args()))

@@ -2722,6 +2722,22 @@ def test_ablation_scores_samples_against_heldout_images(stages, fid_weights, tmp
     assert len(np.load(folder / "samples.npz")["arr_0"]) == 12
 
 
+def test_ablation_report_summarizes_finished_runs_and_trains_nothing(tmp_path, capsys):
+    for variant, seeds in (("bidirectional", (0, 1)), ("alitok", (0,))):
+        for seed in seeds:
+            D.save_json(str(tmp_path / variant / f"seed{seed}" / "result.json"),
+                        {"variant": variant, "seed": seed, "psnr": 20.0 + seed, "loss": 3.0, "acc": 0.2})
+    args = ablation.build_parser().parse_args(["--report", "--out", str(tmp_path), "--seeds", "3"])
+    ablation.main(args)
+    said = capsys.readouterr().out
+    assert "+ " not in said and not (tmp_path / "commands.log").exists()      # no train.py command ran
+    table = (tmp_path / "ablation.md").read_text()
+    assert "| bidirectional | 0, 1 | " in table and "| alitok | 0 | " in table and "| no_aux |" not in table
+    assert json.loads((tmp_path / "ablation.json").read_text())["summary"]["bidirectional"]["psnr"]["mean"] == 20.5
+    with pytest.raises(FileNotFoundError, match="no finished run"):
+        ablation.main(ablation.build_parser().parse_args(["--report", "--out", str(tmp_path / "empty")]))
+
+
 def test_save_curves_draws_a_panel_per_metric_with_two_points_or_more(tmp_path):
     records = [{"step": s, "loss": 2.0 / s, "psnr": 10 + s, "once": 1.0} for s in range(1, 30)]
     records.append({"step": 30, "heldout_psnr": 20.0})                 # one point: no panel
@@ -2741,6 +2757,7 @@ def test_ablation_summary_and_chart(tmp_path):
     summary = ablation.summarize(runs)
     assert summary["alitok"]["psnr"]["mean"] == 20.5
     assert summary["alitok"]["psnr"]["std"] == pytest.approx(np.std([20, 21], ddof=1))
-    assert "20.5 ± 0.71" in ablation.table(summary, 2, ablation.BUDGETS["quick"])
+    assert "| alitok | 0, 1 | " in ablation.table(summary, ablation.BUDGETS["quick"])
+    assert "20.5 ± 0.71" in ablation.table(summary, ablation.BUDGETS["quick"])
     ablation.bar_chart(summary, str(tmp_path / "chart.png"))
     assert Image.open(tmp_path / "chart.png").size == (3 * 420, 320)
