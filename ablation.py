@@ -39,6 +39,7 @@ METRICS = (  # (result key, what it is), in the order of the table
     ("stage1_rfid", "stage-1 held-out rFID"),
     ("rfid", "held-out rFID"),
     ("codebook_usage", "held-out codebook usage"),
+    ("codebook_perplexity", "held-out code perplexity (exp of the codes' unigram entropy)"),
     ("loss", "held-out next-token loss (nats)"),
     ("acc", "held-out next-token accuracy"),
     ("prefix_acc", "held-out prefix-token accuracy"),
@@ -67,7 +68,7 @@ def train_variant(variant, seed, args, budget):
     if os.path.exists(result_path):
         print(f"skip {variant} seed {seed}: {result_path} exists", flush=True)
         with open(result_path) as f:
-            return json.load(f)
+            return heldout_numbers(variant, seed, folder) | json.load(f)     # what it stored wins
     t0, (s1, s2, ar) = time.time(), (os.path.join(folder, s) for s in ("stage1", "stage2", "ar"))
     common = ["--data", args.data, "--seed", str(seed), "--eval-images", str(budget["eval_images"]),
               "--resume", "--no-progress"] + (["--inception", args.inception] if args.inception else [])
@@ -80,16 +81,22 @@ def train_variant(variant, seed, args, budget):
         if not os.path.exists(os.path.join(folder, final)):  # a finished stage is not started again
             run([sys.executable, "train.py", *flags, "--out", out, "--steps", str(steps), *common], args.out,
                 args.threads)
-    first, tokenizer, generator = (last_heldout(os.path.join(s, "metrics.jsonl")) for s in (s1, s2, ar))
-    result = {"variant": variant, "seed": seed, "stage1_psnr": first["psnr"], "psnr": tokenizer["psnr"],
-              "codebook_usage": tokenizer["codebook_usage"],
-              **{k: generator[k] for k in ("loss", "acc", "prefix_acc", "image_acc") if k in generator},
-              **({"stage1_rfid": first["rfid"], "rfid": tokenizer["rfid"]} if "rfid" in tokenizer else {})}
+    result = heldout_numbers(variant, seed, folder)
     if args.net is not None:
         result |= sample_scores(folder, seed, args, budget)
     result["minutes"] = (time.time() - t0) / 60
     data.save_json(result_path, result)
     return result
+
+
+def heldout_numbers(variant, seed, folder):
+    """A finished run's last held-out numbers from its three stages' metrics.jsonl."""
+    first, tokenizer, generator = (last_heldout(os.path.join(folder, stage, "metrics.jsonl"))
+                                   for stage in ("stage1", "stage2", "ar"))
+    return {"variant": variant, "seed": seed, "stage1_psnr": first["psnr"], "psnr": tokenizer["psnr"],
+            "codebook_usage": tokenizer["codebook_usage"], "codebook_perplexity": tokenizer["codebook_perplexity"],
+            **{k: generator[k] for k in ("loss", "acc", "prefix_acc", "image_acc") if k in generator},
+            **({"stage1_rfid": first["rfid"], "rfid": tokenizer["rfid"]} if "rfid" in tokenizer else {})}
 
 
 def sample_scores(folder, seed, args, budget):

@@ -2725,15 +2725,25 @@ def test_ablation_scores_samples_against_heldout_images(stages, fid_weights, tmp
 def test_ablation_report_summarizes_finished_runs_and_trains_nothing(tmp_path, capsys):
     for variant, seeds in (("bidirectional", (0, 1)), ("alitok", (0,))):
         for seed in seeds:
-            D.save_json(str(tmp_path / variant / f"seed{seed}" / "result.json"),
-                        {"variant": variant, "seed": seed, "psnr": 20.0 + seed, "loss": 3.0, "acc": 0.2})
+            run = tmp_path / variant / f"seed{seed}"
+            for stage, held in (("stage1", {"psnr": 19.0}), ("stage2", {"psnr": 20.0 + seed, "codebook_usage": 0.9,
+                                                                        "codebook_perplexity": 50.0}),
+                                ("ar", {"loss": 3.0, "acc": 0.2, "image_acc": 0.2})):
+                (run / stage).mkdir(parents=True)
+                (run / stage / "metrics.jsonl").write_text(
+                    json.dumps({"step": 1, "loss": 9.0}) + "\n" +
+                    json.dumps({"step": 2, **{f"heldout_{k}": v for k, v in held.items()}}) + "\n")
+            # what a run stored is kept; numbers added to the table since are read from its metrics
+            D.save_json(str(run / "result.json"), {"variant": variant, "seed": seed, "psnr": 20.0 + seed,
+                                                   "loss": 3.0, "acc": 0.2, "minutes": 1.0})
     args = ablation.build_parser().parse_args(["--report", "--out", str(tmp_path), "--seeds", "3"])
     ablation.main(args)
     said = capsys.readouterr().out
     assert "+ " not in said and not (tmp_path / "commands.log").exists()      # no train.py command ran
     table = (tmp_path / "ablation.md").read_text()
     assert "| bidirectional | 0, 1 | " in table and "| alitok | 0 | " in table and "| no_aux |" not in table
-    assert json.loads((tmp_path / "ablation.json").read_text())["summary"]["bidirectional"]["psnr"]["mean"] == 20.5
+    summary = json.loads((tmp_path / "ablation.json").read_text())["summary"]["bidirectional"]
+    assert summary["psnr"]["mean"] == 20.5 and summary["codebook_perplexity"]["values"] == [50.0, 50.0]
     with pytest.raises(FileNotFoundError, match="no finished run"):
         ablation.main(ablation.build_parser().parse_args(["--report", "--out", str(tmp_path / "empty")]))
 
