@@ -47,7 +47,7 @@ METRICS = (  # (result key, what it is), in the order of the table
     ("fid", "FID of samples vs held-out"),
     ("inception_score", "IS of samples"),
 )
-CHART = ("psnr", "loss", "acc")
+CHART = ("psnr", "loss", "acc", "image_acc")
 COLOURS = ((150, 150, 150), (86, 180, 233), (230, 159, 0), (0, 114, 178))
 
 

@@ -2701,7 +2701,7 @@ def test_ablation_quick_resumes_after_kill_and_writes_table_and_chart(tmp_path):
     table = (out / "ablation.md").read_text()
     assert "| bidirectional |" in table and "| alitok |" in table and "next-token accuracy" in table
     with Image.open(out / "ablation.png") as chart:
-        assert chart.size == (3 * 420, 320) and len(chart.getcolors(1 << 16)) > 3
+        assert chart.size == (4 * 420, 320) and len(chart.getcolors(1 << 16)) > 3
 
 
 @pytest.mark.filterwarnings("ignore:ONLY 12 SAMPLES")
@@ -2770,4 +2770,4 @@ def test_ablation_summary_and_chart(tmp_path):
     assert "| alitok | 0, 1 | " in ablation.table(summary, ablation.BUDGETS["quick"])
     assert "20.5 ± 0.71" in ablation.table(summary, ablation.BUDGETS["quick"])
     ablation.bar_chart(summary, str(tmp_path / "chart.png"))
-    assert Image.open(tmp_path / "chart.png").size == (3 * 420, 320)
+    assert Image.open(tmp_path / "chart.png").size == (4 * 420, 320)
