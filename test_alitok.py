@@ -1194,7 +1194,7 @@ def tiny_training(tok, args, disc=None, autocast=contextlib.nullcontext()):
 def stages(tmp_path_factory):
     """Stage 1 -> stage 2 -> generator, a few tiny steps each (shared by the tests below)."""
     root = tmp_path_factory.mktemp("stages")
-    s1 = run_main(["--stage", "1", "--out", str(root / "s1"), "--steps", "40", "--lr", "2e-3", *TINY])
+    s1 = run_main(["--stage", "1", "--out", str(root / "s1"), "--steps", "40", "--lr", "1e-3", *TINY])
     s2 = run_main(["--stage", "2", "--out", str(root / "s2"), "--init", str(root / "s1" / "ckpt.pt"),
                    "--steps", "30", "--lr", "2e-3", *TINY])
     ar = run_main(["--stage", "ar", "--out", str(root / "ar"), "--tokenizer", str(root / "s2" / "tokenizer.pt"),
@@ -1232,7 +1232,7 @@ def test_stage1_lowers_loss_on_fixed_batch(stages):
     trained = alitok.load_tokenizer(root / "s1" / "ckpt.pt")
     x, _ = fixed_batch()
     before, after = tokenizer_loss_on(init, x), tokenizer_loss_on(trained, x)
-    assert after < 0.7 * before                                 # 0.27 -> 0.12 here
+    assert after < 0.7 * before                                 # 0.27 -> 0.13 here
     records = [json.loads(l) for l in open(root / "s1" / "metrics.jsonl")]
     assert records[-1]["step"] == 40
     assert {"loss", "rec", "quantizer", "psnr", "codebook_usage", "lr"} <= set(records[-1])
