@@ -185,14 +185,9 @@ def main(args):
     if unknown:
         raise ValueError(f"unknown variants {unknown}; expected some of {list(VARIANTS)}")
     os.makedirs(args.out, exist_ok=True)
-    try:                                       # rFID, FID and IS when the Inception file is here (never downloaded)
-        args.net = fid.load_inception(args.inception, offline=True)
-    except FileNotFoundError:
-        if args.inception is not None:
-            raise
-        args.net = None
-        print(f"rFID, FID and IS off: no {data.INCEPTION_WEIGHTS} in {data.weights_cache()} (fid.py and demo.py "
-              f"fetch it there on first use), and no --inception PATH", flush=True)
+    args.net, why = fid.available_inception(args.inception)       # rFID, FID and IS only with it
+    if args.net is None:
+        print(f"rFID, FID and IS off: {why}", flush=True)
     if args.jobs < 1:
         raise ValueError(f"--jobs {args.jobs}: expected 1 or more")
     args.threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None

@@ -253,6 +253,18 @@ def load_inception(path=None, offline=False, precision="fp32", device="cpu"):
 # === Preprocessing: uint8 images -> the network's 299x299 input in [-1, 1] ============================
 
 
+def available_inception(path=None, device="cpu"):
+    """(FID Inception, None) from `path` or the cached standard file, never downloading; (None, why) when no
+    path is given and the cache lacks it (an explicit path that is missing raises)."""
+    try:
+        return load_inception(path, offline=True, device=device), None
+    except FileNotFoundError:
+        if path is not None:
+            raise
+        return None, (f"no {D.INCEPTION_WEIGHTS} in {D.weights_cache()} (fid.py and demo.py fetch it there on "
+                      f"first use), and no --inception PATH")
+
+
 def _tf1_axis(n_in, n_out):
     """Lower and upper source indices [n_out] and upper weights of TF1's legacy bilinear resize on one axis."""
     # TF1 (align_corners=False, no half-pixel centres) maps dst i to src i * in / out, in float32.

@@ -487,14 +487,11 @@ def rfid_network(args, device, log):
     neither is there. Only rank 0 evaluates."""
     if int(os.environ.get("RANK", 0)) != 0:
         return None
-    try:
-        return {"net": fid.load_inception(args.inception, offline=True, device=device)}
-    except FileNotFoundError:
-        if args.inception is not None:
-            raise
-        log.info(f"held-out rFID off: no {data.INCEPTION_WEIGHTS} in {data.weights_cache()} (fid.py and demo.py "
-                 f"fetch it there on first use), and no --inception PATH")
+    net, why = fid.available_inception(args.inception, device)
+    if net is None:
+        log.info(f"held-out rFID off: {why}")
         return None
+    return {"net": net}
 
 
 def reconstructions(model, fixed):
