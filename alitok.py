@@ -147,24 +147,37 @@ def generator_config(preset="B", tokenizer=None, **overrides):
 # Tokenizer transformer blocks (Sec. 3, tokenizer architecture; TiTok-style ViT, pre-norm)
 # ----------------------------------------------------------------------------------------------------
 
-_packed = weakref.WeakKeyDictionary()   # nn.Linear -> ((data pointer, version, dtype) of its weight, packed copy)
+_packed = weakref.WeakKeyDictionary()   # first nn.Linear -> (versions of the weights, their packed copy)
 
 
-def linear(x, layer):
-    """layer(x) in the dtype the layer's weights are held in (see hold_weights): x is cast, the weights never are.
+def linear(x, *layers, residual=None):
+    """x times each layer's weights, in the dtype they are held in (see hold_weights): x is cast, the weights
+    never are. Several layers: a tuple of their outputs (SwiGLU's two input products). residual: added to
+    the output (a skip connection; one layer only). Layers are all with or all without bias.
 
-    Without autograd on a CPU, a large weight is read from a copy in oneDNN's blocked layout, made once per
-    weight version: skinny products (a decode step multiplies 8 to 64 rows) run about twice as fast from it
-    as from the plain layout, which MKL re-packs at every call.
+    Without autograd on a CPU, large weights are read from a copy in oneDNN's blocked layout, made once per
+    weight version, several layers' weights stacked into one product, a float32 residual added inside it:
+    skinny products (a decode step multiplies 8 to 64 rows) run about twice as fast from that layout as
+    from the plain one, which MKL re-packs at every call.
     """
-    w, x = layer.weight, x.to(layer.weight.dtype)
+    w, x = layers[0].weight, x.to(layers[0].weight.dtype)
     if (x.device.type != "cpu" or torch.is_grad_enabled() or w.numel() < 2 ** 18    # small: MKL runs them well
             or torch.compiler.is_compiling() or not torch.backends.mkldnn.is_available()):
-        return F.linear(x, w, layer.bias)
-    key, entry = (w.data_ptr(), w._version, w.dtype), _packed.get(layer)
-    if entry is None or entry[0] != key:
-        entry = _packed[layer] = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), 8))
-    return torch.ops.mkldnn._linear_pointwise(x, entry[1], layer.bias, "none", [], "")
+        ys = tuple(F.linear(x, m.weight, m.bias) for m in layers)
+    else:
+        key = tuple((m.weight.data_ptr(), m.weight._version, m.weight.dtype) for m in layers)
+        entry = _packed.get(layers[0])
+        if entry is None or entry[0] != key:
+            stacked = torch.cat([m.weight.detach() for m in layers]) if len(layers) > 1 else w.detach()
+            entry = _packed[layers[0]] = (key, torch.ops.mkldnn._reorder_linear_weight(stacked, 8))
+        bias = layers[0].bias if len(layers) == 1 or layers[0].bias is None else torch.cat([m.bias for m in layers])
+        if residual is not None and residual.dtype == w.dtype:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, entry[1], bias, "add")
+        y = torch.ops.mkldnn._linear_pointwise(x, entry[1], bias, "none", [], "")
+        ys = y.split([m.out_features for m in layers], -1)
+    if len(ys) > 1:
+        return ys
+    return ys[0] if residual is None else residual + ys[0]
 
 
 class Attention(nn.Module):
@@ -481,8 +494,9 @@ class KVCache(nn.Module):
         shape = (batch, heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        for buffer in (self.k, self.v):    # written in place by captured CUDA graphs: their address must not move
-            torch._dynamo.mark_static_address(buffer)
+        if self.k.is_cuda:      # written in place by captured CUDA graphs: their address must not move
+            for buffer in (self.k, self.v):
+                torch._dynamo.mark_static_address(buffer)
 
     def update(self, pos, k, v):
         """Write k, v [B, H, len(pos), D] at positions pos."""
@@ -504,9 +518,10 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.width, cfg.width)
         self.cache = None
 
-    def forward(self, x, rope, pos=None, mask=None):
-        """x [B, T, C]; rope: rotary_factors for the T positions; pos: None (causal over x) or the T cache
-        positions x occupies, then the additive mask [T, n] (0 or -inf) covers the first n cache positions."""
+    def forward(self, x, residual, rope, pos=None, mask=None):
+        """residual + attention(x): x [B, T, C]; rope: rotary_factors for the T positions; pos: None (causal over
+        x) or the T cache positions x occupies, then the additive mask [T, n] (0 or -inf) covers the first n
+        cache positions."""
         B, T, C = x.shape
         qkv = linear(x, self.qkv).view(B, T, 3, self.heads, self.head_dim)
         # q and k normalised (each by its own weights) and rotated together: half the small operations per step
@@ -519,8 +534,10 @@ class SelfAttention(nn.Module):
         else:
             self.cache.update(pos, k, v)
             y = self.cache.attend(q, mask)
-        y = linear(y.transpose(1, 2).reshape(B, T, C), self.proj)
-        return F.dropout(y, self.dropout, self.training) if self.training else y
+        y = y.transpose(1, 2).reshape(B, T, C)
+        if self.training:
+            return residual + F.dropout(linear(y, self.proj), self.dropout, True)
+        return linear(y, self.proj, residual=residual)
 
 
 class SwiGLU(nn.Module):
@@ -532,9 +549,12 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(hidden, cfg.width, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x):
-        y = linear(F.silu(linear(x, self.w1)) * linear(x, self.w3), self.w2)
-        return F.dropout(y, self.dropout, self.training) if self.training else y
+    def forward(self, x, residual):
+        """residual + SwiGLU(x)."""
+        gate, up = linear(x, self.w1, self.w3)
+        if self.training:
+            return residual + F.dropout(linear(F.silu(gate) * up, self.w2), self.dropout, True)
+        return linear(F.silu(gate) * up, self.w2, residual=residual)
 
 
 class ARBlock(nn.Module):
@@ -544,8 +564,8 @@ class ARBlock(nn.Module):
         self.norm2, self.mlp = RMSNorm(cfg.width), SwiGLU(cfg)
 
     def forward(self, x, rope, pos=None, mask=None):
-        x = x + self.attn(self.norm1(x), rope, pos, mask)
-        return x + self.mlp(self.norm2(x))
+        x = self.attn(self.norm1(x), x, rope, pos, mask)     # the skip connections: added inside the products
+        return self.mlp(self.norm2(x), x)
 
 
 class Generator(nn.Module):
