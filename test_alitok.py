@@ -2197,14 +2197,26 @@ def test_bf16_weights_are_held_once_and_cast_nothing_else():
 
 
 def test_packed_cpu_weights_follow_weight_changes():
-    """linear() reads oneDNN-packed copies of large weights without autograd: the same products, and a weight
-    changed in place (an optimiser step) is packed again."""
-    layer = torch.nn.Linear(512, 1024)
-    x = torch.randn(8, 512)
+    """linear() reads oneDNN-packed copies of large weights without autograd: the same products (one layer,
+    two layers stacked into one product, a residual added inside it), and a weight changed in place (an
+    optimiser step), also the second of a stacked pair, is packed again."""
+    layer, gate, up = torch.nn.Linear(512, 1024), *(torch.nn.Linear(512, 768, bias=False) for _ in range(2))
+    x, residual = torch.randn(8, 512), torch.randn(8, 1024)
     with torch.no_grad():
-        torch.testing.assert_close(alitok.linear(x, layer), F.linear(x, layer.weight, layer.bias))
-        layer.weight.mul_(2)
-        torch.testing.assert_close(alitok.linear(x, layer), F.linear(x, layer.weight, layer.bias))
+        for _ in range(2):
+            torch.testing.assert_close(alitok.linear(x, layer), F.linear(x, layer.weight, layer.bias))
+            torch.testing.assert_close(alitok.linear(x, layer, residual=residual),
+                                       residual + F.linear(x, layer.weight, layer.bias))
+            got = alitok.linear(x, gate, up)
+            assert len(got) == 2
+            torch.testing.assert_close(got[0], F.linear(x, gate.weight))
+            torch.testing.assert_close(got[1], F.linear(x, up.weight))
+            layer.weight.mul_(2)
+            up.weight.mul_(-3)
+        held = torch.nn.Linear(512, 1024).to(torch.bfloat16)        # bf16 weights, float32 residual stream
+        y = alitok.linear(x, held, residual=residual)
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y, residual + F.linear(x.bfloat16(), held.weight, held.bias).float())
     y = alitok.linear(x, layer)                                          # with autograd: the plain product
     y.sum().backward()
     assert layer.weight.grad is not None
