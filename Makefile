@@ -3,7 +3,7 @@ PYTHON ?= python3
 RUN ?= runs/demo
 DATA ?= shapes
 ABLATION ?= runs/ablation
-JOBS ?= 2
+JOBS ?= $(shell $(PYTHON) -c "import os; print(os.cpu_count() or 1)")
 # Inside a virtualenv or conda environment we use it and install only what is missing. Outside one we make
 # our own in .venv: Debian's and Ubuntu's system Python refuse `pip install` (PEP 668, externally managed).
 IN_ENV := $(shell $(PYTHON) -c "import os, sys; print(int(sys.prefix != sys.base_prefix or 'CONDA_PREFIX' in os.environ))")
@@ -32,7 +32,7 @@ demo: install
 	$(PY) demo.py --out $(RUN)
 
 # The tokenizer ablation (4 variants x 2 seeds, each stage 1 -> stage 2 -> generator), resumable:
-# make ablation DATA=../shared/datasets/cifar10_subset_32.npz (JOBS runs at once, default 2)
+# make ablation DATA=../shared/datasets/cifar10_subset_32.npz (JOBS runs at once, default: one per core)
 ablation: install
 	$(PY) ablation.py --data $(DATA) --out $(ABLATION) --jobs $(JOBS)
 
