@@ -4,7 +4,8 @@ Prints, in one run: whole generate() calls (all tokens, guidance on: the conditi
 as one doubled batch) in float32 and with bfloat16 weights; the KV cache against the naive baseline that
 recomputes the whole prefix at every step; the memory floor (bytes a cached generation must read: every matmul
 weight once per step plus the filled keys and values, over the measured bandwidth of a large read) and the FLOP
-floor (over the measured matmul rate); the tokenizer's encode and decode against its matmul rate; and a memory
+floor (over the measured matmul rate); the tokenizer's encode and decode against its matmul rate; the FID
+Inception's feature extraction as fid.py runs it against the plain network (the baseline); and a memory
 column (the process's peak RSS on a CPU, peak CUDA memory on a GPU). On a GPU it also runs the compiled decode
 step (static shapes, CUDA graphs) at batch 64 for the B, L and XL shapes.
 
@@ -14,14 +15,17 @@ examples:
   python bench.py --device cuda                 # adds the compiled B / L / XL rows at batch 64
 """
 import argparse
+import copy
 import os
 import resource
 import sys
 import time
 
+import numpy as np
 import torch
 
 import data
+import fid
 from alitok import (Generator, Tokenizer, compile_decode, ffn_hidden, generator_config, hold_weights,
                     tokenizer_config)
 
@@ -165,6 +169,44 @@ def tokenizer_rows(device, precision, batch, preset="alitok"):
     return rows
 
 
+def conv_flops(net, x):
+    """FLOPs of the first image of x through a network's convolutions and linear layers (two per multiply-add)."""
+    total = []
+    def count(m, inputs, out):
+        per_output = m.weight[0].numel() if isinstance(m, torch.nn.Conv2d) else m.in_features
+        total.append(2 * out[0].numel() * per_output)
+    hooks = [m.register_forward_hook(count) for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    with torch.no_grad():
+        net(x[:1])
+    for hook in hooks:
+        hook.remove()
+    return sum(total)
+
+
+def inception_rows(device, precisions, batch):
+    """{name: images/s, FLOP/s} of fid.extract (ADM preprocessing of 256x256 uint8 images, then the FID Inception
+    with random weights) as fid.py runs it (fold_batchnorm: BatchNorm folded, NHWC on a CPU) in each precision,
+    and with the plain network (BatchNorm separate, NCHW; how pytorch-fid runs it): the baseline."""
+    torch.manual_seed(0)
+    plain = fid.FIDInception().eval()
+    for m in plain.modules():        # activations keep their scale through the layers (no denormal slow paths)
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    plain = plain.to(device)
+    images = np.random.default_rng(0).integers(0, 256, (batch, 256, 256, 3), dtype=np.uint8)
+    flops = conv_flops(plain, fid.preprocess(torch.from_numpy(images[:1]).to(device)))
+    flops += 2 * plain.fc.weight.numel()                              # the logits: pool3 @ fc.weight.T
+    nets = {"plain fp32 (baseline)": plain}
+    nets |= {f"fid.py {p}": fid.fold_batchnorm(copy.deepcopy(plain), p, device) for p in precisions}
+    rows = {}
+    for name, net in nets.items():
+        run = lambda: fid.extract(net, images, batch_size=batch, progress=False)
+        run()
+        seconds = min(timed(run, device) for _ in range(2))
+        rows[name] = dict(images_per_s=batch / seconds, flops_per_s=batch * flops / seconds)
+    return rows
+
+
 def floor_rows(cfg, batch, precision, device):
     """{memory floor, FLOP floor: seconds} of one cached generation, from the measured bandwidth and matmul rate."""
     sequences, n, dtype = 2 * batch, cfg.n_tokens, DTYPES[precision]
@@ -220,6 +262,17 @@ def cpu_section(args, device):
             f"{r['flops_per_s'] / rate[precision]:.0%} of {rate[precision] / 1e9:.0f}, "
             f"peak {r['peak'] / 2 ** 30:.2f} GiB"
             for part, r in t.items()))
+    if args.inception_batch:
+        rows = inception_rows(device, args.precisions, args.inception_batch)
+        rate.setdefault("fp32", matmul_rate(device, torch.float32))          # the baseline runs in float32
+        base = rows["plain fp32 (baseline)"]["images_per_s"]
+        print(f"\nFID Inception feature extraction (fid.extract, random weights, batch {args.inception_batch} of "
+              f"256x256 images): images/s, GFLOP/s as a share of the matmul rate, and against the baseline")
+        for name, r in rows.items():
+            precision = "bf16" if name.endswith("bf16") else "fp32"
+            print(f"  {name:<22} {r['images_per_s']:6.2f} images/s, {r['flops_per_s'] / 1e9:.0f} GFLOP/s = "
+                  f"{r['flops_per_s'] / rate[precision]:.0%} of {rate[precision] / 1e9:.0f}, "
+                  f"{r['images_per_s'] / base:.2f}x the baseline")
 
 
 def gpu_section(args, device):
@@ -261,6 +314,8 @@ def main(argv=None):
     p.add_argument("--uncached-tokens", type=int, default=24, metavar="K", help="tokens of the naive baseline, "
                    "whose cost grows as K^2 (default 24)")
     p.add_argument("--tokenizer-batch", type=int, default=2, help="images per tokenizer call (default 2)")
+    p.add_argument("--inception-batch", type=int, default=16, help="images per FID Inception batch (default 16; "
+                   "0 skips it)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--gpu-batch", type=int, default=64, help="cuda: batch of the compiled rows (default 64)")
     p.add_argument("--gpu-presets", nargs="*", default=["L", "B", "XL"], help="cuda: shapes of the compiled rows")

@@ -2173,12 +2173,19 @@ def test_bench_counts_the_weights_and_bytes(models):
     assert bench.generation_flops(cfg, 1, 1) == 2 * linear + 4 * cfg.width * cfg.layers
 
 
+def test_bench_counts_convolution_flops():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 4, 1, groups=2),
+                              torch.nn.Flatten(), torch.nn.Linear(4 * 10 * 10, 5))
+    assert bench.conv_flops(net, torch.rand(2, 3, 10, 10)) == 2 * (8 * 100 * 27 + 4 * 100 * 4 + 5 * 400)
+
+
 def test_bench_runs_and_prints_a_table(capsys):
     assert bench.main(["--preset", "tiny", "--batch", "2", "--uncached-tokens", "6", "--device", "cpu",
-                       "--tokenizer-batch", "1"]) == 0
+                       "--tokenizer-batch", "1", "--inception-batch", "1"]) == 0
     out = capsys.readouterr().out
     for words in ("generate(), weights fp32", "generate(), weights bf16", "memory floor fp32", "FLOP floor bf16",
-                  "uncached", "first 6 tokens", "decode", "peak RSS", "load average"):
+                  "uncached", "first 6 tokens", "decode", "peak RSS", "load average", "FID Inception",
+                  "plain fp32 (baseline)", "fid.py bf16", "x the baseline"):
         assert words in out, words
 
 
