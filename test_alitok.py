@@ -9,6 +9,7 @@ import hashlib
 import http.server
 import json
 import math
+import multiprocessing
 import os
 import re
 import shutil
@@ -1503,6 +1504,28 @@ def test_loss_networks_fetch_standard_weights_or_say_how_to_train_without(weight
                             "cpu", log)
     said = str(error.value)
     assert D.VGG16_WEIGHTS in said and D.weights_cache() in said and "pass --no-lpips-loss" in said
+
+
+def probe_run_folder(folder, times, failures):
+    try:
+        for _ in range(times):
+            train.make_run_folder(folder)
+    except OSError as error:
+        failures.put(str(error))
+
+
+def test_ranks_probe_one_run_folder_at_once(tmp_path):
+    """torchrun's ranks all check that --out is writable at the same moment: no rank may remove another's probe
+    (with one shared probe file name, two processes failed within 300 tries each)."""
+    context = multiprocessing.get_context("fork")
+    failures = context.Queue()
+    procs = [context.Process(target=probe_run_folder, args=(str(tmp_path), 300, failures)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert failures.empty() and [p.exitcode for p in procs] == [0, 0]
+    assert os.listdir(tmp_path) == []                                  # no probe left behind
 
 
 def test_two_processes_match_one_process(tmp_path, stages):

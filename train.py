@@ -838,10 +838,11 @@ def save(run, args, step, path, rank, world):
 
 def make_run_folder(out):
     """Create the run folder, or an OSError saying that it cannot be written and what to do."""
+    probe = os.path.join(out, f".writable{os.getpid()}")     # one per process: torchrun's ranks probe at once
     try:
         os.makedirs(out, exist_ok=True)
-        data.atomic_write(os.path.join(out, ".writable"), lambda f: None)
-        os.remove(os.path.join(out, ".writable"))
+        data.atomic_write(probe, lambda f: None)
+        os.remove(probe)
     except OSError as error:
         raise OSError(f"cannot write the run folder --out {out} ({error.strerror or error}): choose a folder "
                       f"you can write to") from error
