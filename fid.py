@@ -250,9 +250,6 @@ def load_inception(path=None, offline=False, precision="fp32", device="cpu"):
     return fold_batchnorm(model, precision, device)
 
 
-# === Preprocessing: uint8 images -> the network's 299x299 input in [-1, 1] ============================
-
-
 def available_inception(path=None, device="cpu"):
     """(FID Inception, None) from `path` or the cached standard file, never downloading; (None, why) when no
     path is given and the cache lacks it (an explicit path that is missing raises)."""
@@ -263,6 +260,9 @@ def available_inception(path=None, device="cpu"):
             raise
         return None, (f"no {D.INCEPTION_WEIGHTS} in {D.weights_cache()} (fid.py and demo.py fetch it there on "
                       f"first use), and no --inception PATH")
+
+
+# === Preprocessing: uint8 images -> the network's 299x299 input in [-1, 1] ============================
 
 
 def _tf1_axis(n_in, n_out):

@@ -841,7 +841,7 @@ def make_run_folder(out):
     probe = os.path.join(out, f".writable{os.getpid()}")     # one per process: torchrun's ranks probe at once
     try:
         os.makedirs(out, exist_ok=True)
-        data.atomic_write(probe, lambda f: None)
+        open(probe, "w").close()
         os.remove(probe)
     except OSError as error:
         raise OSError(f"cannot write the run folder --out {out} ({error.strerror or error}): choose a folder "
