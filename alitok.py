@@ -174,7 +174,7 @@ def linear(x, *layers, residual=None):
         if residual is not None and residual.dtype == w.dtype:
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, entry[1], bias, "add")
         y = torch.ops.mkldnn._linear_pointwise(x, entry[1], bias, "none", [], "")
-        ys = y.split([m.out_features for m in layers], -1)
+        ys = y.split([m.out_features for m in layers], -1) if len(layers) > 1 else (y,)
     if len(ys) > 1:
         return ys
     return ys[0] if residual is None else residual + ys[0]
@@ -454,19 +454,18 @@ def rotary_table(cfg: ARConfig):
 
 
 def rotary_factors(rope):
-    """rope [T, D/2, 2] -> (cos, sin) [T, 1, 1, D] float32: each pair's cos twice, its sin as (-sin, +sin)."""
-    cos, sin = rope.unbind(-1)
-    return cos.repeat_interleave(2, -1)[:, None, None], torch.stack([-sin, sin], -1).flatten(-2)[:, None, None]
+    """rope [T, D/2, 2] -> [T, 1, 1, D/2] complex: cos + i sin per sequence position and rotated pair."""
+    return torch.view_as_complex(rope.contiguous())[:, None, None]
 
 
-def apply_rotary(x, cos, sin):
+def apply_rotary(x, rot):
     """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, T, 2, H, D] (q and k) by the angles of rotary_factors.
 
-    Pair i becomes (x[2i] cos - x[2i+1] sin, x[2i+1] cos + x[2i] sin), as the released code computes it.
+    Pair i, read as the complex number x[2i] + i x[2i+1], is multiplied by cos + i sin: it becomes
+    (x[2i] cos - x[2i+1] sin, x[2i+1] cos + x[2i] sin), as the released code computes it.
     """
-    xf = x.float()
-    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)     # (x[2i+1], x[2i]) per pair
-    return (xf * cos + swapped * sin).type_as(x)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rot).flatten(-2).type_as(x)
 
 
 def rms_norm(x, weight, eps):
@@ -500,6 +499,10 @@ class KVCache(nn.Module):
 
     def update(self, pos, k, v):
         """Write k, v [B, H, len(pos), D] at positions pos."""
+        if len(pos) == 1 and not self.k.is_cuda and not torch.compiler.is_compiling():
+            self.k[:, :, int(pos)].copy_(k[:, :, 0])     # one eager CPU step: a plain copy, faster than index_copy_
+            self.v[:, :, int(pos)].copy_(v[:, :, 0])
+            return
         self.k.index_copy_(2, pos, k.to(self.k.dtype))
         self.v.index_copy_(2, pos, v.to(self.v.dtype))
 
@@ -526,7 +529,7 @@ class SelfAttention(nn.Module):
         qkv = linear(x, self.qkv).view(B, T, 3, self.heads, self.head_dim)
         # q and k normalised (each by its own weights) and rotated together: half the small operations per step
         norms = torch.stack([self.q_norm.weight, self.k_norm.weight])[:, None]                 # 2, 1, D
-        q, k = apply_rotary(rms_norm(qkv[:, :, :2], norms, self.q_norm.eps), *rope).unbind(2)
+        q, k = apply_rotary(rms_norm(qkv[:, :, :2].float(), norms, self.q_norm.eps), rope).unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, qkv[:, :, 2]))     # B, H, T, D
         if pos is None:
             y = F.scaled_dot_product_attention(q, k, v.to(q.dtype), is_causal=True,
