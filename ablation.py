@@ -22,7 +22,6 @@ import sys
 import time
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
 import data
@@ -107,7 +106,7 @@ def sample_scores(folder, seed, args, budget):
          samples, "--seed", str(seed)], args.out, args.threads)
     size = int(np.load(samples)["arr_0"].shape[1])
     _, heldout = data.heldout_split(args.data, size, seed=seed, n_heldout=n)
-    real = data.to_uint8(torch.stack([heldout[i][0] for i in range(len(heldout))]))
+    real = data.heldout_images(heldout)[0].permute(0, 2, 3, 1).numpy()        # N, S, S, 3
     data.save_npz(os.path.join(folder, "heldout.npz"), arr_0=real)
     scores = fid.evaluate(os.path.join(folder, "heldout.npz"), samples, args.net)
     return {"fid": scores["fid"], "inception_score": scores["inception_score"]}
@@ -178,6 +177,13 @@ def bar_chart(summary, path, panel=(420, 320), margin=40):
     data.atomic_write(path, lambda f: image.save(f, format="PNG"))
 
 
+def run_threads(jobs, n_runs, cores):
+    """(runs trained at once, CPU threads each, None for torch's default) for --jobs, n_runs runs and cores:
+    the cores are shared by the runs that can go at once, not by --jobs."""
+    jobs = min(jobs, n_runs)
+    return jobs, (max(1, cores // jobs) if jobs > 1 else None)
+
+
 def main(args):
     budget = dict(BUDGETS["quick" if args.quick else "full"])
     budget.update(dict(zip(("s1", "s2", "ar"), args.steps or ())))
@@ -192,8 +198,7 @@ def main(args):
     if args.jobs < 1:
         raise ValueError(f"--jobs {args.jobs}: expected 1 or more")
     t0, pairs = time.time(), [(v, seed) for seed in range(args.seeds) for v in args.variants]
-    jobs = min(args.jobs, len(pairs))            # the cores are shared by the runs that can go at once
-    args.threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    jobs, args.threads = run_threads(args.jobs, len(pairs), os.cpu_count() or 1)
     if args.report:                                          # the finished runs only
         done = lambda v, seed: os.path.exists(os.path.join(args.out, v, f"seed{seed}", "result.json"))
         pairs = [(v, seed) for v, seed in pairs if done(v, seed)]

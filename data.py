@@ -845,6 +845,13 @@ def heldout_split(source, image_size, seed=0, n_images=None, n_heldout=None, max
             IndexSubset(full, held[_spaced_indices(len(held), n_heldout)]))
 
 
+def heldout_images(dataset):
+    """The held-out ADM centre crops as uint8 [N, 3, S, S] (small in memory) and their labels int64 [N]."""
+    items = [dataset[i] for i in range(len(dataset))]
+    images = torch.stack([(x * 255).round().to(torch.uint8) for x, _ in items])
+    return images, torch.tensor([int(y) for _, y in items])
+
+
 # ----------------------------------------------------------------------------------------------------
 # Pre-tokenization with ten-crop (training recipe), one process or torchrun
 # ----------------------------------------------------------------------------------------------------

@@ -2815,6 +2815,14 @@ def test_save_curves_draws_a_panel_per_metric_with_two_points_or_more(tmp_path):
     assert not (tmp_path / "none.png").exists()
 
 
+def test_ablation_shares_the_cores_among_the_runs_that_can_go_at_once():
+    assert ablation.run_threads(4, 2, 8) == (2, 4)      # two runs: four threads each, not two
+    assert ablation.run_threads(2, 8, 2) == (2, 1)
+    assert ablation.run_threads(3, 8, 2) == (3, 1)      # never fewer than one thread
+    assert ablation.run_threads(1, 8, 8) == (1, None)   # one run at a time: torch's own default
+    assert ablation.run_threads(4, 1, 8) == (1, None)
+
+
 def test_ablation_summary_and_chart(tmp_path):
     runs = [{"variant": v, "seed": s, "psnr": 20 + s, "loss": 3.0 - s * 0.1, "acc": 0.2 + 0.01 * s}
             for v in ("bidirectional", "alitok") for s in (0, 1)]

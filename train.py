@@ -478,7 +478,7 @@ def tokenizer_run(args, model, forward, disc_state, device, world, log, finish, 
     return Run(model, functools.partial(tokenizer_step, t), optimizers, dataset, model.config.codebook_size,
                pictures=functools.partial(reconstructions, model, fixed), finish=finish,
                modules={"discriminator": disc} if disc is not None else {},
-               heldout=functools.partial(tokenizer_heldout, model, heldout_images(heldout)[0], autocast,
+               heldout=functools.partial(tokenizer_heldout, model, data.heldout_images(heldout)[0], autocast,
                                          rfid_network(args, device, log)))
 
 
@@ -715,13 +715,6 @@ def reduce_metrics(sums, n_steps, counts, world, step, lr, img_per_s):
 # Held-out evaluation (nanoGPT's estimate_loss): images training never sees, every --eval-every steps
 # ----------------------------------------------------------------------------------------------------
 
-def heldout_images(dataset):
-    """The held-out ADM centre crops as uint8 [N, 3, S, S] (small in memory) and their labels int64 [N]."""
-    items = [dataset[i] for i in range(len(dataset))]
-    images = torch.stack([(x * 255).round().to(torch.uint8) for x, _ in items])
-    return images, torch.tensor([int(y) for _, y in items])
-
-
 @torch.no_grad()
 def tokenizer_heldout(model, images, autocast, inception=None, batch_size=64):
     """Held-out reconstruction of uint8 images [N, 3, S, S]: PSNR in dB (mean over images, the reconstruction
@@ -755,7 +748,7 @@ def heldout_codes(tok, args, device, batch_size=64):
     once by the frozen tokenizer."""
     _, heldout = data.heldout_split(args.data, tok.config.image_size, seed=args.seed, n_heldout=args.eval_images,
                                     max_bad_fraction=args.max_bad_fraction)
-    images, labels = heldout_images(heldout)
+    images, labels = data.heldout_images(heldout)
     codes = torch.cat([tok.encode(x.to(device).float() / 255).cpu() for x in images.split(batch_size)])
     return codes, labels
 
