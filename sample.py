@@ -215,8 +215,8 @@ def build_parser():
         "the paper's evaluation setting. bf16 holds the block weights in bfloat16: faster, samples statistically "
         "the same but not equal, and not the paper's setting")
     add("--compile", action="store_true", help="torch.compile the decode step (batches are padded to "
-        "--batch-size); for GPUs (CUDA graphs): on a CPU it ran float32 about 1.8x slower than eager and bf16 about 5 %% "
-        "faster, after half a minute of compiling")
+        "--batch-size); for GPUs (CUDA graphs): on a CPU it ran float32 about 1.8x slower than eager and "
+        "bf16 about 5 %% faster, after half a minute of compiling")
     add("--out", help="output file (default: out/<ckpt name>_grid.png, or out/<ckpt name>_<N>.npz with --npz); "
         "the settings and speed go beside it as .json")
     return p
