@@ -499,7 +499,7 @@ class KVCache(nn.Module):
 
     def update(self, pos, k, v):
         """Write k, v [B, H, len(pos), D] at positions pos."""
-        if len(pos) == 1 and not self.k.is_cuda and not torch.compiler.is_compiling():
+        if len(pos) == 1 and self.k.device.type == "cpu" and not torch.compiler.is_compiling():
             self.k[:, :, int(pos)].copy_(k[:, :, 0])     # one eager CPU step: a plain copy, faster than index_copy_
             self.v[:, :, int(pos)].copy_(v[:, :, 0])
             return
@@ -527,7 +527,8 @@ class SelfAttention(nn.Module):
         cache positions."""
         B, T, C = x.shape
         qkv = linear(x, self.qkv).view(B, T, 3, self.heads, self.head_dim)
-        # q and k normalised (each by its own weights) and rotated together: half the small operations per step
+        # q and k normalised (each by its own weights, in float32) and rotated together: half the small
+        # operations per step
         norms = torch.stack([self.q_norm.weight, self.k_norm.weight])[:, None]                 # 2, 1, D
         q, k = apply_rotary(rms_norm(qkv[:, :, :2].float(), norms, self.q_norm.eps), rope).unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, qkv[:, :, 2]))     # B, H, T, D
