@@ -29,15 +29,15 @@ test-slow: install
 	$(PY) -m pytest -q -m slow test_alitok.py
 
 demo: install
-	$(PY) demo.py --out $(RUN)
+	$(PY) tools/demo.py --out $(RUN)
 
 # The tokenizer ablation (4 variants x 2 seeds, each stage 1 -> stage 2 -> generator), resumable:
 # make ablation DATA=../shared/datasets/cifar10_subset_32.npz (JOBS runs at once, default: one per core)
 ablation: install
-	$(PY) ablation.py --data $(DATA) --out $(ABLATION) --jobs $(JOBS)
+	$(PY) tools/ablation.py --data $(DATA) --out $(ABLATION) --jobs $(JOBS)
 
 bench: install
-	$(PY) bench.py
+	$(PY) tools/bench.py
 
 clean:
 	rm -rf runs .pytest_cache __pycache__

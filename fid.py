@@ -44,6 +44,8 @@ from tqdm import tqdm
 
 import alitok
 import data as D
+import plumbing
+import weights
 
 MODES = ("adm", "pytorch-fid")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # --precision
@@ -239,14 +241,14 @@ def fold_batchnorm(model, precision="fp32", device="cpu"):
 def load_inception(path=None, offline=False, precision="fp32", device="cpu"):
     """The FID Inception in inference form (fold_batchnorm) from a pytorch-fid weight file: `path`, or the
     standard file from the torch hub cache, downloaded on first use (data.standard_weights)."""
-    path = D.standard_weights(D.INCEPTION_WEIGHTS, path, offline)
-    state = alitok.read_checkpoint(path, f"FID Inception weights ({D.INCEPTION_WEIGHTS})")
+    path = weights.standard_weights(weights.INCEPTION_WEIGHTS, path, offline)
+    state = alitok.read_checkpoint(path, f"FID Inception weights ({weights.INCEPTION_WEIGHTS})")
     with torch.device("meta"):  # no random init: every tensor comes from the file
         model = FIDInception()
     if isinstance(state, dict):  # pytorch-fid's file has no BatchNorm step counters (training bookkeeping)
         counters = {k: torch.zeros((), dtype=torch.long) for k in model.state_dict() if "num_batches" in k}
         state = {**counters, **state}
-    alitok.load_strict(model, state, source=f"{path} (FID Inception weights, {D.INCEPTION_WEIGHTS})", assign=True)
+    alitok.load_strict(model, state, source=f"{path} (FID Inception weights, {weights.INCEPTION_WEIGHTS})", assign=True)
     return fold_batchnorm(model, precision, device)
 
 
@@ -258,7 +260,7 @@ def available_inception(path=None, device="cpu"):
     except FileNotFoundError:
         if path is not None:
             raise
-        return None, (f"no {D.INCEPTION_WEIGHTS} in {D.weights_cache()} (fid.py and demo.py fetch it there on "
+        return None, (f"no {weights.INCEPTION_WEIGHTS} in {weights.weights_cache()} (fid.py and demo.py fetch it there on "
                       f"first use), and no --inception PATH")
 
 
@@ -602,7 +604,7 @@ def save_stats(src, out):
     arrays = {k: src[k] for k in STAT_SHAPES if k in src}
     if "pool3" in src:  # ADM's reference batches use 10k images for P/R; more would only grow the file
         arrays["pool3"] = np.asarray(src["pool3"][:PR_REFERENCE_SIZE], np.float32)
-    D.save_npz(out, **arrays)
+    plumbing.save_npz(out, **arrays)
 
 
 # === Evaluation and command line ======================================================================
@@ -662,7 +664,7 @@ def reconstruction_scores(tokenizer, images_path, model, mode="adm", batch_size=
         if real.shape[1:3] != (size, size):  # npz images of another size: crop them like a folder's
             real = np.stack([crop(Image.fromarray(a), size) for a in real])
         x = torch.from_numpy(real).to(device).permute(0, 3, 1, 2).float() / 255  # B, 3, H, W in [0, 1]
-        rec = D.to_uint8(tok.decode(tok.encode(x)))  # scored as saved images: rounded uint8
+        rec = plumbing.to_uint8(tok.decode(tok.encode(x)))  # scored as saved images: rounded uint8
         psnrs.append(psnr(real, rec))
         real_f.append(extract(model, real, mode, batch_size, device, progress=False)["pool3"])
         rec_f.append(extract(model, rec, mode, batch_size, device, progress=False)["pool3"])
@@ -678,9 +680,9 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", metavar="PATH", help="REF SAMPLES; or SOURCE with --save-stats; or IMAGES "
                    "with --recon")
-    p.add_argument("--inception", metavar="PTH", help=f"the FID Inception weights ({D.INCEPTION_WEIGHTS}); default: "
+    p.add_argument("--inception", metavar="PTH", help=f"the FID Inception weights ({weights.INCEPTION_WEIGHTS}); default: "
                    f"the torch hub cache's copy, downloaded on first use")
-    p.add_argument("--offline", action="store_true", help=f"never download (as {D.OFFLINE_ENV}=1)")
+    p.add_argument("--offline", action="store_true", help=f"never download (as {weights.OFFLINE_ENV}=1)")
     p.add_argument("--mode", choices=MODES, default="adm",
                    help="adm (default): TF1 bilinear resize and (x - 128) / 128, as the ADM evaluator and published "
                    "numbers; pytorch-fid: torch bilinear resize, as pytorch-fid")
@@ -729,7 +731,7 @@ def run(argv=None):
     for label, key in rows:
         print(f"{label}: {'n/a' if result[key] is None else result[key]}")
     if args.json:
-        D.save_json(args.json, result | {"inception_precision": args.precision})
+        plumbing.save_json(args.json, result | {"inception_precision": args.precision})
     return result
 
 
@@ -740,4 +742,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(D.cli(main))
+    sys.exit(plumbing.cli(main))

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import data
+import plumbing
 from alitok import check_classes, compile_decode, hold_weights, load_generator, load_tokenizer, read_checkpoint
 
 SEED_STRIDE = 1_000_003  # above any sample count: seeds of two base seeds never coincide (N < 1,000,003)
@@ -129,8 +129,8 @@ def open_work_folder(work, settings, rank=0):
     """Create (rank 0) or reuse the shard folder; raise FileExistsError if its shards came from other settings."""
     path = os.path.join(work, "settings.json")
     if rank == 0 and not os.path.isfile(path):
-        data.save_json(path, settings)
-    data.barrier()
+        plumbing.save_json(path, settings)
+    plumbing.barrier()
     with open(path) as f:
         differ = sorted(k for k, v in json.load(f).items() if settings.get(k) != v)
     if differ:
@@ -155,13 +155,13 @@ def sample_npz(generator, tokenizer, out, n, classes, opts, settings, seed=0, ba
         parts = [generate_batch(generator, tokenizer, labels[i:min(i + batch_size, e)].tolist(),
                                 sample_seeds(seed, range(i, min(i + batch_size, e))), opts, min(batch_size, n))
                  for i in range(s, e, batch_size)]
-        data.save_npz(shard(s), images=data.to_uint8(torch.cat([x for _, x in parts]), "truncate"),
+        plumbing.save_npz(shard(s), images=plumbing.to_uint8(torch.cat([x for _, x in parts]), "truncate"),
                       codes=torch.cat([c for c, _ in parts]).numpy().astype(code_dtype))
-    data.barrier()
+    plumbing.barrier()
     if rank == 0:
         assemble_npz(out, [shard(s) for s in range(0, n, shard_size)], labels)
         shutil.rmtree(work)
-    data.barrier()
+    plumbing.barrier()
     return sum(e - s for s, e in todo)
 
 
@@ -185,7 +185,7 @@ def assemble_npz(out, shards, labels):
             for name, array in (("arr_1", labels), ("codes", np.concatenate(codes))):
                 with zf.open(entry(f"{name}.npy"), "w", force_zip64=True) as g:
                     np.lib.format.write_array(g, array, allow_pickle=False)
-    data.atomic_write(out, write)
+    plumbing.atomic_write(out, write)
 
 
 # --- Command line -----------------------------------------------------------------------------------
@@ -255,7 +255,7 @@ def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
     check_args(p, args, int(os.environ.get("WORLD_SIZE", 1)))
-    rank, world, device = data.setup_distributed(args.device)
+    rank, world, device = plumbing.setup_distributed(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as the paper's evaluation ran
     generator, tokenizer, tok_source = load_models(args.ckpt, args.tokenizer, device, args.precision)
     cfg = generator.config
@@ -284,18 +284,18 @@ def main(argv=None):
         _, images = sample_grid(generator, tokenizer, classes, args.per_class, opts, args.seed, args.batch_size,
                                 progress=True)
         made = len(images)
-        data.save_grid(images, args.out, nrow=args.per_class)
+        plumbing.save_grid(images, args.out, nrow=args.per_class)
     seconds = time.perf_counter() - start
     rate = made / seconds if made else None
     if rank == 0:
-        data.save_json(record, dict(settings=settings, out=os.path.abspath(args.out), images_made=made,
+        plumbing.save_json(record, dict(settings=settings, out=os.path.abspath(args.out), images_made=made,
                                     seconds=round(seconds, 3), images_per_s=rate, torch=torch.__version__,
                                     tokens_per_s=rate and rate * cfg.n_tokens))
         print(f"wrote {args.out} ({made} images made in {seconds:.1f} s" + (f", {rate:.3f} images/s)" if rate else ")"))
-    if data.is_distributed():
+    if plumbing.is_distributed():
         dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(data.cli(main))
+    sys.exit(plumbing.cli(main))

@@ -32,15 +32,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import ablation
 import alitok
 import data as D
-import demo
 import fid
 import perceptual as P
+import plumbing
 import sample as S
-import bench
 import train
+import weights
+from tools import ablation, bench, demo
 from alitok import (ARConfig, Generator, Tokenizer, cfg_schedule, checkpoint, generator_config, load_generator,
                     load_tokenizer, rotary_table, sample_token, sample_uniforms, tokenizer_config)
 
@@ -824,22 +824,22 @@ def test_pretokenize_two_processes_matches_one(tmp_path):
 # ---------------------------------------------------------------- run folders and signals
 
 def test_run_folder_lock_refuses_a_live_holder_and_not_a_killed_one(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, data; lock = data.RunFolderLock(sys.argv[1])"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, plumbing; lock = plumbing.RunFolderLock(sys.argv[1])"
                                ".__enter__(); print('held', flush=True); time.sleep(60)", str(tmp_path)],
                               cwd=HERE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(ValueError, match=f"in use by a live run \\(pid {holder.pid} on"):
-            D.RunFolderLock(str(tmp_path)).__enter__()
+            plumbing.RunFolderLock(str(tmp_path)).__enter__()
     finally:
         holder.kill()
         holder.wait()
-    with D.RunFolderLock(str(tmp_path)):                    # the killed run's lock file is left, yet free
+    with plumbing.RunFolderLock(str(tmp_path)):                    # the killed run's lock file is left, yet free
         assert f"pid {os.getpid()}" in (tmp_path / ".lock").read_text()
 
 
 def test_stop_signals_turn_a_real_signal_into_a_request():
-    with D.StopSignals() as stop:
+    with plumbing.StopSignals() as stop:
         assert stop.received is None
         os.kill(os.getpid(), signal.SIGTERM)                # a real signal, delivered to this process
         assert stop.name == "SIGTERM"
@@ -848,7 +848,7 @@ def test_stop_signals_turn_a_real_signal_into_a_request():
 
 def test_save_grid(tmp_path):
     images = torch.rand(5, 3, 6, 7)
-    D.save_grid(images, str(tmp_path / "sub" / "grid.png"), nrow=3, min_side=1)
+    plumbing.save_grid(images, str(tmp_path / "sub" / "grid.png"), nrow=3, min_side=1)
     grid = np.asarray(Image.open(tmp_path / "sub" / "grid.png"))
     assert grid.shape == (2 * 8 + 2, 3 * 9 + 2, 3)
     assert np.array_equal(grid[2:8, 11:18], (images[1] * 255).round().byte().permute(1, 2, 0).numpy())
@@ -857,7 +857,7 @@ def test_save_grid(tmp_path):
 
 def test_save_grid_enlarges_small_images_by_nearest_neighbour(tmp_path):
     images = torch.rand(2, 3, 32, 32)
-    D.save_grid(images, str(tmp_path / "grid.png"), nrow=2)             # default: at least 128 px a side
+    plumbing.save_grid(images, str(tmp_path / "grid.png"), nrow=2)             # default: at least 128 px a side
     grid = np.asarray(Image.open(tmp_path / "grid.png"))
     assert grid.shape == (128 + 4, 2 * 130 + 2, 3)
     first = (images[0] * 255).round().byte().permute(1, 2, 0).numpy()
@@ -890,7 +890,7 @@ class _WeightRequests(http.server.BaseHTTPRequestHandler):
 def weight_server(tmp_path, monkeypatch):
     """A file server on 127.0.0.1 (shut down after the test); the hub cache in tmp_path, online mode."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.delenv(D.OFFLINE_ENV, raising=False)
+    monkeypatch.delenv(weights.OFFLINE_ENV, raising=False)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _WeightRequests)
     server.files, server.requests = {}, []
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
@@ -906,7 +906,7 @@ def serve_weights(server, monkeypatch, name, body, sha256=None):
     server.files["/files/" + name] = body
     url = f"http://127.0.0.1:{server.server_port}/files/{name}"
     sha256 = sha256 or hashlib.sha256(body).hexdigest()
-    monkeypatch.setitem(D.STANDARD_WEIGHTS, name, D.WeightFile(url, sha256, "the tests", "the rest works"))
+    monkeypatch.setitem(weights.STANDARD_WEIGHTS, name, weights.WeightFile(url, sha256, "the tests", "the rest works"))
 
 
 def test_standard_weights_downloaded_once_then_cached_and_explicit_path_wins(weight_server, monkeypatch,
@@ -914,44 +914,44 @@ def test_standard_weights_downloaded_once_then_cached_and_explicit_path_wins(wei
     body = os.urandom(3 << 20)  # three read chunks
     serve_weights(weight_server, monkeypatch, "stand_in.pth", body)
     cache = tmp_path / "torch_home" / "hub" / "checkpoints"
-    assert D.weights_cache() == str(cache)
-    first = D.standard_weights("stand_in.pth")
+    assert weights.weights_cache() == str(cache)
+    first = weights.standard_weights("stand_in.pth")
     assert first == str(cache / "stand_in.pth") and Path(first).read_bytes() == body
     assert weight_server.requests == ["/files/stand_in.pth"] and os.listdir(cache) == ["stand_in.pth"]
-    assert D.standard_weights("stand_in.pth") == first and len(weight_server.requests) == 1  # from the cache
+    assert weights.standard_weights("stand_in.pth") == first and len(weight_server.requests) == 1  # from the cache
     mine = tmp_path / "mine.pth"
     mine.write_bytes(b"not even the same file")  # an explicit path is not checked against the table's hash
-    assert D.standard_weights("stand_in.pth", mine) == str(mine)
+    assert weights.standard_weights("stand_in.pth", mine) == str(mine)
     with pytest.raises(FileNotFoundError, match="stand_in.pth"):
-        D.standard_weights("stand_in.pth", tmp_path / "absent.pth")  # a wrong path never falls back
+        weights.standard_weights("stand_in.pth", tmp_path / "absent.pth")  # a wrong path never falls back
     assert len(weight_server.requests) == 1
 
 
 def test_standard_weights_wrong_hash_is_refused_and_leaves_no_file(weight_server, monkeypatch, tmp_path):
     serve_weights(weight_server, monkeypatch, "stand_in-0123abcd.pth", b"changed upstream", sha256="0123abcd")
     with pytest.raises(ValueError, match="SHA-256 .* expected 0123abcd.*deleted") as error:
-        D.standard_weights("stand_in-0123abcd.pth", progress=False)
-    assert D.weights_cache() in str(error.value)  # says where the right file would go
+        weights.standard_weights("stand_in-0123abcd.pth", progress=False)
+    assert weights.weights_cache() in str(error.value)  # says where the right file would go
     cache = tmp_path / "torch_home" / "hub" / "checkpoints"
     assert os.listdir(cache) == [] and len(weight_server.requests) == 1
     # a file in the cache that does not match is not ours: refused, left in place, nothing downloaded
     (cache / "stand_in-0123abcd.pth").write_bytes(b"someone else's")
     with pytest.raises(ValueError, match="Delete it"):
-        D.standard_weights("stand_in-0123abcd.pth")
+        weights.standard_weights("stand_in-0123abcd.pth")
     assert (cache / "stand_in-0123abcd.pth").exists() and len(weight_server.requests) == 1
     serve_weights(weight_server, monkeypatch, "gone.pth", b"")
     weight_server.files.clear()  # its URL now answers 404
     with pytest.raises(OSError, match="could not download gone.pth .*Not Found.* put it at"):
-        D.standard_weights("gone.pth")
+        weights.standard_weights("gone.pth")
     assert not (cache / "gone.pth").exists()
 
 
 def _download_worker(rank, world, port, url, sha256, torch_home, paths):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), TORCH_HOME=torch_home)
-    os.environ.pop(D.OFFLINE_ENV, None)
-    D.STANDARD_WEIGHTS["stand_in.pth"] = D.WeightFile(url, sha256, "the tests", "the rest works")
+    os.environ.pop(weights.OFFLINE_ENV, None)
+    weights.STANDARD_WEIGHTS["stand_in.pth"] = weights.WeightFile(url, sha256, "the tests", "the rest works")
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    paths[rank] = D.standard_weights("stand_in.pth", progress=False)
+    paths[rank] = weights.standard_weights("stand_in.pth", progress=False)
     torch.distributed.destroy_process_group()
 
 
@@ -962,7 +962,7 @@ def test_standard_weights_under_two_processes_are_downloaded_once(weight_server,
     weight_server.delay = 1.0            # a slow answer: two ranks asking at once would both be served
     paths = torch.multiprocessing.Manager().dict()
     torch.multiprocessing.spawn(_download_worker, nprocs=2, args=(
-        2, free_port(), D.STANDARD_WEIGHTS["stand_in.pth"].url, hashlib.sha256(body).hexdigest(),
+        2, free_port(), weights.STANDARD_WEIGHTS["stand_in.pth"].url, hashlib.sha256(body).hexdigest(),
         str(tmp_path / "torch_home"), paths))
     cached = tmp_path / "torch_home" / "hub" / "checkpoints" / "stand_in.pth"
     assert weight_server.requests == ["/files/stand_in.pth"]
@@ -974,15 +974,15 @@ def test_standard_weights_offline_says_which_file_goes_where(weight_server, monk
     cache = tmp_path / "torch_home" / "hub" / "checkpoints"
     for offline in (True, "env"):
         if offline == "env":
-            monkeypatch.setenv(D.OFFLINE_ENV, "1")
+            monkeypatch.setenv(weights.OFFLINE_ENV, "1")
         with pytest.raises(FileNotFoundError) as error:
-            D.standard_weights("stand_in.pth", offline=offline is True)
-        for words in ("stand_in.pth", str(cache), D.OFFLINE_ENV, "the rest works", "/files/stand_in.pth"):
+            weights.standard_weights("stand_in.pth", offline=offline is True)
+        for words in ("stand_in.pth", str(cache), weights.OFFLINE_ENV, "the rest works", "/files/stand_in.pth"):
             assert words in str(error.value), words
     assert weight_server.requests == []
     mine = tmp_path / "mine.pth"
     mine.write_bytes(b"x")
-    assert D.standard_weights("stand_in.pth", mine) == str(mine)  # offline, an explicit path still works
+    assert weights.standard_weights("stand_in.pth", mine) == str(mine)  # offline, an explicit path still works
 
 
 # ===================================================================================================
@@ -1334,7 +1334,7 @@ def test_heldout_tokenizer_metrics_in_every_tokenizer_stage(stages):
         images, _ = heldout_shapes(tok.config.image_size)
         with torch.no_grad():
             recon = tok(images)["recon"]
-        psnr = fid.psnr(D.to_uint8(images), D.to_uint8(recon)).mean()
+        psnr = fid.psnr(plumbing.to_uint8(images), plumbing.to_uint8(recon)).mean()
         assert last["heldout_psnr"] == pytest.approx(psnr, rel=1e-4)
         assert 0 < last["heldout_codebook_usage"] <= 1 and last["heldout_codebook_perplexity"] >= 1
 
@@ -1352,14 +1352,14 @@ def test_heldout_rfid_with_the_inception_file_and_a_note_without(tmp_path, fid_w
     with torch.no_grad():
         recon = tok(images)["recon"]
     net = fid.load_inception(str(fid_weights))
-    pool3 = lambda x: fid.extract(net, D.to_uint8(x), progress=False)["pool3"]
+    pool3 = lambda x: fid.extract(net, plumbing.to_uint8(x), progress=False)["pool3"]
     direct = fid.frechet_distance(*fid.statistics(pool3(images)), *fid.statistics(pool3(recon)))
     assert last["heldout_rfid"] == pytest.approx(direct, rel=1e-4) and direct > 0
     capsys.readouterr()
     train.main(["--stage", "1", "--out", str(tmp_path / "none"), "--steps", "1", *TINY])
     assert "held-out rFID off" in capsys.readouterr().out
     assert all("heldout_rfid" not in json.loads(l) for l in open(tmp_path / "none" / "metrics.jsonl"))
-    assert not (tmp_path / "torch_home" / "hub" / "checkpoints" / D.INCEPTION_WEIGHTS).exists()
+    assert not (tmp_path / "torch_home" / "hub" / "checkpoints" / weights.INCEPTION_WEIGHTS).exists()
 
 
 def test_resume_after_stop_is_exact(tmp_path, stages):
@@ -1450,7 +1450,7 @@ def test_sigterm_generator_writes_checkpoint_and_resumes_exactly(tmp_path, stage
 
 
 def test_second_run_on_a_held_folder_is_refused_naming_the_holder(tmp_path):
-    with D.RunFolderLock(tmp_path / "run"):
+    with plumbing.RunFolderLock(tmp_path / "run"):
         done = subprocess.run([sys.executable, str(HERE / "train.py"), "--stage", "1", "--out", str(tmp_path / "run"),
                                "--steps", "1", *TINY], env=env1(), capture_output=True, text=True)
     assert done.returncode == 2 and "Traceback" not in done.stderr
@@ -1490,13 +1490,13 @@ def test_bad_input_is_one_message_and_status_2(tmp_path, stages, capsys):
     (tmp_path / "run" / "ckpt.pt").write_bytes((stages[0] / "s1" / "ckpt.pt").read_bytes())
     before = (tmp_path / "run" / "ckpt.pt").read_bytes()
     for argv, words in bad_inputs(stages[0], tmp_path):
-        assert D.cli(train.main, [*argv, *TINY]) == 2, argv
+        assert plumbing.cli(train.main, [*argv, *TINY]) == 2, argv
         said = capsys.readouterr().err
         assert said.startswith("error: ") and re.search(words, said), (argv, said)
     assert (tmp_path / "run" / "ckpt.pt").read_bytes() == before
     (tmp_path / "cut.pt").write_bytes(before[:5000])            # a truncated --resume file is explained too
     (tmp_path / "run" / "ckpt.pt").write_bytes(before[:5000])
-    assert D.cli(train.main, ["--stage", "1", "--out", str(tmp_path / "run"), "--resume", *TINY]) == 2
+    assert plumbing.cli(train.main, ["--stage", "1", "--out", str(tmp_path / "run"), "--resume", *TINY]) == 2
     assert "training checkpoint (--resume)" in capsys.readouterr().err
 
 
@@ -1505,17 +1505,17 @@ def test_loss_networks_fetch_standard_weights_or_say_how_to_train_without(weight
     log = SimpleNamespace(info=logged.append)
     nets = train.loss_networks(train.parse_args(["--stage", "1"]), "cpu", log)   # tiny: off, no download
     assert nets == (None, None) and len(logged) == 1 and "--perceptual-loss / --lpips-loss" in logged[0]
-    serve_weights(weight_server, monkeypatch, D.CONVNEXT_WEIGHTS, b"convnext bytes")
+    serve_weights(weight_server, monkeypatch, weights.CONVNEXT_WEIGHTS, b"convnext bytes")
     monkeypatch.setattr(P, "load_convnext", lambda path: loaded.append(path) or StandIn())
     args = train.parse_args(["--stage", "1", "--perceptual-loss", "--no-progress"])
     convnext, lp = train.loss_networks(args, "cpu", log)
-    assert loaded == [os.path.join(D.weights_cache(), D.CONVNEXT_WEIGHTS)] and lp is None
-    monkeypatch.setenv(D.OFFLINE_ENV, "1")                     # LPIPS, on by default for alitok, cannot be had
+    assert loaded == [os.path.join(weights.weights_cache(), weights.CONVNEXT_WEIGHTS)] and lp is None
+    monkeypatch.setenv(weights.OFFLINE_ENV, "1")                     # LPIPS, on by default for alitok, cannot be had
     with pytest.raises(FileNotFoundError) as error:
         train.loss_networks(train.parse_args(["--stage", "1", "--preset", "alitok", "--no-perceptual-loss"]),
                             "cpu", log)
     said = str(error.value)
-    assert D.VGG16_WEIGHTS in said and D.weights_cache() in said and "pass --no-lpips-loss" in said
+    assert weights.VGG16_WEIGHTS in said and weights.weights_cache() in said and "pass --no-lpips-loss" in said
 
 
 def probe_run_folder(folder, times, failures):
@@ -1603,7 +1603,7 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, monkeypatch):
         run_main(["--stage", "1", "--out", str(tmp_path), "--steps", "10", "--ckpt-every", "2", *TINY])
     ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     assert ck["step"] == 4 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
-    assert D.cli(train.main, ["--stage", "2", "--init", str(tmp_path / "nope.pt"), "--out", str(tmp_path)]) == 2
+    assert plumbing.cli(train.main, ["--stage", "2", "--init", str(tmp_path / "nope.pt"), "--out", str(tmp_path)]) == 2
 
 
 def test_folder_with_corrupt_image_trains_and_reports(tmp_path):
@@ -1662,7 +1662,7 @@ def test_losses_in_float32_and_frozen_encoder_codes_under_bf16():
     stage 2's frozen encoder gives exactly the float32 codes."""
     torch.manual_seed(0)
     tok = train.freeze_for_stage2(Tokenizer(tokenizer_config("tiny", 2))).train()
-    x, bf16 = fixed_batch(8)[0], D.autocast("cpu", "bf16")
+    x, bf16 = fixed_batch(8)[0], plumbing.autocast("cpu", "bf16")
     out = train.stage2_forward(tok, tok.decoder, bf16, x)
     assert out["recon"].dtype == torch.bfloat16 and torch.equal(out["codes"], tok.encode(x))
     with bf16:
@@ -2100,7 +2100,7 @@ def test_npz_resumes_after_a_crash(ckpts, npz_one, tmp_path, monkeypatch, capsys
     with pytest.raises(KeyboardInterrupt):
         S.main(npz_args(ckpts, out, 20, 3))            # shards of 6 samples: the first one was finished
     assert not out.exists() and sorted(os.listdir(f"{out}.parts")) == ["000000.npz", "settings.json"]
-    assert D.cli(S.main, npz_args(ckpts, out, 20, 3, "--seed", "1")) == 2   # shards of another seed: refused
+    assert plumbing.cli(S.main, npz_args(ckpts, out, 20, 3, "--seed", "1")) == 2   # shards of another seed: refused
     assert "another run" in capsys.readouterr().err
     monkeypatch.setattr(S, "generate_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
     calls.clear()
@@ -2152,7 +2152,7 @@ def test_npz_pixels_are_truncated(models, npz_one):
         labels, codes, images = f["arr_1"][:3], f["codes"][:3], f["arr_0"][:3]
     decoded = tokenizer.decode(torch.from_numpy(codes.astype(np.int64)))
     truncated = (decoded.clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    assert np.array_equal(images, truncated) and not np.array_equal(images, D.to_uint8(decoded, "round"))
+    assert np.array_equal(images, truncated) and not np.array_equal(images, plumbing.to_uint8(decoded, "round"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -2162,7 +2162,7 @@ def test_npz_pixels_are_truncated(models, npz_one):
 def test_out_of_range_class_is_refused(ckpts, tmp_path, capsys):
     for extra in ([], ["--npz", "4"]):
         out = tmp_path / ("x.npz" if extra else "x.png")
-        assert D.cli(S.main, ["--ckpt", ckpts["gen"], "--classes", "1", "10", "--out", str(out), *extra]) == 2
+        assert plumbing.cli(S.main, ["--ckpt", ckpts["gen"], "--classes", "1", "10", "--out", str(out), *extra]) == 2
         assert "[0, 10)" in capsys.readouterr().err and not out.exists()
 
 
@@ -2171,7 +2171,7 @@ def test_missing_files_are_explained(ckpts, tmp_path, capsys):
              (["--ckpt", ckpts["bare"]], ["no tokenizer", "--tokenizer", "AliTok.pth"]),
              (["--ckpt", ckpts["gen"], "--tokenizer", str(tmp_path / "AliTok.pth")], ["tokenizer not found"])]
     for argv, words in cases:
-        assert D.cli(S.main, [*argv, "--out", str(tmp_path / "g.png")]) == 2
+        assert plumbing.cli(S.main, [*argv, "--out", str(tmp_path / "g.png")]) == 2
         err = capsys.readouterr().err
         assert all(w in err for w in words), err
     with pytest.raises(SystemExit):
@@ -2332,7 +2332,7 @@ def fid_inception(fid_state):
 @pytest.fixture(scope="module")
 def fid_weights(fid_state, tmp_path_factory):
     """The golden weights saved like pytorch-fid's release file (no num_batches_tracked)."""
-    path = tmp_path_factory.mktemp("weights") / D.INCEPTION_WEIGHTS
+    path = tmp_path_factory.mktemp("weights") / weights.INCEPTION_WEIGHTS
     torch.save({k: v for k, v in fid_state.items() if "num_batches_tracked" not in k}, path)
     return path
 
@@ -2492,7 +2492,7 @@ def test_load_inception_strictness(fid_state, fid_inception, fid_weights, tmp_pa
         fid.load_inception(_fid_save(missing, tmp_path / "missing.pth"))
     with pytest.raises(ValueError, match="AuxLogits.fc.weight"):
         fid.load_inception(_fid_save({**fid_state, "AuxLogits.fc.weight": torch.zeros(1)}, tmp_path / "x.pth"))
-    with pytest.raises(FileNotFoundError, match=f"nowhere.pth.*{D.INCEPTION_WEIGHTS}"):
+    with pytest.raises(FileNotFoundError, match=f"nowhere.pth.*{weights.INCEPTION_WEIGHTS}"):
         fid.load_inception(tmp_path / "nowhere.pth")
     (tmp_path / "cut.pth").write_bytes(fid_weights.read_bytes()[:100_000])
     with pytest.raises(ValueError, match="truncated or corrupt"):
@@ -2584,21 +2584,21 @@ def test_cli_end_to_end_and_cached_statistics(fid_weights, tmp_path, capsys):
 
 
 def test_cli_fetches_the_inception_on_first_use(fid_weights, weight_server, monkeypatch, tmp_path, capsys):
-    serve_weights(weight_server, monkeypatch, D.INCEPTION_WEIGHTS, fid_weights.read_bytes())
+    serve_weights(weight_server, monkeypatch, weights.INCEPTION_WEIGHTS, fid_weights.read_bytes())
     np.savez(tmp_path / "ref.npz", arr_0=_fid_images(2))
     argv = [str(tmp_path / "ref.npz"), "--save-stats", str(tmp_path / "stats.npz"), "--device", "cpu"]
     fid.run(argv)  # no --inception: downloaded into $TORCH_HOME, verified, used
-    assert weight_server.requests == [f"/files/{D.INCEPTION_WEIGHTS}"]
-    cached = tmp_path / "torch_home" / "hub" / "checkpoints" / D.INCEPTION_WEIGHTS
+    assert weight_server.requests == [f"/files/{weights.INCEPTION_WEIGHTS}"]
+    cached = tmp_path / "torch_home" / "hub" / "checkpoints" / weights.INCEPTION_WEIGHTS
     first = np.load(tmp_path / "stats.npz")["pool3"]
     fid.run(argv + ["--offline"])  # from the cache: no second request, even offline
     assert len(weight_server.requests) == 1 and np.array_equal(np.load(tmp_path / "stats.npz")["pool3"], first)
     cached.unlink()
     capsys.readouterr()
-    assert D.cli(fid.main, argv + ["--offline"]) == 2 and len(weight_server.requests) == 1
+    assert plumbing.cli(fid.main, argv + ["--offline"]) == 2 and len(weight_server.requests) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err
-    assert D.INCEPTION_WEIGHTS in err and str(cached.parent) in err and "--offline" in err
+    assert weights.INCEPTION_WEIGHTS in err and str(cached.parent) in err and "--offline" in err
 
 
 def _fid_bad_inputs(tmp_path, fid_weights):
@@ -2616,7 +2616,7 @@ def _fid_bad_inputs(tmp_path, fid_weights):
         "not an npz": ([str(tmp_path / "text.npz"), str(good), *weights], "text.npz: not a readable .npz"),
         "NCHW": ([str(good), str(tmp_path / "nchw.npz"), *weights], "NCHW"),
         "corrupt weights": ([str(good), str(good), "--inception", str(tmp_path / "cut.pth")], "truncated or corrupt"),
-        "missing weights": ([str(good), str(good), "--inception", str(tmp_path / "no.pth")], D.INCEPTION_WEIGHTS),
+        "missing weights": ([str(good), str(good), "--inception", str(tmp_path / "no.pth")], weights.INCEPTION_WEIGHTS),
         "missing tokenizer": (["--recon", str(tmp_path / "tok.pt"), str(good), *weights], "tok.pt"),
     }
 
@@ -2626,7 +2626,7 @@ def test_cli_refuses_bad_input_with_one_message(fid_weights, tmp_path, capsys):
         fid.main(["--help"])
     assert done.value.code == 0 and "--recon" in capsys.readouterr().out
     for case, (argv, words) in _fid_bad_inputs(tmp_path, fid_weights).items():
-        assert D.cli(fid.main, argv) == 2, case
+        assert plumbing.cli(fid.main, argv) == 2, case
         err = capsys.readouterr().err
         assert err.startswith("error: ") and words in err and "Traceback" not in err, (case, err)
     # and as a program: exit status 2, the message, no traceback
@@ -2680,8 +2680,8 @@ def test_adm_centre_crop_keeps_a_constant_image():
 def test_demo_quick_pipeline_resumes_after_kill(tmp_path):
     """`demo.py --quick` runs every stage; killed during the generator stage and restarted, it continues."""
     out = tmp_path / "demo"
-    cmd = [sys.executable, str(HERE / "demo.py"), "--quick", "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_HOME": str(tmp_path / "torch_home"), D.OFFLINE_ENV: "1"}
+    cmd = [sys.executable, str(HERE / "tools" / "demo.py"), "--quick", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_HOME": str(tmp_path / "torch_home"), weights.OFFLINE_ENV: "1"}
     proc = subprocess.Popen(cmd, cwd=HERE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 300
@@ -2699,7 +2699,7 @@ def test_demo_quick_pipeline_resumes_after_kill(tmp_path):
     assert {"stage1", "stage2", "generator", "samples"} <= set(metrics)
     assert metrics["samples"]["n"] == 40 and 0 <= metrics["samples"]["class_agreement"] <= 1
     assert metrics["stage2"]["psnr"] > 5 and (out / "grid.png").exists()
-    assert f"rFID / FID / IS skipped: {D.INCEPTION_WEIGHTS}" in done.stdout and "fid" not in metrics
+    assert f"rFID / FID / IS skipped: {weights.INCEPTION_WEIGHTS}" in done.stdout and "fid" not in metrics
 
 
 @pytest.mark.filterwarnings("ignore:ONLY 12 SAMPLES")
@@ -2710,8 +2710,8 @@ def test_demo_scores_rfid_fid_and_is_with_the_inception_weights(stages, fid_weig
     tokenizers = {"stage1": str(root / "s1" / "ckpt.pt"), "stage2": str(root / "s2" / "tokenizer.pt")}
     size = alitok.load_tokenizer(tokenizers["stage2"]).config.image_size
     labels = np.arange(12) % 10
-    D.save_npz(f"{out}/val.npz", arr_0=_fid_images(12, size, size, seed=1), arr_1=labels)
-    D.save_npz(f"{out}/samples.npz", arr_0=_fid_images(12, size, size, seed=2), arr_1=labels)
+    plumbing.save_npz(f"{out}/val.npz", arr_0=_fid_images(12, size, size, seed=1), arr_1=labels)
+    plumbing.save_npz(f"{out}/samples.npz", arr_0=_fid_images(12, size, size, seed=2), arr_1=labels)
     args = demo.parse_args(["--out", out, "--inception", str(fid_weights), "--offline"])
     scores = demo.inception_scores(args, out, tokenizers, f"{out}/samples.npz")
     assert set(scores) == {"rfid_stage1", "rfid_stage2", "fid", "inception_score"}
@@ -2732,7 +2732,7 @@ def test_ablation_quick_resumes_after_kill_and_writes_table_and_chart(tmp_path):
     """Two runs at once (--jobs 2), killed (SIGKILL, with the stages they run) once one has finished;
     restarted, it skips that run."""
     out = tmp_path / "ablation"
-    cmd = [sys.executable, str(HERE / "ablation.py"), "--quick", "--out", str(out), "--seeds", "1",
+    cmd = [sys.executable, str(HERE / "tools" / "ablation.py"), "--quick", "--out", str(out), "--seeds", "1",
            "--variants", "bidirectional", "alitok", "--jobs", "2"]
     proc = subprocess.Popen(cmd, cwd=HERE, env=env1(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -2772,7 +2772,7 @@ def test_ablation_scores_samples_against_heldout_images(stages, fid_weights, tmp
     assert scores == {"fid": pytest.approx(direct["fid"]), "inception_score": pytest.approx(direct["inception_score"])}
     held = np.load(folder / "heldout.npz")["arr_0"]
     _, heldout = D.heldout_split("shapes", held.shape[1], n_heldout=12)
-    assert held.shape == (12, 32, 32, 3) and np.array_equal(held, D.to_uint8(torch.stack([heldout[i][0] for i in range(12)])))
+    assert held.shape == (12, 32, 32, 3) and np.array_equal(held, plumbing.to_uint8(torch.stack([heldout[i][0] for i in range(12)])))
     assert len(np.load(folder / "samples.npz")["arr_0"]) == 12
 
 
@@ -2788,7 +2788,7 @@ def test_ablation_report_summarizes_finished_runs_and_trains_nothing(tmp_path, c
                     json.dumps({"step": 1, "loss": 9.0}) + "\n" +
                     json.dumps({"step": 2, **{f"heldout_{k}": v for k, v in held.items()}}) + "\n")
             # what a run stored is kept; numbers added to the table since are read from its metrics
-            D.save_json(str(run / "result.json"), {"variant": variant, "seed": seed, "psnr": 20.0 + seed,
+            plumbing.save_json(str(run / "result.json"), {"variant": variant, "seed": seed, "psnr": 20.0 + seed,
                                                    "loss": 3.0, "acc": 0.2, "minutes": 1.0})
     args = ablation.build_parser().parse_args(["--report", "--out", str(tmp_path), "--seeds", "3"])
     ablation.main(args)
@@ -2805,13 +2805,13 @@ def test_ablation_report_summarizes_finished_runs_and_trains_nothing(tmp_path, c
 def test_save_curves_draws_a_panel_per_metric_with_two_points_or_more(tmp_path):
     records = [{"step": s, "loss": 2.0 / s, "psnr": 10 + s, "once": 1.0} for s in range(1, 30)]
     records.append({"step": 30, "heldout_psnr": 20.0})                 # one point: no panel
-    D.save_curves(str(tmp_path / "curves.png"), records, ("loss", "psnr", "heldout_psnr", "absent"))
+    plumbing.save_curves(str(tmp_path / "curves.png"), records, ("loss", "psnr", "heldout_psnr", "absent"))
     with Image.open(tmp_path / "curves.png") as image:
         assert image.size == (2 * 360, 220)
         pixels = np.asarray(image.convert("RGB"))
     line = np.all(pixels == (0, 114, 178), axis=-1)
     assert line[:, :360].sum() > 100 and line[:, 360:].sum() > 100   # both curves drawn
-    D.save_curves(str(tmp_path / "none.png"), records[:1], ("loss",))
+    plumbing.save_curves(str(tmp_path / "none.png"), records[:1], ("loss",))
     assert not (tmp_path / "none.png").exists()
 
 

@@ -35,6 +35,8 @@ import alitok
 import data
 import fid
 import perceptual
+import plumbing
+import weights
 
 # ----------------------------------------------------------------------------------------------------
 # Recipes: the paper's settings (reference/ALITOK_SPEC.md, "Training, as the original code does it") and ours
@@ -116,7 +118,7 @@ def parse_args(argv=None):
                    help="held-out images evaluated (the source's test split, else 2%% training never sees)")
     p.add_argument("--inception", default=None, metavar="PATH",
                    help=f"tokenizer stages: FID Inception weights for the held-out rFID (default: the cached "
-                        f"{data.INCEPTION_WEIGHTS} if present; training never downloads it)")
+                        f"{weights.INCEPTION_WEIGHTS} if present; training never downloads it)")
     p.add_argument("--max-bad-fraction", type=float, default=0.01,
                    help="abort if more than this fraction of a folder's images is unreadable")
     p.add_argument("--out", default=os.path.join("runs", {"1": "stage1", "2": "stage2", "ar": "ar"}[stage]),
@@ -137,7 +139,7 @@ def parse_args(argv=None):
                    help="autocast of the trained model (losses stay float32); default bf16 on cuda, else fp32")
     s.add_argument("--workers", type=int, default=0, help="DataLoader workers per process")
     s.add_argument("--no-progress", action="store_true")
-    s.add_argument("--offline", action="store_true", help=f"never download weight files (as {data.OFFLINE_ENV}=1)")
+    s.add_argument("--offline", action="store_true", help=f"never download weight files (as {weights.OFFLINE_ENV}=1)")
     return p.parse_args(argv)
 
 
@@ -414,10 +416,10 @@ def discriminator_step(t, images):
 
 
 def loss_file(name, path, args, switch_off):
-    """The path of a loss network's standard weight file (data.standard_weights: an explicit path wins); the
+    """The path of a loss network's standard weight file (weights.standard_weights: an explicit path wins); the
     error, if it cannot be had, also says how to train without that loss."""
     try:
-        return data.standard_weights(name, path, args.offline, progress=not args.no_progress)
+        return weights.standard_weights(name, path, args.offline, progress=not args.no_progress)
     except (OSError, ValueError) as error:
         kind = ValueError if isinstance(error, ValueError) else FileNotFoundError
         raise kind(f"{error}. To train without this loss, pass {switch_off}.") from None
@@ -429,16 +431,16 @@ def loss_networks(args, device, log):
     wanted = lambda switch, path: switch if switch is not None else path is not None or args.preset != "tiny"
     convnext = lp = None
     if wanted(args.perceptual_loss, args.perceptual_weights):
-        path = loss_file(data.CONVNEXT_WEIGHTS, args.perceptual_weights, args, "--no-perceptual-loss")
+        path = loss_file(weights.CONVNEXT_WEIGHTS, args.perceptual_weights, args, "--no-perceptual-loss")
         convnext = perceptual.load_convnext(path).to(device)
     if wanted(args.lpips_loss, args.lpips_weights):
         vgg, lin = args.lpips_weights or (None, None)
-        lp = perceptual.load_lpips(loss_file(data.VGG16_WEIGHTS, vgg, args, "--no-lpips-loss"),
-                                   loss_file(data.LPIPS_WEIGHTS, lin, args, "--no-lpips-loss")).to(device)
+        lp = perceptual.load_lpips(loss_file(weights.VGG16_WEIGHTS, vgg, args, "--no-lpips-loss"),
+                                   loss_file(weights.LPIPS_WEIGHTS, lin, args, "--no-lpips-loss")).to(device)
     off = [name for name, net in (("ConvNeXt-S perceptual", convnext), ("LPIPS", lp)) if net is None]
     if off:
         log.info(f"{' and '.join(off)} loss off: pass --perceptual-loss / --lpips-loss to use them (their "
-                 f"standard weights are downloaded on first use into {data.weights_cache()})")
+                 f"standard weights are downloaded on first use into {weights.weights_cache()})")
     return convnext, lp
 
 
@@ -457,7 +459,7 @@ def setup_stage2(args, device, world, autocast, log):
     forward = functools.partial(stage2_forward, model, wrap(model.decoder, device, world), autocast)
     path, disc_state = os.path.join(args.out, "tokenizer.pt"), first.get("modules", {}).get("discriminator")
     return tokenizer_run(args, model, forward, disc_state, device, world, log,
-                         finish=lambda: data.save_checkpoint(alitok.checkpoint(model), path), autocast=autocast)
+                         finish=lambda: plumbing.save_checkpoint(alitok.checkpoint(model), path), autocast=autocast)
 
 
 def tokenizer_run(args, model, forward, disc_state, device, world, log, finish, autocast):
@@ -562,7 +564,7 @@ def setup_generator(args, device, world, autocast, log):
     held = heldout_codes(tok, args, device)
     return Run(model, functools.partial(generator_step, g), {"model": g.opt}, dataset, cfg.codebook_size,
                pictures=functools.partial(samples, model, tok), saved=saved,
-               finish=lambda: data.save_checkpoint({**alitok.checkpoint(model), **saved}, path),
+               finish=lambda: plumbing.save_checkpoint({**alitok.checkpoint(model), **saved}, path),
                heldout=functools.partial(generator_heldout, model, *held, autocast))
 
 
@@ -599,32 +601,32 @@ def main(argv=None):
     """Train one stage; 0 when done or stopped by --stop-after, 128 + the signal number when SIGTERM/SIGINT
     stopped it (after writing the checkpoint)."""
     args = parse_args(argv)
-    rank, world, device = data.setup_distributed(args.device)
+    rank, world, device = plumbing.setup_distributed(args.device)
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} (global) must divide by the {world} processes")
     make_run_folder(args.out)
     ckpt = os.path.join(args.out, "ckpt.pt")
     # rank 0 holds the folder for the whole run: a second run on it is refused, naming this process
-    with data.RunFolderLock(args.out) if rank == 0 else contextlib.nullcontext():
+    with plumbing.RunFolderLock(args.out) if rank == 0 else contextlib.nullcontext():
         log = Logger(args.out, rank)
         saved = read_resumable(ckpt, args, log) if args.resume else None   # checked before any setup
         precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
         torch.manual_seed(args.seed + rank)
-        run = SETUPS[args.stage](args, device, world, data.autocast(device, precision), log)
+        run = SETUPS[args.stage](args, device, world, plumbing.autocast(device, precision), log)
         n_params = sum(p.numel() for p in trainable(run.model))
         log.info(f"stage {args.stage}: {n_params / 1e6:.2f}M trainable parameters, {len(run.dataset)} training "
                  f"items, global batch {args.batch_size} = {world} x {args.batch_size // world}, {device}, {precision}")
         start = resume(run, saved, ckpt, rank, world, log) if saved is not None else 0
         if start >= args.steps:
             log.info(f"{args.out}: already trained to step {start} (--steps {args.steps}); nothing to do")
-        with data.StopSignals() as signals:
+        with plumbing.StopSignals() as signals:
             done, signum = train_loop(run, args, start, ckpt, (rank, world, device), log, signals)
         if signum:
             log.info(f"received {signal.Signals(signum).name} at step {done}: wrote {ckpt}; continue with --resume")
         elif done >= args.steps and rank == 0:
             run.finish()
-    data.barrier()
-    if data.is_distributed():
+    plumbing.barrier()
+    if plumbing.is_distributed():
         dist.destroy_process_group()
     return 128 + signum if signum else 0
 
@@ -822,7 +824,7 @@ def save(run, args, step, path, rank, world):
     """The whole training state at `step`, written atomically by rank 0 (AdamW moments included)."""
     rngs = all_rng_states(world)
     if rank == 0:
-        data.save_checkpoint({
+        plumbing.save_checkpoint({
             "stage": args.stage, "step": step, "config": asdict(run.model.config), "model": run.model.state_dict(),
             "modules": {k: m.state_dict() for k, m in run.modules.items()},
             "optimizers": {k: o.state_dict() for k, o in run.optimizers.items()},
@@ -921,11 +923,11 @@ def save_pictures(run, out, step):
     images, nrow = run.pictures()
     run.model.train(was)
     for name in (f"pictures_{step:07d}.png", "latest.png"):
-        data.save_grid(images, os.path.join(out, name), nrow=nrow)
+        plumbing.save_grid(images, os.path.join(out, name), nrow=nrow)
     if os.path.exists(os.path.join(out, "metrics.jsonl")):      # the curves so far
         with open(os.path.join(out, "metrics.jsonl")) as f:
-            data.save_curves(os.path.join(out, "metrics.png"), [json.loads(line) for line in f], CURVES)
+            plumbing.save_curves(os.path.join(out, "metrics.png"), [json.loads(line) for line in f], CURVES)
 
 
 if __name__ == "__main__":
-    sys.exit(data.cli(main))
+    sys.exit(plumbing.cli(main))

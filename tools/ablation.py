@@ -21,11 +21,16 @@ import subprocess
 import sys
 import time
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository: the pipeline's modules
+sys.path.insert(0, ROOT)
+
 import numpy as np
 from PIL import Image, ImageDraw
 
 import data
 import fid
+import plumbing
+import weights
 
 # Stage-1 switches of each variant (train.py flags); stage 2 and the generator are the same for all.
 VARIANTS = {"bidirectional": ["--decoder", "bidirectional"], "no_prefix": ["--no-prefix"],
@@ -49,6 +54,12 @@ METRICS = (  # (result key, what it is), in the order of the table
 )
 CHART = ("psnr", "loss", "acc", "image_acc")
 COLOURS = ((150, 150, 150), (86, 180, 233), (230, 159, 0), (0, 114, 178))
+
+
+def script(name):
+    """The path of a pipeline script, relative to the current folder where that is shorter (printed commands)."""
+    path = os.path.join(ROOT, name)
+    return min(path, os.path.relpath(path), key=len)
 
 
 def last_heldout(metrics_path):
@@ -79,13 +90,13 @@ def train_variant(variant, seed, args, budget):
                "ar/generator.pt")]
     for out, flags, steps, final in stages:
         if not os.path.exists(os.path.join(folder, final)):  # a finished stage is not started again
-            run([sys.executable, "train.py", *flags, "--out", out, "--steps", str(steps), *common], args.out,
+            run([sys.executable, script("train.py"), *flags, "--out", out, "--steps", str(steps), *common], args.out,
                 args.threads)
     result = heldout_numbers(variant, seed, folder)
     if args.net is not None:
         result |= sample_scores(folder, seed, args, budget)
     result["minutes"] = (time.time() - t0) / 60
-    data.save_json(result_path, result)
+    plumbing.save_json(result_path, result)
     return result
 
 
@@ -102,12 +113,12 @@ def heldout_numbers(variant, seed, folder):
 def sample_scores(folder, seed, args, budget):
     """FID and IS of budget["samples"] samples of the run's generator against as many held-out images."""
     n, samples = budget["samples"], os.path.join(folder, "samples.npz")
-    run([sys.executable, "sample.py", "--ckpt", os.path.join(folder, "ar", "generator.pt"), "--npz", str(n), "--out",
+    run([sys.executable, script("sample.py"), "--ckpt", os.path.join(folder, "ar", "generator.pt"), "--npz", str(n), "--out",
          samples, "--seed", str(seed)], args.out, args.threads)
     size = int(np.load(samples)["arr_0"].shape[1])
     _, heldout = data.heldout_split(args.data, size, seed=seed, n_heldout=n)
     real = data.heldout_images(heldout)[0].permute(0, 2, 3, 1).numpy()        # N, S, S, 3
-    data.save_npz(os.path.join(folder, "heldout.npz"), arr_0=real)
+    plumbing.save_npz(os.path.join(folder, "heldout.npz"), arr_0=real)
     scores = fid.evaluate(os.path.join(folder, "heldout.npz"), samples, args.net)
     return {"fid": scores["fid"], "inception_score": scores["inception_score"]}
 
@@ -154,7 +165,7 @@ def table(summary, budget):
 
 def bar_chart(summary, path, panel=(420, 320), margin=40):
     """One panel per CHART metric: a bar per variant at its mean, an error bar of one std, the value above."""
-    variants, small, big = list(summary), data.font(13), data.font(15)
+    variants, small, big = list(summary), plumbing.font(13), plumbing.font(15)
     image = Image.new("RGB", (panel[0] * len(CHART), panel[1]), "white")
     draw = ImageDraw.Draw(image)
     for k, key in enumerate(CHART):
@@ -174,7 +185,7 @@ def bar_chart(summary, path, panel=(420, 320), margin=40):
             draw.text((left, high - 18), f"{s['mean']:.3g}", fill="black", font=small)
             draw.text((left, base + 6), variant, fill="black", font=small)
         draw.line((left0, base, left0 + panel[0] - margin, base), fill="black")
-    data.atomic_write(path, lambda f: image.save(f, format="PNG"))
+    plumbing.atomic_write(path, lambda f: image.save(f, format="PNG"))
 
 
 def run_threads(jobs, n_runs, cores):
@@ -207,10 +218,10 @@ def main(args):
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:  # each worker waits on its train.py
         results = list(pool.map(lambda pair: train_variant(*pair, args, budget), pairs))
     summary = summarize(results)
-    data.save_json(os.path.join(args.out, "ablation.json"),
+    plumbing.save_json(os.path.join(args.out, "ablation.json"),
                    {"data": args.data, "seeds": args.seeds, "budget": budget, "summary": summary, "runs": results,
                     "minutes_this_call": (time.time() - t0) / 60})
-    data.atomic_write(os.path.join(args.out, "ablation.md"), lambda f: f.write(table(summary, budget)), mode="w")
+    plumbing.atomic_write(os.path.join(args.out, "ablation.md"), lambda f: f.write(table(summary, budget)), mode="w")
     bar_chart(summary, os.path.join(args.out, "ablation.png"))
     print(table(summary, budget), flush=True)
     print(f"wrote {args.out}/ablation.json, ablation.md, ablation.png")
@@ -226,7 +237,7 @@ def build_parser():
     p.add_argument("--steps", type=int, nargs=3, metavar=("S1", "S2", "AR"), help="steps per stage")
     p.add_argument("--n-images", type=int, default=None, help="training images (default: all; quick: 64)")
     p.add_argument("--inception", default=None, metavar="PATH", help=f"FID Inception weights for rFID, FID and IS "
-                   f"(default: the cached {data.INCEPTION_WEIGHTS} if present)")
+                   f"(default: the cached {weights.INCEPTION_WEIGHTS} if present)")
     p.add_argument("--report", action="store_true", help="train nothing: the table and chart of the runs that have "
                    "finished among the variants and seeds asked for")
     p.add_argument("--jobs", type=int, default=1, help="(variant, seed) runs trained at once (default 1)")
@@ -235,4 +246,4 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    sys.exit(data.cli(main, build_parser().parse_args()))
+    sys.exit(plumbing.cli(main, build_parser().parse_args()))

@@ -21,11 +21,14 @@ import resource
 import sys
 import time
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository: the pipeline's modules
+sys.path.insert(0, ROOT)
+
 import numpy as np
 import torch
 
-import data
 import fid
+import plumbing
 from alitok import (Generator, Tokenizer, compile_decode, ffn_hidden, generator_config, hold_weights,
                     tokenizer_config)
 
@@ -336,4 +339,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(data.cli(main))
+    sys.exit(plumbing.cli(main))

@@ -14,16 +14,27 @@ import subprocess
 import sys
 import time
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository: the pipeline's modules
+sys.path.insert(0, ROOT)
+
 import numpy as np
 import torch
 
 import alitok
 import data
 import fid
+import plumbing
+import weights
 
 # Steps per stage: the full demo, and a quick pass that only checks the pipeline runs (CI).
 SCHEDULES = {"full": dict(s1=1500, s2=600, ar=600, n_images=5000, samples=500, val=1000),
              "quick": dict(s1=30, s2=20, ar=30, n_images=256, samples=40, val=200)}
+
+
+def script(name):
+    """The path of a pipeline script, relative to the current folder where that is shorter (printed commands)."""
+    path = os.path.join(ROOT, name)
+    return min(path, os.path.relpath(path), key=len)
 
 
 def run(cmd, log):
@@ -103,19 +114,19 @@ def pipeline(args):
     common = ["--n-images", str(sched["n_images"]), "--resume", *seed] + (["--no-progress"] if args.quick else [])
     common += ["--offline"] if args.offline else []
     s1, s2, ar = (os.path.join(out, d) for d in ("stage1", "stage2", "ar"))
-    run([py, "train.py", "--stage", "1", "--out", s1, "--steps", str(sched["s1"]), *common], log)
-    run([py, "train.py", "--stage", "2", "--init", f"{s1}/ckpt.pt", "--out", s2, "--steps", str(sched["s2"]),
+    run([py, script("train.py"), "--stage", "1", "--out", s1, "--steps", str(sched["s1"]), *common], log)
+    run([py, script("train.py"), "--stage", "2", "--init", f"{s1}/ckpt.pt", "--out", s2, "--steps", str(sched["s2"]),
          *common], log)
-    run([py, "train.py", "--stage", "ar", "--tokenizer", f"{s2}/tokenizer.pt", "--out", ar, "--steps",
+    run([py, script("train.py"), "--stage", "ar", "--tokenizer", f"{s2}/tokenizer.pt", "--out", ar, "--steps",
          str(sched["ar"]), *common], log)
     gen = f"{ar}/generator.pt"
-    run([py, "sample.py", "--ckpt", gen, "--out", f"{out}/grid.png", *seed], log)
-    run([py, "sample.py", "--ckpt", gen, "--npz", str(sched["samples"]), "--out", f"{out}/samples.npz", *seed], log)
+    run([py, script("sample.py"), "--ckpt", gen, "--out", f"{out}/grid.png", *seed], log)
+    run([py, script("sample.py"), "--ckpt", gen, "--npz", str(sched["samples"]), "--out", f"{out}/samples.npz", *seed], log)
 
     print("scoring ...", flush=True)
     size = alitok.load_tokenizer(f"{s2}/tokenizer.pt").config.image_size
     real, real_labels = val_images(sched["val"], size)
-    data.save_npz(f"{out}/val.npz", arr_0=real, arr_1=real_labels)
+    plumbing.save_npz(f"{out}/val.npz", arr_0=real, arr_1=real_labels)
     smp = np.load(f"{out}/samples.npz")
     agree, real_agree = class_agreement(smp["arr_0"], smp["arr_1"], real, real_labels)
     gen_log = last_record(f"{ar}/metrics.jsonl")
@@ -126,7 +137,7 @@ def pipeline(args):
     tokenizers = {"stage1": f"{s1}/ckpt.pt", "stage2": f"{s2}/tokenizer.pt"}
     metrics |= inception_scores(args, out, tokenizers, f"{out}/samples.npz")
     metrics["minutes"] = (time.time() - t0) / 60
-    data.save_json(f"{out}/metrics.json", metrics)
+    plumbing.save_json(f"{out}/metrics.json", metrics)
     print(json.dumps(metrics, indent=2))
     print(f"pictures: {s1}/latest.png {s2}/latest.png {out}/grid.png; metrics: {out}/metrics.json")
 
@@ -136,8 +147,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     p.add_argument("--inception", default=None, help=f"FID Inception weights, for rFID, FID and IS (default: the "
-                   f"torch hub cache's {data.INCEPTION_WEIGHTS}, downloaded on first use)")
-    p.add_argument("--offline", action="store_true", help=f"never download (as {data.OFFLINE_ENV}=1): without the "
+                   f"torch hub cache's {weights.INCEPTION_WEIGHTS}, downloaded on first use)")
+    p.add_argument("--offline", action="store_true", help=f"never download (as {weights.OFFLINE_ENV}=1): without the "
                    f"cached Inception file the demo reports everything but rFID / FID / IS")
     p.add_argument("--seed", type=int, default=0, help="seed of every training and sampling step (default 0)")
     p.add_argument("--quick", action="store_true", help="a few steps per stage: checks the pipeline, learns little")
@@ -145,4 +156,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(data.cli(main))
+    sys.exit(plumbing.cli(main))

@@ -1,0 +1,210 @@
+"""A run's plumbing, shared by train.py, sample.py, fid.py and the tools: files written atomically, torchrun
+processes, the run-folder lock, stop signals, one-line errors, and pictures (image grids, metric curves).
+
+Nothing here is the paper's method; it is what keeps a long run from losing work or failing silently.
+"""
+import fcntl
+import json
+import math
+import os
+import signal
+import socket
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw, ImageFont
+
+
+# ----------------------------------------------------------------------------------------------------
+# Files written atomically, processes under torchrun, locks, signals, errors
+# ----------------------------------------------------------------------------------------------------
+
+def atomic_write(path, write, mode="wb"):
+    """Call write(file) on a temporary file beside `path`, then rename it: readers see the old file or the
+    whole new one, never half of one (a kill or a full disk leaves `path` as it was)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_checkpoint(obj, path):
+    """torch.save(obj) to path atomically."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def save_npz(path, **arrays):
+    """An uncompressed npz written atomically (a file object stops numpy appending ".npz" to the name)."""
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def save_json(path, obj):
+    """JSON (indented) written atomically."""
+    atomic_write(path, lambda f: json.dump(obj, f, indent=2), mode="w")
+
+
+def is_distributed():
+    """True under an initialised torch.distributed process group (torchrun)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier():
+    """dist.barrier() under torchrun, else nothing."""
+    if is_distributed():
+        dist.barrier()
+
+
+def setup_distributed(device=None):
+    """(rank, world, device): init torch.distributed under torchrun (nccl on GPU, gloo on CPU).
+    device: a torch device string; default cuda (this process's LOCAL_RANK) if available, else cpu."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not is_distributed():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return (dist.get_rank() if world > 1 else 0), world, device
+
+
+def autocast(device, precision):
+    """Autocast to bfloat16 on `device` (cpu or cuda) for precision "bf16", a no-op for "fp32"."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def to_uint8(images, rounding="round"):
+    """float [B, 3, H, W] in [0, 1] -> uint8 numpy [B, H, W, 3]. rounding "round" (pictures) or "truncate"
+    (the original code's evaluation batches: (x.clamp(0, 1) * 255).to(uint8))."""
+    x = images.detach().float().clamp(0, 1).mul(255)
+    x = x.round() if rounding == "round" else x
+    return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+class RunFolderLock:
+    """Hold a run folder for this process: a second live run on it is refused with the holder's pid and host.
+    The lock is an flock on <folder>/.lock, which the kernel drops when its process dies, so a killed run
+    leaves nothing that blocks its own --resume."""
+
+    def __init__(self, folder):
+        self.path, self.file = os.path.join(folder, ".lock"), None
+
+    def __enter__(self):
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise ValueError(f"{os.path.dirname(self.path)} is in use by a live run ({holder}): wait for it to "
+                             f"finish or stop it, or choose another --out") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+
+
+class StopSignals:
+    """Turn SIGTERM (what a cluster scheduler sends before preempting a job) and SIGINT (Ctrl-C) into a
+    request that the training loop honours between steps; a second signal of a kind stops at once."""
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+        self.signals, self.received, self._old = signals, None, {}
+
+    def _handle(self, signum, frame):
+        if self.received == signum:                         # asked twice: the user means it
+            signal.signal(signum, self._old[signum])
+            signal.raise_signal(signum)
+        self.received = signum
+
+    def __enter__(self):
+        self._old = {s: signal.signal(s, self._handle) for s in self.signals}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+    @property
+    def name(self):
+        """The received signal's name (e.g. "SIGTERM"), or None."""
+        return None if self.received is None else signal.Signals(self.received).name
+
+
+def cli(main, *args):
+    """Run an entry point's main(*args): errors of bad input (missing or unreadable files, wrong layouts,
+    out-of-range values) end as one "error: ..." line and exit status 2, not a traceback."""
+    try:
+        return main(*args)
+    except (OSError, ValueError, FloatingPointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pictures: image grids and metric curves
+# ----------------------------------------------------------------------------------------------------
+
+def save_grid(images, path, nrow=8, padding=2, min_side=128):
+    """Save float [B, 3, H, W] in [0, 1] as a PNG grid: nrow images per row, `padding` black px around each;
+    images smaller than min_side px are enlarged by a whole factor (nearest neighbour) so a person can see them."""
+    x = to_uint8(images)
+    zoom = max(1, -(-min_side // min(x.shape[1:3])))
+    x = x.repeat(zoom, axis=1).repeat(zoom, axis=2)
+    b, h, w, _ = x.shape
+    rows, cols = -(-b // nrow), min(nrow, b)
+    grid = np.zeros((rows * (h + padding) + padding, cols * (w + padding) + padding, 3), np.uint8)
+    for i in range(b):
+        top, left = padding + (i // nrow) * (h + padding), padding + (i % nrow) * (w + padding)
+        grid[top:top + h, left:left + w] = x[i]
+    atomic_write(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
+
+
+def font(size):
+    """PIL's default font at `size` px where this Pillow scales it (10.1+), else its fixed bitmap font."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def save_curves(path, records, keys, panel=(360, 220), margin=44):
+    """A PNG of metric curves: one panel per key of `keys` found in the records (dicts with "step"), the value
+    against the step as a line, with its first, last, lowest and highest values written beside it."""
+    series = {k: [(r["step"], r[k]) for r in records if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])]
+              for k in keys}
+    series = {k: v for k, v in series.items() if len(v) >= 2}
+    if not series:
+        return
+    cols = min(3, len(series))
+    image = Image.new("RGB", (panel[0] * cols, panel[1] * -(-len(series) // cols)), "white")
+    draw, small = ImageDraw.Draw(image), font(12)
+    for i, (key, points) in enumerate(series.items()):
+        x0, y0 = (i % cols) * panel[0] + margin, (i // cols) * panel[1] + 24
+        w, h = panel[0] - margin - 12, panel[1] - 24 - 30
+        steps, values = zip(*points)
+        lo, hi = min(values), max(values)
+        scale = lambda v: y0 + h - (v - lo) / ((hi - lo) or 1.0) * h
+        xs = lambda s: x0 + (s - steps[0]) / ((steps[-1] - steps[0]) or 1) * w
+        draw.rectangle((x0, y0, x0 + w, y0 + h), outline=(180, 180, 180))
+        draw.line([(xs(s), scale(v)) for s, v in points], fill=(0, 114, 178), width=2)
+        draw.text((x0, y0 - 18), f"{key}: {values[0]:.4g} -> {values[-1]:.4g}", fill="black", font=small)
+        draw.text((x0 - margin + 2, y0), f"{hi:.3g}", fill="black", font=small)
+        draw.text((x0 - margin + 2, y0 + h - 12), f"{lo:.3g}", fill="black", font=small)
+        draw.text((x0, y0 + h + 4), f"step {steps[0]}", fill="black", font=small)
+        draw.text((x0 + w - 70, y0 + h + 4), f"step {steps[-1]}", fill="black", font=small)
+    atomic_write(path, lambda f: image.save(f, format="PNG"))
