@@ -18,7 +18,7 @@ PY := $(if $(filter 1,$(IN_ENV)),$(PYTHON),.venv/bin/python)
 # torch held at the installed version; nothing at all when everything imports already.
 TORCH_PIN = $$($(PY) -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" 2>/dev/null)
 install: $(if $(filter 1,$(IN_ENV)),,.venv/bin/python)
-	@$(PY) -c "import torch, numpy, PIL, tqdm, pytest" 2>/dev/null || { \
+	@$(PY) -c "import torch, numpy, PIL, scipy, tqdm, pytest" 2>/dev/null || { \
 	  $(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q --no-index --no-deps torch 2>/dev/null; \
 	  $(PY) -m pip install -q -r requirements.txt $(TORCH_PIN); }
 
