@@ -4,10 +4,13 @@ Read beside "AliTok: Towards Sequence Modeling Alignment between Tokenizer and A
 (arXiv 2506.05289). Sections follow the paper: configurations, the tokenizer (encoder, quantizer, the
 causal stage-1 and bidirectional stage-2 decoders), the autoregressive generator with its rotary layout,
 KV-cached sampling with the power-cosine guidance schedule, and loading of the released weights.
+
+This file is the model and nothing else: plain nn.Linear products, the skip connections where the paper has
+them, one KV cache. What makes it fast on some hardware (packed CPU products, weights held in bfloat16,
+compiled decoding) is applied to a built model by speed.py; the tests hold the two equal.
 """
 import math
 import os
-import weakref
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
@@ -147,39 +150,6 @@ def generator_config(preset="B", tokenizer=None, **overrides):
 # Tokenizer transformer blocks (Sec. 3, tokenizer architecture; TiTok-style ViT, pre-norm)
 # ----------------------------------------------------------------------------------------------------
 
-_packed = weakref.WeakKeyDictionary()   # first nn.Linear -> (versions of the weights, their packed copy)
-
-
-def linear(x, *layers, residual=None):
-    """x times each layer's weights, in the dtype they are held in (see hold_weights): x is cast, the weights
-    never are. Several layers: a tuple of their outputs (SwiGLU's two input products). residual: added to
-    the output (a skip connection; one layer only). Layers are all with or all without bias.
-
-    Without autograd on a CPU, large weights are read from a copy in oneDNN's blocked layout, made once per
-    weight version, several layers' weights stacked into one product, a float32 residual added inside it:
-    skinny products (a decode step multiplies 8 to 64 rows) run about twice as fast from that layout as
-    from the plain one, which MKL re-packs at every call.
-    """
-    w, x = layers[0].weight, x.to(layers[0].weight.dtype)
-    if (x.device.type != "cpu" or torch.is_grad_enabled() or w.numel() < 2 ** 18    # small: MKL runs them well
-            or torch.compiler.is_compiling() or not torch.backends.mkldnn.is_available()):
-        ys = tuple(F.linear(x, m.weight, m.bias) for m in layers)
-    else:
-        key = tuple((m.weight.data_ptr(), m.weight._version, m.weight.dtype) for m in layers)
-        entry = _packed.get(layers[0])
-        if entry is None or entry[0] != key:
-            stacked = torch.cat([m.weight.detach() for m in layers]) if len(layers) > 1 else w.detach()
-            entry = _packed[layers[0]] = (key, torch.ops.mkldnn._reorder_linear_weight(stacked, 8))
-        bias = layers[0].bias if len(layers) == 1 or layers[0].bias is None else torch.cat([m.bias for m in layers])
-        if residual is not None and residual.dtype == w.dtype:
-            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, entry[1], bias, "add")
-        y = torch.ops.mkldnn._linear_pointwise(x, entry[1], bias, "none", [], "")
-        ys = y.split([m.out_features for m in layers], -1) if len(layers) > 1 else (y,)
-    if len(ys) > 1:
-        return ys
-    return ys[0] if residual is None else residual + ys[0]
-
-
 class Attention(nn.Module):
     """Multi-head attention with one packed [q | k | v] projection (names follow the released weights)."""
 
@@ -191,10 +161,12 @@ class Attention(nn.Module):
 
     def forward(self, x, causal=False):
         B, T, C = x.shape
-        q, k, v = linear(x, self.in_proj).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        # Attention in float32 whatever the autocast dtype, as the released code does.
+        q, k, v = self.in_proj(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        # q, k, v in float32, as the released code casts them: outside autocast attention runs in float32.
+        # Under autocast scaled_dot_product_attention is one of autocast's lower-precision ops, so there it runs
+        # in the autocast dtype whatever its inputs (in the released code as here).
         y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal)
-        return linear(y.to(x.dtype).transpose(1, 2).reshape(B, T, C), self.out_proj)
+        return self.out_proj(y.to(x.dtype).transpose(1, 2).reshape(B, T, C))
 
 
 class MLP(nn.Module):
@@ -204,7 +176,7 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * width, width)
 
     def forward(self, x):
-        return linear(F.gelu(linear(x, self.c_fc)), self.c_proj)
+        return self.c_proj(F.gelu(self.c_fc(x)))
 
 
 class Block(nn.Module):
@@ -219,7 +191,7 @@ class Block(nn.Module):
 
 
 def conv1x1(x, conv):
-    """A 1x1 Conv2d applied per token: [B, T, C_in] -> [B, T, C_out]."""
+    """A 1x1 Conv2d applied per token: [B, T, C_in] -> [B, T, C_out] (the released heads are convolutions)."""
     return F.linear(x, conv.weight[:, :, 0, 0], conv.bias)
 
 
@@ -248,10 +220,10 @@ class Encoder(nn.Module):
 
     def forward(self, images, latent_tokens):
         """images [B, 3, H, W] in [0, 1], latent_tokens [T, W] -> continuous latents z [B, T, codebook_dim]."""
-        B = images.shape[0]
-        patches = self.patch_embed(images).flatten(2).transpose(1, 2) + self.positional_embedding  # B, N, W
+        B, dtype = images.shape[0], self.patch_embed.weight.dtype
+        patches = self.patch_embed(images.to(dtype)).flatten(2).transpose(1, 2) + self.positional_embedding
         latents = (latent_tokens + self.latent_token_positional_embedding).expand(B, -1, -1)
-        x = self.ln_pre(torch.cat([patches, latents.to(patches.dtype)], dim=1))
+        x = self.ln_pre(torch.cat([patches, latents.to(patches.dtype)], dim=1))    # B, N + T, W
         for block in self.transformer:
             x = block(x)
         x = self.ln_post(x[:, patches.shape[1]:])
@@ -306,7 +278,7 @@ class VectorQuantizer(nn.Module):
         with torch.autocast(z.device.type, enabled=False):
             z = z.float()
             codes = self.nearest_codes(z)
-            zq = self.embedding(codes)
+            zq = F.embedding(codes, self.embedding.weight.float())
             loss = 0.25 * F.mse_loss(z, zq.detach()) + F.mse_loss(zq, z.detach())
             if self.training and hasattr(self, "embed_prob"):
                 self.cluster_update_(z.detach())
@@ -354,7 +326,7 @@ class Decoder(nn.Module):
     def forward(self, zq):
         """Quantized latents [B, T, D] -> (image [B, 3, H, W] in [0, 1], aux strip [B, 3, P, (1+grid)*P] or None)."""
         cfg, B = self.cfg, zq.shape[0]
-        x = self.decoder_embed(zq)
+        x = self.decoder_embed(zq.to(self.decoder_embed.weight.dtype))
         x = torch.cat([self.class_embedding.expand(B, -1, -1).to(x.dtype), x], dim=1)
         x = self.ln_pre(x + self.latent_token_positional_embedding)
         for block in self.transformer:
@@ -424,7 +396,7 @@ class Tokenizer(nn.Module):
 
     @torch.no_grad()
     def decode(self, codes):
-        """codes int64 [B, n_tokens] in [0, codebook_size) -> images float [B, 3, H, W] in [0, 1]."""
+        """codes int64 [B, n_tokens] in [0, codebook_size) -> images [B, 3, H, W] in [0, 1], the model's dtype."""
         return self.decoder(self.quantize.embedding(codes))[0]
 
 
@@ -453,26 +425,12 @@ def rotary_table(cfg: ARConfig):
     return torch.cat([torch.zeros(1, half, 2), table])
 
 
-def rotary_factors(rope):
-    """rope [T, D/2, 2] -> [T, 1, 1, D/2] complex: cos + i sin per sequence position and rotated pair."""
-    return torch.view_as_complex(rope.contiguous())[:, None, None]
-
-
-def apply_rotary(x, rot):
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, T, 2, H, D] (q and k) by the angles of rotary_factors.
-
-    Pair i, read as the complex number x[2i] + i x[2i+1], is multiplied by cos + i sin: it becomes
-    (x[2i] cos - x[2i+1] sin, x[2i+1] cos + x[2i] sin), as the released code computes it.
-    """
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * rot).flatten(-2).type_as(x)
-
-
-def rms_norm(x, weight, eps):
-    """x divided by its root mean square over the last dimension (in float32, back in x's dtype), times weight."""
-    if x.dtype == weight.dtype == torch.float32 and weight.shape == x.shape[-1:]:
-        return F.rms_norm(x, x.shape[-1:], weight, eps)     # the same values, one small operation fewer
-    return F.rms_norm(x.float(), x.shape[-1:], eps=eps).type_as(x) * weight
+def apply_rotary(x, rope):
+    """Rotate the interleaved pairs (x[2i], x[2i+1]) of x [B, T, H, D] by rope [T, D/2, 2] (cos, sin): pair i
+    becomes (x[2i] cos - x[2i+1] sin, x[2i+1] cos + x[2i] sin), in float32, as the released code."""
+    a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)         # B, T, H, D/2 each
+    cos, sin = rope[:, None, :, 0], rope[:, None, :, 1]        # T, 1, D/2
+    return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2).type_as(x)
 
 
 class RMSNorm(nn.Module):
@@ -481,35 +439,25 @@ class RMSNorm(nn.Module):
         self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return rms_norm(x, self.weight, self.eps)
+        """x divided by its root mean square over the last dimension, times weight, in float32, back in x's dtype."""
+        return F.rms_norm(x.float(), x.shape[-1:], self.weight.float(), self.eps).type_as(x)
 
 
 class KVCache(nn.Module):
     """One layer's keys and values for B sequences of up to T_max positions [B, H, T_max, D], written at explicit
-    positions; a step attends over the filled first n positions only (the whole, static cache when compiled)."""
+    positions (LlamaGen / gpt-fast)."""
 
     def __init__(self, batch, heads, max_len, head_dim, dtype, device):
         super().__init__()
         shape = (batch, heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        if self.k.is_cuda:      # written in place by captured CUDA graphs: their address must not move
-            for buffer in (self.k, self.v):
-                torch._dynamo.mark_static_address(buffer)
 
-    def update(self, pos, k, v):
-        """Write k, v [B, H, len(pos), D] at positions pos."""
-        if len(pos) == 1 and self.k.device.type == "cpu" and not torch.compiler.is_compiling():
-            self.k[:, :, int(pos)].copy_(k[:, :, 0])     # one eager CPU step: a plain copy, faster than index_copy_
-            self.v[:, :, int(pos)].copy_(v[:, :, 0])
-            return
+    def update(self, pos, k, v, length):
+        """Write k, v [B, H, len(pos), D] at positions pos; the keys and values of the first `length` positions."""
         self.k.index_copy_(2, pos, k.to(self.k.dtype))
         self.v.index_copy_(2, pos, v.to(self.v.dtype))
-
-    def attend(self, q, mask):
-        """Softmax attention of q [B, H, T, D] over the first n cache positions, plus the additive mask [T, n]."""
-        n, q = mask.shape[-1], q.to(self.k.dtype)
-        return F.scaled_dot_product_attention(q, self.k[:, :, :n], self.v[:, :, :n], attn_mask=mask.to(q.dtype))
+        return self.k[:, :, :length], self.v[:, :, :length]
 
 
 class SelfAttention(nn.Module):
@@ -519,29 +467,23 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
         self.q_norm, self.k_norm = RMSNorm(cfg.head_dim), RMSNorm(cfg.head_dim)
         self.proj = nn.Linear(cfg.width, cfg.width)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
         self.cache = None
 
-    def forward(self, x, residual, rope, pos=None, mask=None):
-        """residual + attention(x): x [B, T, C]; rope: rotary_factors for the T positions; pos: None (causal over
-        x) or the T cache positions x occupies, then the additive mask [T, n] (0 or -inf) covers the first n
-        cache positions."""
+    def forward(self, x, rope, pos=None, mask=None):
+        """x [B, T, C]; rope: the rotary table rows of the T positions. pos None: causal over x. Else x's T cache
+        positions, and mask [T, n] (True where a token may attend) over the first n cache positions."""
         B, T, C = x.shape
-        qkv = linear(x, self.qkv).view(B, T, 3, self.heads, self.head_dim)
-        # q and k normalised (each by its own weights, in float32) and rotated together: half the small
-        # operations per step
-        norms = torch.stack([self.q_norm.weight, self.k_norm.weight])[:, None]                 # 2, 1, D
-        q, k = apply_rotary(rms_norm(qkv[:, :, :2].float(), norms, self.q_norm.eps), rope).unbind(2)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, qkv[:, :, 2]))     # B, H, T, D
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, self.head_dim).unbind(2)
+        q, k = apply_rotary(self.q_norm(q), rope), apply_rotary(self.k_norm(k), rope)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))           # B, H, T, D
         if pos is None:
-            y = F.scaled_dot_product_attention(q, k, v.to(q.dtype), is_causal=True,
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)
         else:
-            self.cache.update(pos, k, v)
-            y = self.cache.attend(q, mask)
-        y = y.transpose(1, 2).reshape(B, T, C)
-        if self.training:
-            return residual + F.dropout(linear(y, self.proj), self.dropout, True)
-        return linear(y, self.proj, residual=residual)
+            k, v = self.cache.update(pos, k, v, mask.shape[-1])
+            y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask)
+        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C).to(x.dtype)))
 
 
 class SwiGLU(nn.Module):
@@ -551,14 +493,10 @@ class SwiGLU(nn.Module):
         self.w1 = nn.Linear(cfg.width, hidden, bias=False)
         self.w3 = nn.Linear(cfg.width, hidden, bias=False)
         self.w2 = nn.Linear(hidden, cfg.width, bias=False)
-        self.dropout = cfg.dropout
+        self.ffn_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, residual):
-        """residual + SwiGLU(x)."""
-        gate, up = linear(x, self.w1, self.w3)
-        if self.training:
-            return residual + F.dropout(linear(F.silu(gate) * up, self.w2), self.dropout, True)
-        return linear(F.silu(gate) * up, self.w2, residual=residual)
+    def forward(self, x):
+        return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
 
 
 class ARBlock(nn.Module):
@@ -568,8 +506,8 @@ class ARBlock(nn.Module):
         self.norm2, self.mlp = RMSNorm(cfg.width), SwiGLU(cfg)
 
     def forward(self, x, rope, pos=None, mask=None):
-        x = self.attn(self.norm1(x), x, rope, pos, mask)     # the skip connections: added inside the products
-        return self.mlp(self.norm2(x), x)
+        x = x + self.attn(self.norm1(x), rope, pos, mask)
+        return x + self.mlp(self.norm2(x))
 
 
 class Generator(nn.Module):
@@ -577,11 +515,11 @@ class Generator(nn.Module):
         super().__init__()
         self.config = cfg
         self.embeddings = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.token_dropout = nn.Dropout(cfg.token_dropout)
         self.blocks = nn.ModuleList(ARBlock(cfg) for _ in range(cfg.layers))
         self.norm = RMSNorm(cfg.width)
         self.output = nn.Linear(cfg.width, cfg.codebook_size)
         self.register_buffer("rope", rotary_table(cfg), persistent=False)
-        self.attend_block = 1   # decode steps attend to the filled cache rounded up to a multiple of this
         self.apply(self._init)
         nn.init.zeros_(self.output.weight)
 
@@ -592,25 +530,26 @@ class Generator(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
+    def _apply(self, fn, recurse=True):
+        """.to(), .half(), .cuda() as for any module, but the rotary table stays float32 (angles need its precision)."""
+        super()._apply(fn, recurse)
+        self.rope = rotary_table(self.config).to(self.rope.device)
+        return self
+
     def class_ids(self, classes):
         """Class indices [B] in [0, num_classes) (or -1 for the null class) -> vocabulary ids."""
-        check_classes(classes.tolist(), self.config.num_classes, allow_null=True)
         return torch.where(classes < 0, self.config.null_class, classes + self.config.codebook_size + 1)
 
     def run(self, ids, pos=None, length=None):
         """Token ids [B, T] -> logits [B, T, codebook] in float32. pos None: positions 0..T-1, causal, no cache.
         Else the T cache positions of ids; each token sees the cache up to itself within its first `length`."""
-        x = self.embeddings(ids)
-        if self.training:
-            x = F.dropout(x, self.config.token_dropout, True)
-        mask = None
-        if pos is not None:                                   # additive: 0 where a token sees a position, else -inf
-            later = torch.arange(length, device=ids.device) > pos[:, None]
-            mask = torch.zeros(later.shape, device=ids.device).masked_fill(later, float("-inf"))    # T, length
-        rope = rotary_factors(self.rope[:ids.shape[1]] if pos is None else self.rope[pos])
+        x = self.token_dropout(self.embeddings(ids))
+        rope, mask = self.rope[:ids.shape[1]], None
+        if pos is not None:
+            rope, mask = self.rope[pos], torch.arange(length, device=ids.device) <= pos[:, None]   # T, length
         for block in self.blocks:
             x = block(x, rope, pos, mask)
-        return linear(self.norm(x), self.output).float()
+        return self.output(self.norm(x)).float()
 
     def forward(self, codes, classes):
         """Teacher forcing: codes [B, T'] (T' <= n_tokens), classes [B] -> logits [B, T', codebook]; i predicts code i."""
@@ -623,16 +562,14 @@ class Generator(nn.Module):
     # ---------------- KV-cached sampling (Sec. 4, sampling with the power-cosine schedule) ----------------
 
     def setup_cache(self, batch, dtype=None):
-        """Preallocate every layer's KV cache for `batch` sequences of 1 + n_tokens positions (a cache of that
-        shape is kept: compiled decoding captured its address). dtype: float32 on a CPU, whose bfloat16
-        attention is slower than its float32 one, else the dtype the weights are held in."""
+        """Allocate every layer's KV cache for `batch` sequences of 1 + n_tokens positions (kept if one of that
+        shape and dtype is there). dtype: default the dtype of the key and value products' weights."""
         w = self.blocks[0].attn.qkv.weight
-        dtype = dtype or (torch.float32 if w.device.type == "cpu" else w.dtype)
         shape = (batch, self.config.heads, self.config.n_tokens + 1, self.config.head_dim)
         for block in self.blocks:
             cache = block.attn.cache
-            if cache is None or cache.k.dtype != dtype or cache.k.numel() != math.prod(shape):
-                block.attn.cache = KVCache(*shape, dtype, w.device)
+            if cache is None or cache.k.dtype != (dtype or w.dtype) or cache.k.shape != shape:
+                block.attn.cache = KVCache(*shape, dtype or w.dtype, w.device)
 
     def free_cache(self):
         """Drop every layer's KV cache."""
@@ -645,8 +582,13 @@ class Generator(nn.Module):
 
     def decode_one_token(self, ids, pos, length):
         """One new token [B, 1] at cache position pos (a 1-element long tensor), attending over the first
-        `length` > pos cache positions (later ones masked) -> logits [B, codebook]."""
+        `length` > pos cache positions -> logits [B, codebook]."""
         return self.run(ids, pos, length)[:, -1]
+
+    def decode_step(self, ids, pos, length, scale, u, temperature=1.0, top_k=0, top_p=1.0):
+        """One sampling step: decode_one_token, the guidance blend at `scale` (a 0-d tensor) when ids holds the
+        conditional and unconditional halves, then sample_token at uniforms u [B]. (codes [B], all logits finite)."""
+        return next_code(self.decode_one_token(ids, pos, length), scale, u, temperature, top_k, top_p)
 
     @torch.no_grad()
     def generate(self, classes, cfg_scale=None, cfg_power=None, temperature=1.0, top_k=0, top_p=1.0,
@@ -656,76 +598,52 @@ class Generator(nn.Module):
         Guidance follows the power-cosine schedule (cfg_schedule): the conditional and unconditional sequences
         run as one doubled batch; scale 1 runs no unconditional half. Randomness: one uniform per sample and
         step, from `seeds` (one int per sample: the result does not depend on batch composition) or else
-        from `generator`. temperature 0 means argmax.
+        from `generator`. temperature 0 means argmax. The KV caches stay allocated for the next call
+        (free_cache() releases them). Non-finite logits raise FloatingPointError naming the first such step.
         """
-        cfg = self.config
+        cfg, device = self.config, self.output.weight.device
         g = cfg.cfg_scale if cfg_scale is None else cfg_scale
         p = cfg.cfg_power if cfg_power is None else cfg_power
-        device = self.output.weight.device
-        classes = torch.as_tensor(classes, device=device).long()
-        B, T = len(classes), cfg.n_tokens
+        classes = torch.as_tensor(classes).long()
+        check_classes(classes.tolist(), cfg.num_classes, allow_null=True)
+        B, T, classes = len(classes), cfg.n_tokens, classes.to(device)
         u = sample_uniforms(B, T, generator, seeds).to(device)
+        scales = torch.tensor([cfg_schedule(s, T, g, p) for s in range(T)], device=device)
         ids = self.class_ids(classes)[:, None]
-        if g != 1.0:
+        if g != 1.0:                                           # the unconditional half: the null class
             ids = torch.cat([ids, torch.full_like(ids, cfg.null_class)])
         codes = torch.zeros(B, T, dtype=torch.long, device=device)
-        positions, block = torch.arange(T + 1, device=device), self.attend_block   # positions: no copy per step
+        finite = torch.ones(T, dtype=torch.bool, device=device)
+        positions = torch.arange(T + 1, device=device)
         self.setup_cache(len(ids))
-        logits = self.prefill(ids)
-        for s in range(T):
-            if g != 1.0:
-                cond, uncond = logits.chunk(2)
-                logits = uncond + cfg_schedule(s, T, g, p) * (cond - uncond)
-            codes[:, s] = sample_token(logits, u[:, s], temperature, top_k, top_p)
-            if s + 1 < T:
-                token = codes[:, s:s + 1].repeat(len(ids) // B, 1)
-                length = min(-(-(s + 2) // block) * block, T + 1)
-                logits = self.decode_one_token(token, positions[s + 1:s + 2], length)
-        if block == 1:                                         # compiled steps keep theirs: graphs hold its address
-            self.free_cache()
+        sampling = (temperature, top_k, top_p)
+        codes[:, 0], finite[0] = next_code(self.prefill(ids), scales[0], u[:, 0], *sampling)
+        for s in range(1, T):                                  # code s - 1 enters the cache at position s
+            token = codes[:, s - 1:s].repeat(len(ids) // B, 1)
+            codes[:, s], finite[s] = self.decode_step(token, positions[s:s + 1], s + 1, scales[s], u[:, s], *sampling)
+        if not bool(finite.all()):                             # one host sync per call, after the loop
+            step = int((~finite).nonzero()[0])
+            raise FloatingPointError(f"non-finite logits at sampling step {step} of {T} (guidance scale {g}, power "
+                                     f"{p}): the generator's weights or the guidance settings are broken")
         return codes
 
 
-def compile_decode(generator, block=None):
-    """torch.compile the one-token decode step; on a GPU each step replays a captured CUDA graph. Steps attend
-    over the filled cache rounded up to a multiple of `block` positions (default: the whole cache, one fixed
-    shape); a smaller block reads less of the cache at the price of one graph per shape. Callers pad batches
-    to one size."""
-    mode = "reduce-overhead" if generator.output.weight.device.type == "cuda" else None
-    step = torch.compile(generator.decode_one_token, mode=mode, fullgraph=True,
-                         dynamic=False if block is None else None)   # block: recompiled once, shapes symbolic
-
-    def decode_one_token(ids, pos, length):
-        torch.compiler.cudagraph_mark_step_begin()     # the last step's logits are used up: its buffers may be reused
-        return step(ids, pos, length)
-    generator.attend_block, generator.decode_one_token = block or generator.rope.shape[0], decode_one_token
-    return generator
-
-
-def hold_weights(model, dtype):
-    """Hold the matmul weights of every transformer block (Generator and Tokenizer) in dtype, cast once: bfloat16
-    halves what each step reads. Norms, embeddings, output heads and the rotary table stay float32; linear()
-    casts each product's input; the residual stream, logits, guidance and sampling stay float32 (attention
-    runs in the KV cache's dtype: float32 on a CPU, the weights' on a GPU)."""
-    for block in model.modules():
-        if isinstance(block, (Block, ARBlock)):
-            for layer in block.modules():
-                if isinstance(layer, nn.Linear):
-                    layer.to(dtype)
-    return model
-
-
-def check_classes(classes, num_classes, allow_null=False):
-    """Raise ValueError unless every class index lies in [0, num_classes) (or is -1, the null class, if allowed)."""
-    bad = [c for c in classes if not (0 <= c < num_classes or (allow_null and c == -1))]
-    if bad:
-        raise ValueError(f"class indices must lie in [0, {num_classes}) for this generator"
-                         f"{' (-1 = unconditional)' if allow_null else ''}; got {bad[:8]}")
-
+# ----------------------------------------------------------------------------------------------------
+# Sampling (Sec. 4): the power-cosine guidance schedule and multinomial sampling by inverse CDF
+# ----------------------------------------------------------------------------------------------------
 
 def cfg_schedule(step, n_steps, scale, power):
     """Guidance scale at step in [0, n_steps): 1 + (scale - 1) * (1 - cos(pi * (step / n_steps) ** power)) / 2."""
     return 1 + (scale - 1) * (1 - math.cos(math.pi * (step / n_steps) ** power)) / 2
+
+
+def next_code(logits, scale, u, temperature=1.0, top_k=0, top_p=1.0):
+    """The guidance blend uncond + scale * (cond - uncond) of logits [2B, V] (halves: conditional, unconditional;
+    [B, V] without guidance), then one code per row at uniforms u [B]; (codes [B], whether all logits are finite)."""
+    if len(logits) == 2 * len(u):
+        cond, uncond = logits.chunk(2)
+        logits = uncond + scale * (cond - uncond)
+    return sample_token(logits, u, temperature, top_k, top_p), torch.isfinite(logits).all()
 
 
 def sample_uniforms(batch, n_steps, generator=None, seeds=None):
@@ -752,12 +670,21 @@ def sample_token(logits, u, temperature=1.0, top_k=0, top_p=1.0):
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
     cdf = probs.cumsum(-1)
     idx = torch.searchsorted(cdf, (u.to(cdf) * cdf[:, -1]).unsqueeze(1), right=True)
-    return idx.squeeze(1).clamp_max(logits.shape[-1] - 1)
+    return idx.squeeze(1).clamp_max(logits.shape[-1] - 1)     # u * total can round to the total itself
+
+
+def check_classes(classes, num_classes, allow_null=False):
+    """Raise ValueError unless every class index lies in [0, num_classes) (or is -1, the null class, if allowed)."""
+    bad = [c for c in classes if not (0 <= c < num_classes or (allow_null and c == -1))]
+    if bad:
+        raise ValueError(f"class indices must lie in [0, {num_classes}) for this generator"
+                         f"{' (-1 = unconditional)' if allow_null else ''}; got {bad[:8]}")
 
 
 # ----------------------------------------------------------------------------------------------------
 # Loading: released weights and this project's checkpoints, strictly
 # ----------------------------------------------------------------------------------------------------
+
 
 def read_checkpoint(path, what="checkpoint"):
     """torch.load a weight file onto the CPU (weights_only); FileNotFoundError or ValueError saying what

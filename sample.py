@@ -21,6 +21,7 @@ examples:
 """
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -33,7 +34,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import plumbing
-from alitok import check_classes, compile_decode, hold_weights, load_generator, load_tokenizer, read_checkpoint
+import speed
+from alitok import check_classes, load_generator, load_tokenizer, read_checkpoint
 
 SEED_STRIDE = 1_000_003  # above any sample count: seeds of two base seeds never coincide (N < 1,000,003)
 IMAGENET_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)  # DiT's sample.py selection (retriever, otter, ...)
@@ -54,9 +56,10 @@ def read_weights(path, what):
     return read_checkpoint(path, what)
 
 
-def load_models(gen_path, tok_path=None, device="cpu", precision="fp32"):
-    """(generator, tokenizer, tokenizer source) on device, eval mode; bf16 holds both models' block weights in
-    bfloat16. The tokenizer: tok_path, else the one the generator checkpoint carries (train.py writes its path)."""
+def load_models(gen_path, tok_path=None, device="cpu", precision="fp32", compile=False):
+    """(generator, tokenizer, tokenizer source) on device, eval mode, through speed.for_inference (bf16: both
+    models' block weights held in bfloat16; compile: the generator's sampling step compiled). The tokenizer:
+    tok_path, else the one the generator checkpoint carries (train.py writes its path)."""
     ckpt = read_weights(gen_path, "generator checkpoint")
     generator = load_generator(ckpt)
     source = tok_path or (ckpt.get("tokenizer") if isinstance(ckpt, dict) else None)
@@ -76,9 +79,18 @@ def load_models(gen_path, tok_path=None, device="cpu", precision="fp32"):
         raise ValueError(f"generator and tokenizer do not fit: the generator samples {g.n_prefix} + {g.grid}^2 "
                          f"tokens from {g.codebook_size} codes, the tokenizer decodes {t.n_prefix} + {t.grid}^2 "
                          f"from {t.codebook_size}")
-    if precision == "bf16":
-        hold_weights(generator, torch.bfloat16), hold_weights(tokenizer, torch.bfloat16)
-    return generator.to(device), tokenizer.to(device), source
+    generator = speed.for_inference(generator.to(device), precision, compile)
+    return generator, speed.for_inference(tokenizer.to(device), precision), source
+
+
+def default_batch(cfg, device, precision):
+    """--batch-size's default: 32 on a CPU; on a GPU the largest power of two <= 256 whose KV cache (both guidance
+    halves, every layer) takes at most a quarter of the free memory."""
+    if device.type != "cuda":
+        return 32
+    free, _ = torch.cuda.mem_get_info(device)
+    per_sample = 2 * 2 * cfg.layers * (cfg.n_tokens + 1) * cfg.width * (2 if precision == "bf16" else 4)
+    return max(1, min(256, 2 ** int(math.log2(max(1, free / 4 / per_sample)))))
 
 
 def default_classes(num_classes):
@@ -209,14 +221,15 @@ def build_parser():
     add("--top-k", type=int, default=0, help="sample among the k most likely codes; 0 = all (default)")
     add("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]; 1 = off (default)")
     add("--seed", type=int, default=0, help="base seed: sample i uses seed * 1000003 + i (default 0)")
-    add("--batch-size", type=int, default=32, help="samples per forward pass and process (default 32)")
+    add("--batch-size", type=int, help="samples per forward pass and process (default: 32 on a CPU; on a GPU the "
+        "largest power of two up to 256 whose KV cache takes at most a quarter of the free memory)")
     add("--device", help="torch device (default: cuda if available, else cpu)")
     add("--precision", choices=("fp32", "bf16"), default="fp32", help="fp32 (default; TF32 matmuls on a GPU) is "
         "the paper's evaluation setting. bf16 holds the block weights in bfloat16: faster, samples statistically "
         "the same but not equal, and not the paper's setting")
-    add("--compile", action="store_true", help="torch.compile the decode step (batches are padded to "
-        "--batch-size); for GPUs (CUDA graphs): on a CPU it ran float32 about 1.8x slower than eager and "
-        "bf16 about 5 %% faster, after half a minute of compiling")
+    add("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the whole sampling step (batches "
+        "are padded to --batch-size; CUDA graphs on a GPU). Default: on for CUDA, off on a CPU, where compiling "
+        "costs more than it saves for a few hundred images")
     add("--out", help="output file (default: out/<ckpt name>_grid.png, or out/<ckpt name>_<N>.npz with --npz); "
         "the settings and speed go beside it as .json")
     return p
@@ -226,7 +239,7 @@ def check_args(p, args, world):
     """parser.error on arguments that cannot work, before any model is loaded."""
     if world > 1 and not args.npz:
         p.error("torchrun (WORLD_SIZE > 1) is for --npz only")
-    for name, ok in (("--per-class", args.per_class >= 1), ("--batch-size", args.batch_size >= 1),
+    for name, ok in (("--per-class", args.per_class >= 1), ("--batch-size", args.batch_size is None or args.batch_size >= 1),
                      ("--npz", args.npz is None or args.npz >= 1), ("--temperature", args.temperature >= 0),
                      ("--seed", args.seed >= 0), ("--shard-size", args.shard_size >= 1),
                      ("--top-k", args.top_k >= 0), ("--top-p", 0 < args.top_p <= 1)):
@@ -257,12 +270,12 @@ def main(argv=None):
     check_args(p, args, int(os.environ.get("WORLD_SIZE", 1)))
     rank, world, device = plumbing.setup_distributed(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as the paper's evaluation ran
-    generator, tokenizer, tok_source = load_models(args.ckpt, args.tokenizer, device, args.precision)
+    args.compile = device.type == "cuda" if args.compile is None else args.compile
+    generator, tokenizer, tok_source = load_models(args.ckpt, args.tokenizer, device, args.precision, args.compile)
     cfg = generator.config
+    args.batch_size = args.batch_size or default_batch(cfg, device, args.precision)
     classes = args.classes or (list(range(cfg.num_classes)) if args.npz else default_classes(cfg.num_classes))
     check_classes(classes, cfg.num_classes)
-    if args.compile:
-        compile_decode(generator)
     stem = os.path.splitext(os.path.basename(args.ckpt))[0]
     args.out = args.out or (f"out/{stem}_{args.npz}.npz" if args.npz else f"out/{stem}_grid.png")
     record = os.path.splitext(args.out)[0] + ".json"

@@ -38,6 +38,7 @@ import fid
 import perceptual as P
 import plumbing
 import sample as S
+import speed
 import train
 import weights
 from tools import ablation, bench, demo
@@ -329,19 +330,24 @@ def test_cfg_schedule_rises_from_one_to_scale():
 
 
 def test_out_of_range_classes_raise():
+    """generate() checks its classes once; training data are checked where they are read (CodesDataset)."""
     gen = tiny_generator()
     with pytest.raises(ValueError, match=r"class indices must lie in \[0, 10\)"):
-        gen(torch.zeros(1, 73, dtype=torch.long), torch.tensor([10]))
+        gen.generate(torch.tensor([10]), cfg_scale=2.0)
     with pytest.raises(ValueError, match="got"):
         gen.generate(torch.tensor([3, -5]), cfg_scale=1.0)
 
 
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "speed"])
 @pytest.mark.parametrize("shape", ["tiny", "B-width"])
-def test_cached_logits_equal_full_forward(shape):
+def test_cached_logits_equal_full_forward(shape, fast):
     """prefill + decode_one_token give the full forward's logits at every position, CFG batch included, attending
-    over exactly the filled cache or the whole static one."""
+    over exactly the filled cache or the whole static one; also with speed.for_inference's swapped products
+    (packed on a CPU at B's width) and cache writes."""
     kw = {} if shape == "tiny" else dict(width=768, heads=16, layers=2, n_prefix=5, grid=4, codebook_size=512)
     gen = tiny_generator(**kw)
+    if fast:
+        gen = speed.for_inference(gen)
     cfg, T = gen.config, gen.config.n_tokens
     classes = torch.tensor([1, 2, 3])
     codes = torch.randint(0, cfg.codebook_size, (3, T))
@@ -350,8 +356,8 @@ def test_cached_logits_equal_full_forward(shape):
     with torch.no_grad():
         full = gen.run(ids)
         for static in (False, True):
-            for block in gen.blocks:
-                block.attn.cache = alitok.KVCache(6, cfg.heads, T + 1, cfg.head_dim, torch.float32, "cpu")
+            gen.free_cache()
+            gen.setup_cache(6)
             steps = [gen.prefill(ids[:, :2])]                  # two tokens at once, then one at a time
             steps += [gen.decode_one_token(ids[:, s:s + 1], torch.tensor([s]), T + 1 if static else s + 1)
                       for s in range(2, T)]
@@ -359,10 +365,11 @@ def test_cached_logits_equal_full_forward(shape):
 
 
 def test_cpu_generation_does_not_import_dynamo():
-    """Importing torch._dynamo took 0.8 s of a process's first generate(); only CUDA graphs need it (width 768:
-    the packed products run too)."""
-    code = ("import sys, torch, alitok\n"
+    """Importing torch._dynamo took 0.8 s of a process's first generate(); only compiled decoding needs it (width
+    768: speed.for_inference's packed products run too)."""
+    code = ("import sys, torch, alitok, speed\n"
             "g = alitok.Generator(alitok.generator_config('tiny', width=768, heads=16, layers=2)).eval()\n"
+            "g = speed.for_inference(g)\n"
             "codes = g.generate(torch.tensor([1, 2]), cfg_scale=2.0, seeds=[0, 1])\n"
             "print(tuple(codes.shape), 'torch._dynamo' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env1(), capture_output=True, text=True)
@@ -372,7 +379,8 @@ def test_cpu_generation_does_not_import_dynamo():
 
 def test_generate_equals_recomputing_the_prefix():
     """generate() with guidance draws what teacher forcing the sampled codes gives, both CFG halves recomputed
-    from scratch at every step (the naive baseline), with the same uniforms; at any attend_block."""
+    from scratch at every step (the naive baseline), with the same uniforms; also when every step attends over
+    the whole cache, as compiled decoding does."""
     gen = tiny_generator()
     classes, seeds, T = torch.tensor([1, 7]), [5, 6], gen.config.n_tokens
     got = gen.generate(classes, cfg_scale=3.0, cfg_power=1.0, seeds=seeds)
@@ -382,8 +390,10 @@ def test_generate_equals_recomputing_the_prefix():
     for s in range(T):
         logits = uncond[:, s] + cfg_schedule(s, T, 3.0, 1.0) * (cond[:, s] - uncond[:, s])
         assert torch.equal(sample_token(logits, u[:, s]), got[:, s]), f"step {s}"
-    gen.attend_block = 16                                          # the rounded lengths compiled decoding uses
+    plain_step = gen.decode_step
+    gen.decode_step = lambda ids, pos, length, *rest: plain_step(ids, pos, T + 1, *rest)
     assert torch.equal(gen.generate(classes, cfg_scale=3.0, cfg_power=1.0, seeds=seeds), got)
+    del gen.decode_step
     c = gen.generate(classes, generator=torch.Generator().manual_seed(0), cfg_scale=3.0)
     d = gen.generate(classes, generator=torch.Generator().manual_seed(0), cfg_scale=3.0)
     assert torch.equal(c, d) and got.shape == (2, T)
@@ -429,9 +439,13 @@ def test_sample_token_filters():
     assert torch.allclose(counts, logits.exp()[0], atol=0.02)      # inverse-CDF draws are multinomial
 
 
-def test_golden_generator_b():
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "speed"])
+def test_golden_generator_b(fast):
+    """The original's logits and greedy guided codes, by the plain model and by speed.for_inference's."""
     g, salt = golden("generator_b.npz")
     gen = fill_(Generator(generator_config("B")), salt).eval()
+    if fast:
+        gen = speed.for_inference(gen)
     inp = golden_inputs()
     np.testing.assert_allclose(gen.rope.numpy(), g["rotary_table"], atol=2e-6)
     with torch.no_grad():
@@ -2225,7 +2239,7 @@ def test_bench_runs_and_prints_a_table(capsys):
 
 
 def test_bf16_weights_are_held_once_and_cast_nothing_else():
-    gen = alitok.hold_weights(tiny_generator(), torch.bfloat16)
+    gen = speed.hold_weights(tiny_generator(), torch.bfloat16)
     dtypes = {name: p.dtype for name, p in gen.named_parameters()}
     assert all(dtypes[n] == torch.bfloat16 for n in dtypes if re.search(r"(qkv|proj|w[123])\.(weight|bias)$", n))
     assert all(d == torch.float32 for n, d in dtypes.items() if "norm" in n or n.startswith(("embeddings", "output")))
@@ -2233,35 +2247,31 @@ def test_bf16_weights_are_held_once_and_cast_nothing_else():
     with torch.no_grad():
         logits = gen.run(torch.tensor([[260, 3, 4]]))
     assert logits.dtype == torch.float32
-    tok = alitok.hold_weights(Tokenizer(tokenizer_config("tiny", "inference")), torch.bfloat16)
+    tok = speed.hold_weights(Tokenizer(tokenizer_config("tiny", "inference")), torch.bfloat16)
     assert tok.decoder.transformer[0].attn.in_proj.weight.dtype == torch.bfloat16
     assert tok.decoder.ffn[0].weight.dtype == tok.quantize.embedding.weight.dtype == torch.float32
 
 
 def test_packed_cpu_weights_follow_weight_changes():
-    """linear() reads oneDNN-packed copies of large weights without autograd: the same products (one layer,
-    two layers stacked into one product, a residual added inside it), and a weight changed in place (an
-    optimiser step), also the second of a stacked pair, is packed again."""
-    layer, gate, up = torch.nn.Linear(512, 1024), *(torch.nn.Linear(512, 768, bias=False) for _ in range(2))
-    x, residual = torch.randn(8, 512), torch.randn(8, 1024)
+    """HeldLinear multiplies large weights from oneDNN-packed copies without autograd on a CPU: the plain product,
+    packed again after an in-place change of the weight (an optimiser step); bf16 weights on a float32 input give
+    float32 out; with autograd it is the plain product, and gradients flow."""
+    layer = torch.nn.Linear(512, 1024)
+    held = speed.HeldLinear(layer, torch.float32, packed=True)
+    x = torch.randn(8, 512)
     with torch.no_grad():
         for _ in range(2):
-            torch.testing.assert_close(alitok.linear(x, layer), F.linear(x, layer.weight, layer.bias))
-            torch.testing.assert_close(alitok.linear(x, layer, residual=residual),
-                                       residual + F.linear(x, layer.weight, layer.bias))
-            got = alitok.linear(x, gate, up)
-            assert len(got) == 2
-            torch.testing.assert_close(got[0], F.linear(x, gate.weight))
-            torch.testing.assert_close(got[1], F.linear(x, up.weight))
-            layer.weight.mul_(2)
-            up.weight.mul_(-3)
-        held = torch.nn.Linear(512, 1024).to(torch.bfloat16)        # bf16 weights, float32 residual stream
-        y = alitok.linear(x, held, residual=residual)
-        assert y.dtype == torch.float32
-        torch.testing.assert_close(y, residual + F.linear(x.bfloat16(), held.weight, held.bias).float())
-    y = alitok.linear(x, layer)                                          # with autograd: the plain product
+            torch.testing.assert_close(held(x), F.linear(x, held.weight, held.bias))
+            held.weight.mul_(2)
+        if speed.packing_available():
+            assert held._copy[1] is not None                              # the packed path ran
+        bf16 = speed.HeldLinear(layer, torch.bfloat16, packed=True)
+        y = bf16(x)
+        assert y.dtype == torch.float32 and bf16.weight.dtype == torch.bfloat16
+        torch.testing.assert_close(y, F.linear(x.bfloat16(), bf16.weight, bf16.bias).float())
+    y = held(x)
     y.sum().backward()
-    assert layer.weight.grad is not None
+    assert held.weight.grad is not None
 
 
 def trained_tiny_generator(steps=200):
@@ -2288,7 +2298,7 @@ def test_bf16_samples_match_float32_in_distribution():
     cached bf16 decode steps give float32's next-code distributions up to a tiny KL divergence."""
     fp32, loss = trained_tiny_generator()
     assert loss < 1.6                                        # it learnt the task (entropy 1.28; uniform 5.5)
-    bf16 = alitok.hold_weights(copy.deepcopy(fp32), torch.bfloat16)
+    bf16 = speed.hold_weights(copy.deepcopy(fp32), torch.bfloat16)
     greedy = [g.generate(torch.arange(10).repeat(4), cfg_scale=1.0, temperature=0) for g in (fp32, bf16)]
     assert (greedy[0] == greedy[1]).float().mean() > 0.9
     classes, K = torch.arange(10).repeat(40), fp32.config.codebook_size

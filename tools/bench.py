@@ -29,8 +29,8 @@ import torch
 
 import fid
 import plumbing
-from alitok import (Generator, Tokenizer, compile_decode, ffn_hidden, generator_config, hold_weights,
-                    tokenizer_config)
+import speed
+from alitok import Generator, Tokenizer, ffn_hidden, generator_config, tokenizer_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -111,12 +111,13 @@ def peak_memory(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
-def random_generator(preset, device, precision):
-    """A generator of a preset shape with random weights (its zero-initialised head randomised too)."""
+def random_generator(preset, device, precision, compile=False, block=None):
+    """A generator of a preset shape with random weights (its zero-initialised head randomised too), through
+    speed.for_inference as sample.py runs it."""
     torch.manual_seed(0)
     generator = Generator(generator_config(preset)).eval()
     torch.nn.init.normal_(generator.output.weight, std=0.02)
-    return hold_weights(generator, DTYPES[precision]).to(device)
+    return speed.for_inference(generator.to(device), precision, compile, block)
 
 
 # --- The rows ----------------------------------------------------------------------------------------
@@ -125,10 +126,7 @@ def random_generator(preset, device, precision):
 def generate_row(generator, batch, device, repeat=1):
     """Seconds and peak memory of generate() for batch classes (all tokens, guidance on), best of repeat."""
     classes = list(range(batch))
-    if device.type == "cuda":
-        generator.generate(classes, seeds=classes)                    # warm-up: compilation, CUDA graphs
-    else:
-        generator.run(torch.zeros(2 * batch, 1, dtype=torch.long))    # warm-up: the packed weight copies
+    generator.generate(classes, seeds=classes)       # warm-up: packed weight copies, compilation, CUDA graphs
     reset_peak(device)
     seconds = min(timed(lambda: generator.generate(classes, seeds=classes), device) for _ in range(repeat))
     return dict(seconds=seconds, peak=peak_memory(device))
@@ -157,8 +155,8 @@ def forward_passes(generator, sequences, n_tokens, cached, device):
 def tokenizer_rows(device, precision, batch, preset="alitok"):
     """{encode, decode: images/s, FLOP/s, peak bytes} of a random-weight tokenizer of a preset shape."""
     torch.manual_seed(0)
-    tokenizer = hold_weights(Tokenizer(tokenizer_config(preset, "inference")).eval(), DTYPES[precision])
-    tokenizer = tokenizer.to(device)
+    tokenizer = Tokenizer(tokenizer_config(preset, "inference")).eval().to(device)
+    tokenizer = speed.for_inference(tokenizer, precision)
     cfg = tokenizer.config
     images = torch.rand(batch, 3, cfg.image_size, cfg.image_size, device=device)
     codes = torch.randint(cfg.codebook_size, (batch, cfg.n_tokens), device=device)
@@ -213,7 +211,7 @@ def inception_rows(device, precisions, batch):
 def floor_rows(cfg, batch, precision, device):
     """{memory floor, FLOP floor: seconds} of one cached generation, from the measured bandwidth and matmul rate."""
     sequences, n, dtype = 2 * batch, cfg.n_tokens, DTYPES[precision]
-    cache_bytes = 4 if device.type == "cpu" else dtype.itemsize          # the cache dtype setup_cache picks
+    cache_bytes = dtype.itemsize                           # setup_cache's default: the weights' dtype
     nbytes = generation_bytes(cfg, sequences, n, dtype.itemsize, cache_bytes)
     flops, bandwidth, rate = generation_flops(cfg, sequences, n), read_bandwidth(device), matmul_rate(device, dtype)
     return {"memory floor": dict(seconds=nbytes / bandwidth,
@@ -285,15 +283,16 @@ def gpu_section(args, device):
     decode_s = {p: n / tokenizer_rows(device, p, n)["decode"]["images_per_s"] for p in args.precisions}
     print(f"\ncompiled decode step, batch {n} with guidance; images/s of generate() and with the tokenizer's "
           f"decode (" + ", ".join(f"{p} {n / s:.0f} images/s" for p, s in decode_s.items()) + ")")
+    blocks = (None,) + ((args.gpu_block,) if args.gpu_block else ())        # each row built and compiled once
     runs = [(p, preset, block) for p in args.precisions for preset in args.gpu_presets
-            for block in (None, args.gpu_block) if block is None or (p == "bf16" and preset == args.gpu_presets[0])]
+            for block in blocks if block is None or (p == "bf16" and preset == args.gpu_presets[0])]
     for precision, preset, block in runs:
         if time.perf_counter() - start > args.gpu_budget:
             print(f"  {preset} {precision} block {block}: skipped (--gpu-budget {args.gpu_budget} s spent)")
             continue
         began, generator = time.perf_counter(), None
         try:
-            generator = compile_decode(random_generator(preset, device, precision), block)
+            generator = random_generator(preset, device, precision, compile=True, block=block)
             row = generate_row(generator, n, device, repeat=2)
         except Exception as error:  # one failing shape should not lose the others' numbers
             print(f"  {preset} {precision}: failed: {type(error).__name__}: {str(error)[:400]}", flush=True)

@@ -1,0 +1,138 @@
+"""Speed for a built model, applied beside it, never inside it (gpt-fast's quantize.py swaps modules in place and
+its generate.py compiles the decode step; this file does both for AliTok).
+
+    model = speed.for_inference(alitok.load_generator(path), precision="bf16", compile=True)
+
+- hold_weights: every product of the transformer blocks (both models) runs from weights held in float32 or
+  bfloat16, cast once; on a CPU, without autograd, from a copy in oneDNN's blocked layout, which multiplies the
+  few rows of a decode step about twice as fast as the plain layout (MKL re-packs it at every call). The
+  residual stream, norms, embeddings, output head, logits, guidance and sampling stay float32.
+- compile_decode: torch.compile of the whole sampling step (the model's one-token forward, the guidance blend
+  and the sampling), static shapes and no host sync; on a GPU every step replays a captured CUDA graph.
+- On a CPU, one-position KV-cache writes are plain copies (index_copy_ costs about 1.3 ms of a B step).
+
+Each is held equal to the plain model by the tests (cached = full forward, packed = plain products, compiled =
+eager codes, the golden greedy generation).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import alitok
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PACK_MIN = 2 ** 18        # smaller weights: MKL multiplies them well as they are
+
+
+def packing_available():
+    """Whether this torch build has oneDNN's packed-weight CPU products."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def pack(weight):
+    """weight [out, in] in oneDNN's blocked layout for products of about 8 rows, or None where this CPU has no
+    such kernel for its dtype (bfloat16 needs AVX-512 or AVX-NE-CONVERT)."""
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight, 8)
+    except RuntimeError:
+        return None
+
+
+class HeldLinear(nn.Module):
+    """An nn.Linear with its weights held in `dtype`: the input is cast to it, the output back to the input's
+    dtype. packed: without autograd, on a CPU, multiply from a oneDNN-packed copy, made once per weight version."""
+
+    def __init__(self, linear, dtype, packed):
+        super().__init__()
+        self.in_features, self.out_features, self.packed = linear.in_features, linear.out_features, packed
+        self.weight = nn.Parameter(linear.weight.detach().to(dtype), linear.weight.requires_grad)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(dtype),
+                                                                  linear.bias.requires_grad)
+        self._copy = None                                  # (weight version, packed copy)
+
+    def forward(self, x):
+        w, y = self.weight, x.to(self.weight.dtype)
+        if (self.packed and x.device.type == "cpu" and not torch.is_grad_enabled() and w.numel() >= PACK_MIN
+                and not torch.compiler.is_compiling()):
+            version = (w.data_ptr(), w._version)
+            if self._copy is None or self._copy[0] != version:
+                self._copy = (version, pack(w.detach()))
+            if self._copy[1] is not None:
+                return torch.ops.mkldnn._linear_pointwise(y, self._copy[1], self.bias, "none", [], "").to(x.dtype)
+        return F.linear(y, w, self.bias).to(x.dtype)
+
+
+class CopyCache(alitok.KVCache):
+    """alitok.KVCache whose one-position writes on a CPU are plain copies, faster there than index_copy_."""
+
+    def update(self, pos, k, v, length):
+        if len(pos) > 1 or torch.compiler.is_compiling():
+            return super().update(pos, k, v, length)
+        self.k[:, :, int(pos)].copy_(k[:, :, 0])
+        self.v[:, :, int(pos)].copy_(v[:, :, 0])
+        return self.k[:, :, :length], self.v[:, :, :length]
+
+
+def hold_weights(model, dtype=torch.float32, packed=None):
+    """Swap every nn.Linear of the transformer blocks (Tokenizer and Generator) for a HeldLinear in dtype, in
+    place; packed (default: on a CPU build with oneDNN) as HeldLinear. Returns the model."""
+    packed = packing_available() if packed is None else packed
+    for block in model.modules():
+        if isinstance(block, (alitok.Block, alitok.ARBlock)):
+            for parent in list(block.modules()):
+                for name, child in parent.named_children():
+                    if type(child) is nn.Linear:
+                        setattr(parent, name, HeldLinear(child, dtype, packed))
+    return model
+
+
+def copy_cache_writes(generator):
+    """KV caches with plain-copy one-position writes (CopyCache) from the next setup_cache on. Returns the model."""
+    plain_setup = generator.setup_cache
+
+    def setup_cache(batch, dtype=None):
+        plain_setup(batch, dtype)
+        for block in generator.blocks:
+            cache = block.attn.cache
+            if type(cache) is not CopyCache:
+                block.attn.cache = CopyCache(*cache.k.shape, cache.k.dtype, cache.k.device)
+    generator.setup_cache = setup_cache
+    return generator
+
+
+def compile_decode(generator, block=None):
+    """torch.compile the whole sampling step (Generator.decode_step: one-token forward, guidance blend, sampling)
+    with static shapes; on a GPU each step replays a captured CUDA graph. Steps attend over the whole cache with
+    the mask hiding what is not written yet, or (block) over the filled part rounded up to a multiple of block
+    positions: less to read, one graph per shape. Callers pad batches to one size. Returns the model."""
+    cuda = generator.output.weight.device.type == "cuda"
+    step = torch.compile(generator.decode_step, mode="reduce-overhead" if cuda else None, fullgraph=True,
+                         dynamic=False if block is None else None)
+    full, plain_setup = generator.config.n_tokens + 1, generator.setup_cache
+
+    def setup_cache(batch, dtype=None):
+        plain_setup(batch, dtype)
+        for layer in generator.blocks if cuda else ():     # captured graphs write the caches in place
+            torch._dynamo.mark_static_address(layer.attn.cache.k)
+            torch._dynamo.mark_static_address(layer.attn.cache.v)
+
+    def decode_step(ids, pos, length, *args):
+        torch.compiler.cudagraph_mark_step_begin()         # the last step's outputs are used: buffers may be reused
+        return step(ids, pos, full if block is None else min(-(-length // block) * block, full), *args)
+    generator.setup_cache, generator.decode_step = setup_cache, decode_step
+    return generator
+
+
+def for_inference(model, precision="fp32", compile=False, block=None):
+    """The one call of sample.py and bench.py: weights held in precision ("fp32" or "bf16"; packed on a CPU),
+    plain-copy cache writes on a CPU, and (generators, compile=True) the compiled sampling step. Returns the
+    model, in eval mode, on the device it was on."""
+    cpu = next(model.parameters()).device.type == "cpu"
+    if cpu or precision != "fp32":
+        hold_weights(model, DTYPES[precision], packed=cpu and packing_available())
+    if isinstance(model, alitok.Generator):
+        if cpu and not compile:
+            copy_cache_writes(model)
+        if compile:
+            compile_decode(model, block)
+    return model.eval()
