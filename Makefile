@@ -31,7 +31,8 @@ test-slow: install
 demo: install
 	$(PY) tools/demo.py --out $(RUN)
 
-# The tokenizer ablation (4 variants x 2 seeds, each stage 1 -> stage 2 -> generator), resumable:
+# The tokenizer ablation (bidirectional and alitok x 5 seeds, each stage 1 -> stage 2 -> generator;
+# paired differences with 95% intervals), resumable:
 # make ablation DATA=../shared/datasets/cifar10_subset_32.npz (JOBS runs at once, default: one per core)
 ablation: install
 	$(PY) tools/ablation.py --data $(DATA) --out $(ABLATION) --jobs $(JOBS)

@@ -2740,10 +2740,11 @@ def test_demo_scores_rfid_fid_and_is_with_the_inception_weights(stages, fid_weig
 
 def test_ablation_quick_resumes_after_kill_and_writes_table_and_chart(tmp_path):
     """Two runs at once (--jobs 2), killed (SIGKILL, with the stages they run) once one has finished;
-    restarted, it skips that run."""
+    restarted, it skips that run. A few steps learn nothing beyond the mean image: both runs are flagged, and
+    --keep-flagged keeps them in the table."""
     out = tmp_path / "ablation"
     cmd = [sys.executable, str(HERE / "tools" / "ablation.py"), "--quick", "--out", str(out), "--seeds", "1",
-           "--variants", "bidirectional", "alitok", "--jobs", "2"]
+           "--variants", "bidirectional", "alitok", "--jobs", "2", "--keep-flagged"]
     proc = subprocess.Popen(cmd, cwd=HERE, env=env1(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     first = out / "bidirectional" / "seed0" / "result.json"
@@ -2759,13 +2760,15 @@ def test_ablation_quick_resumes_after_kill_and_writes_table_and_chart(tmp_path):
     assert "--decoder bidirectional" not in done.stdout                       # its stages were not rerun
     result = json.loads((out / "ablation.json").read_text())
     assert list(result["summary"]) == ["bidirectional", "alitok"]
+    assert all(r["flags"][0].startswith("stuck near the mean image") for r in result["runs"])
     for variant in result["summary"].values():
         assert {"psnr", "stage1_psnr", "loss", "acc", "prefix_acc", "image_acc"} <= set(variant)
         assert 0 <= variant["acc"]["mean"] <= 1 and variant["acc"]["std"] == 0.0
     table = (out / "ablation.md").read_text()
     assert "| bidirectional |" in table and "| alitok |" in table and "next-token accuracy" in table
     with Image.open(out / "ablation.png") as chart:
-        assert chart.size == (4 * 420, 320) and len(chart.getcolors(1 << 16)) > 3
+        assert chart.size == (5 * 420, 2 * 320) and len(chart.getcolors(1 << 16)) > 3   # bars, differences
+    assert "Paired differences alitok - bidirectional" in table and "one seed: no interval" in table
 
 
 @pytest.mark.filterwarnings("ignore:ONLY 12 SAMPLES")
@@ -2800,7 +2803,9 @@ def test_ablation_report_summarizes_finished_runs_and_trains_nothing(tmp_path, c
             # what a run stored is kept; numbers added to the table since are read from its metrics
             plumbing.save_json(str(run / "result.json"), {"variant": variant, "seed": seed, "psnr": 20.0 + seed,
                                                    "loss": 3.0, "acc": 0.2, "minutes": 1.0})
-    args = ablation.build_parser().parse_args(["--report", "--out", str(tmp_path), "--seeds", "3"])
+    # --quick: the mean-image PSNR of the flags over the quick budget's 32 held-out images, not 1,000
+    args = ablation.build_parser().parse_args(["--report", "--quick", "--out", str(tmp_path), "--seeds", "3",
+                                               "--variants", "bidirectional", "no_aux", "alitok"])
     ablation.main(args)
     said = capsys.readouterr().out
     assert "+ " not in said and not (tmp_path / "commands.log").exists()      # no train.py command ran
@@ -2842,4 +2847,100 @@ def test_ablation_summary_and_chart(tmp_path):
     assert "| alitok | 0, 1 | " in ablation.table(summary, ablation.BUDGETS["quick"])
     assert "20.5 ± 0.71" in ablation.table(summary, ablation.BUDGETS["quick"])
     ablation.bar_chart(summary, str(tmp_path / "chart.png"))
-    assert Image.open(tmp_path / "chart.png").size == (4 * 420, 320)
+    assert Image.open(tmp_path / "chart.png").size == (5 * 420, 320)         # no paired differences: one row
+
+
+def write_finished_run(root, variant, seed, psnr=20.0, perplexity=50.0, loss=3.0, acc=0.2):
+    """A finished ablation run written by hand: its three stages' metrics.jsonl and its result.json."""
+    run = root / variant / f"seed{seed}"
+    held = {"stage1": {"psnr": psnr - 1},
+            "stage2": {"psnr": psnr, "codebook_usage": 0.9, "codebook_perplexity": perplexity},
+            "ar": {"loss": loss, "acc": acc, "prefix_loss": loss + 1, "prefix_acc": acc / 2, "image_loss": loss - 0.1,
+                   "image_acc": acc}}
+    for stage, numbers in held.items():
+        (run / stage).mkdir(parents=True)
+        (run / stage / "metrics.jsonl").write_text(
+            json.dumps({"step": 1, "loss": 9.0}) + "\n" +
+            json.dumps({"step": 2, **{f"heldout_{k}": v for k, v in numbers.items()}}) + "\n")
+    plumbing.save_json(str(run / "result.json"), {"variant": variant, "seed": seed, "minutes": 1.0})
+
+
+def test_ablation_paired_interval_is_students_t_over_seeds():
+    """Differences 1..5: mean 3, s = sqrt(2.5) (ddof 1), half-width t(0.975, 4) s / sqrt(5) = 1.9632 with
+    t(0.975, 4) = 2.7764451 from the tables (ddof 0 gives 1.756, a normal quantile 1.386)."""
+    runs = [{"variant": "bidirectional", "seed": s, "loss": 3.0, "acc": 0.5} for s in range(5)]
+    runs += [{"variant": "alitok", "seed": s, "loss": 3.0 + (s + 1), "acc": 0.5 + 0.01 * (-1, 1, 0, 2, -2)[s]}
+             for s in range(5)]
+    d = ablation.paired_differences(runs)["alitok - bidirectional"]
+    half = 2.7764451051977987 * math.sqrt(2.5) / math.sqrt(5)
+    assert half == pytest.approx(1.9632432, rel=1e-7)
+    assert d["seeds"] == [0, 1, 2, 3, 4] and d["method"] == "Student's t, 95%, over 5 seeds"
+    assert d["loss"]["differences"] == [1.0, 2.0, 3.0, 4.0, 5.0] and d["loss"]["mean"] == 3.0
+    assert d["loss"]["half_width"] == pytest.approx(half, rel=1e-9)
+    assert (d["loss"]["low"], d["loss"]["high"]) == (pytest.approx(3 - half), pytest.approx(3 + half))
+    assert d["loss"]["excludes_zero"] is True
+    assert d["acc"]["mean"] == pytest.approx(0.0, abs=1e-12) and d["acc"]["excludes_zero"] is False
+    assert d["acc"]["half_width"] == pytest.approx(0.01 * half, rel=1e-9)    # s = 0.01 sqrt(2.5) again
+    one = ablation.paired_differences([r for r in runs if r["seed"] == 0])["alitok - bidirectional"]
+    assert one["method"] == "one seed: no interval" and one["loss"]["differences"] == [1.0]
+    assert one["loss"]["half_width"] is None and one["loss"]["excludes_zero"] is None
+
+
+def test_ablation_differences_pair_runs_by_seed():
+    """A seed that only one variant has is left out of the pair; a metric one run lacks is not compared."""
+    runs = [{"variant": "alitok", "seed": s, "loss": 10.0 + s, "acc": 0.5, "prefix_acc": 0.5} for s in (0, 1, 2)]
+    runs += [{"variant": "bidirectional", "seed": s, "loss": float(s), "acc": 0.1 * s} for s in (3, 2, 1)]
+    runs += [{"variant": "no_aux", "seed": 7, "loss": 1.0}]                 # no seed in common with alitok
+    paired = ablation.paired_differences(runs)
+    assert list(paired) == ["alitok - bidirectional"]
+    d = paired["alitok - bidirectional"]
+    assert d["seeds"] == [1, 2] and d["loss"]["differences"] == [10.0, 10.0]
+    assert d["acc"]["differences"] == pytest.approx([0.4, 0.3]) and "prefix_acc" not in d
+    assert ablation.paired_differences([r for r in runs if r["variant"] != "alitok"]) == {}
+
+
+def test_ablation_flags_a_collapsed_codebook_and_a_tokenizer_stuck_at_the_mean_image():
+    """Collapsed: perplexity below half the median of all runs; stuck: PSNR at most 1 dB above the mean image's."""
+    perplexity, psnr = (50.0, 60.0, 40.0, 19.9, 20.0, 45.0), (20.0, 20.0, 20.0, 20.0, 11.1, 11.0)
+    runs = [{"variant": "alitok", "seed": s, "psnr": q, "codebook_perplexity": p}
+            for s, (p, q) in enumerate(zip(perplexity, psnr))]
+    flags = ablation.run_flags(runs, [10.0] * len(runs))                    # median 42.5: the line at 21.25
+    assert [len(f) for f in flags] == [0, 0, 0, 1, 1, 1]
+    assert flags[3][0].startswith("collapsed codebook") and flags[4][0].startswith("collapsed codebook")
+    assert flags[5][0].startswith("stuck near the mean image")
+    assert ablation.run_flags(runs[:5], [10.0] * 5)[4] == []                 # median 40: 20.0 is not below 20
+    images = D.heldout_images(D.heldout_split("shapes", 32, seed=1, n_heldout=32)[1])[0].double()
+    mean = images.mean(0).round()                                            # a uint8 picture, as reconstructions
+    by_hand = (10 * torch.log10(255.0 ** 2 / (images - mean).pow(2).flatten(1).mean(1))).mean()
+    assert ablation.mean_image_psnr("shapes", 32, 1, 32) == pytest.approx(float(by_hand), rel=1e-9)
+
+
+def test_ablation_report_prints_paired_differences_and_leaves_out_flagged_runs(tmp_path, capsys):
+    """Four seeds: alitok's loss 0.1 (seed + 1) nats below bidirectional's; bidirectional seed 3's codebook
+    collapsed and alitok seed 2's tokenizer stuck 0.5 dB above the mean image: left out, or kept on request."""
+    for seed in range(4):
+        write_finished_run(tmp_path, "bidirectional", seed, perplexity=2.0 if seed == 3 else 50.0)
+        stuck = ablation.mean_image_psnr("shapes", 32, seed, ablation.BUDGETS["quick"]["eval_images"]) + 0.5
+        write_finished_run(tmp_path, "alitok", seed, loss=3.0 - 0.1 * (seed + 1), psnr=stuck if seed == 2 else 20.0)
+    argv = ["--report", "--quick", "--data", "shapes", "--out", str(tmp_path), "--seeds", "4"]
+    ablation.main(ablation.build_parser().parse_args(argv))
+    said = capsys.readouterr().out
+    assert "Paired differences alitok - bidirectional" in said and "Student's t, 95%, over 2 seeds" in said
+    assert "| held-out next-token loss (nats) | -0.1 | -0.2 | -0.15 | [" in said
+    assert "2 flagged run(s) left out" in said and "| bidirectional | 3 |" in said
+    result = json.loads((tmp_path / "ablation.json").read_text())
+    d = result["paired"]["alitok - bidirectional"]
+    assert d["seeds"] == [0, 1] and d["loss"]["differences"] == pytest.approx([-0.1, -0.2])
+    assert d["context_gain"]["differences"] == pytest.approx([0.1, 0.2])      # same perplexity, lower loss
+    flagged = {(r["variant"], r["seed"]): r["flags"] for r in result["runs"] if r["excluded"]}
+    assert list(flagged) == [("alitok", 2), ("bidirectional", 3)]
+    assert flagged["bidirectional", 3][0].startswith("collapsed codebook")
+    assert flagged["alitok", 2][0].startswith("stuck near the mean image")
+    assert result["summary"]["bidirectional"]["seeds"] == [0, 1, 2]
+    with Image.open(tmp_path / "ablation.png") as chart:
+        assert chart.size == (5 * 420, 2 * 320)
+    ablation.main(ablation.build_parser().parse_args(argv + ["--keep-flagged"]))
+    assert "2 flagged run(s) kept in (--keep-flagged)" in capsys.readouterr().out
+    result = json.loads((tmp_path / "ablation.json").read_text())
+    assert result["paired"]["alitok - bidirectional"]["seeds"] == [0, 1, 2, 3]
+    assert result["summary"]["bidirectional"]["codebook_perplexity"]["values"] == [50.0, 50.0, 50.0, 2.0]

@@ -1,21 +1,41 @@
-"""The paper's tokenizer ablation, rerun with seeds: bidirectional stage 1 / causal without prefix / causal
-without aux / AliTok, each through stage 2 and a generator; held-out numbers as mean and spread.
+"""The paper's tokenizer ablation, rerun with paired seeds: AliTok against a bidirectional stage 1 (and, on
+request, a causal stage 1 without prefix or without the aux loss), each through stage 2 and a generator;
+held-out numbers per variant, and AliTok's paired differences with 95% intervals over seeds.
 
     python ablation.py --data ../shared/datasets/cifar10_subset_32.npz --out runs/ablation
-    python ablation.py --quick --out runs/ablation_quick      # a few steps per stage: checks the loop only
+    python ablation.py --variants bidirectional no_prefix no_aux alitok --seeds 3   # the other baselines too
+    python ablation.py --quick --out runs/ablation_quick --seeds 1    # a few steps per stage: the loop only
+    python ablation.py --report --data ../shared/datasets/cifar10_subset_32.npz --out runs/ablation
 
---jobs N trains N (variant, seed) runs at once, each with its share of the CPU threads. `make ablation` runs
-one per core: on 2 cores, two single-thread runs of the tiny stage 1 trained 221 images/s together, one run
-on both threads 180.
+The default is 5 seeds of bidirectional and alitok (10 runs); on 2 cores it takes [TO BE MEASURED: see the
+README]. --jobs N trains N (variant, seed) runs at once, each with its share of the CPU threads. `make ablation`
+runs one per core: on 2 cores, two single-thread runs of the tiny stage 1 trained 221 images/s together, one
+run on both threads 180.
+
+Paired seeds. Seed s of every variant trains on the same images in the same order with the same augmentations
+(functions of seed, step and position), is evaluated on the same held-out images, and its generator starts
+from the same initial weights with the same dropout stream. bidirectional and alitok have the same parameter
+shapes and start stage 1 from identical weights; no_aux and no_prefix start from AliTok's initial weights
+wherever name and shape match, which leaves out the aux head and no_prefix's prefix-dependent tensors (latent
+tokens, positional tables). So alitok - other at one seed is a paired difference: the seed's draw of data
+order and initial weights is shared, so it largely cancels, and the interval is over seeds of that difference.
+
+Runs that went wrong are flagged: a collapsed codebook (held-out code perplexity below half the median of all
+runs, COLLAPSE_FRACTION) and a tokenizer stuck near the mean image (stage-2 held-out PSNR at most 1 dB above
+that of predicting every held-out image by their per-pixel mean, STUCK_MARGIN_DB). Flagged runs are listed
+and left out of the means and the paired differences, unless --keep-flagged.
 
 Every step is a train.py command (printed, and kept in <out>/commands.log). A run (variant, seed) whose
 result.json exists is skipped, and a killed one continues from its checkpoints (--resume), so the same command
-started again finishes the work. Writes <out>/ablation.json, ablation.md (table) and ablation.png (bar chart
-with one standard deviation over seeds as error bars).
+started again finishes the work. Writes <out>/ablation.json, ablation.md (tables: per variant, paired
+differences, per run) and ablation.png (bars of mean ± one std over seeds; below them the paired differences
+with their 95% intervals).
 """
 import argparse
 import concurrent.futures
+import functools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -26,7 +46,9 @@ sys.path.insert(0, ROOT)
 
 import numpy as np
 from PIL import Image, ImageDraw
+from scipy import stats
 
+import alitok
 import data
 import fid
 import plumbing
@@ -35,6 +57,12 @@ import weights
 # Stage-1 switches of each variant (train.py flags); stage 2 and the generator are the same for all.
 VARIANTS = {"bidirectional": ["--decoder", "bidirectional"], "no_prefix": ["--no-prefix"],
             "no_aux": ["--no-aux"], "alitok": []}
+DEFAULT_VARIANTS = ("bidirectional", "alitok")   # the comparison the paper makes; the others on request
+DEFAULT_SEEDS = 5                                # the fewest for a t interval that is not mostly its quantile
+REFERENCE = "alitok"                             # paired differences are REFERENCE - each other variant
+LEVEL = 0.95                                     # confidence of the intervals on the paired differences
+COLLAPSE_FRACTION = 0.5   # flagged below this fraction of the median held-out code perplexity of all runs
+STUCK_MARGIN_DB = 1.0     # flagged at most this far above the PSNR of the mean held-out image
 # Steps per stage (the demo's), training images, held-out images evaluated.
 BUDGETS = {"full": dict(s1=1500, s2=600, ar=600, n_images=None, eval_images=1000, samples=1000),
            "quick": dict(s1=4, s2=3, ar=4, n_images=64, eval_images=32, samples=16)}
@@ -46,13 +74,18 @@ METRICS = (  # (result key, what it is), in the order of the table
     ("codebook_usage", "held-out codebook usage"),
     ("codebook_perplexity", "held-out code perplexity (exp of the codes' unigram entropy)"),
     ("loss", "held-out next-token loss (nats)"),
+    ("prefix_loss", "held-out prefix-token loss (nats)"),
+    ("image_loss", "held-out image-token loss (nats)"),
     ("acc", "held-out next-token accuracy"),
     ("prefix_acc", "held-out prefix-token accuracy"),
     ("image_acc", "held-out image-token accuracy"),
+    ("context_gain", "context gain: ln(code perplexity) - loss (nats)"),
     ("fid", "FID of samples vs held-out"),
     ("inception_score", "IS of samples"),
 )
-CHART = ("psnr", "loss", "acc", "image_acc")
+PAIRED = ("loss", "prefix_loss", "image_loss", "acc", "prefix_acc", "image_acc", "psnr", "codebook_perplexity",
+          "context_gain")
+CHART = ("loss", "acc", "image_acc", "context_gain", "psnr")   # one column each: bars, paired differences
 COLOURS = ((150, 150, 150), (86, 180, 233), (230, 159, 0), (0, 114, 178))
 
 
@@ -92,7 +125,7 @@ def train_variant(variant, seed, args, budget):
         if not os.path.exists(os.path.join(folder, final)):  # a finished stage is not started again
             run([sys.executable, script("train.py"), *flags, "--out", out, "--steps", str(steps), *common], args.out,
                 args.threads)
-    result = heldout_numbers(variant, seed, folder)
+    result = heldout_numbers(variant, seed, folder) | {"eval_images": budget["eval_images"]}
     if args.net is not None:
         result |= sample_scores(folder, seed, args, budget)
     result["minutes"] = (time.time() - t0) / 60
@@ -101,13 +134,45 @@ def train_variant(variant, seed, args, budget):
 
 
 def heldout_numbers(variant, seed, folder):
-    """A finished run's last held-out numbers from its three stages' metrics.jsonl."""
+    """A finished run's last held-out numbers from its three stages' metrics.jsonl, its image side (pixels)
+    and the generator's context gain (nats)."""
     first, tokenizer, generator = (last_heldout(os.path.join(folder, stage, "metrics.jsonl"))
                                    for stage in ("stage1", "stage2", "ar"))
-    return {"variant": variant, "seed": seed, "stage1_psnr": first["psnr"], "psnr": tokenizer["psnr"],
-            "codebook_usage": tokenizer["codebook_usage"], "codebook_perplexity": tokenizer["codebook_perplexity"],
-            **{k: generator[k] for k in ("loss", "acc", "prefix_acc", "image_acc") if k in generator},
-            **({"stage1_rfid": first["rfid"], "rfid": tokenizer["rfid"]} if "rfid" in tokenizer else {})}
+    numbers = {"variant": variant, "seed": seed, "image_size": image_size(folder), "stage1_psnr": first["psnr"],
+               "psnr": tokenizer["psnr"], "codebook_usage": tokenizer["codebook_usage"],
+               "codebook_perplexity": tokenizer["codebook_perplexity"],
+               **{k: generator[k] for k in ("loss", "acc", "prefix_loss", "prefix_acc", "image_loss", "image_acc")
+                  if k in generator},
+               **({"stage1_rfid": first["rfid"], "rfid": tokenizer["rfid"]} if "rfid" in tokenizer else {})}
+    if "loss" in numbers:
+        numbers["context_gain"] = context_gain(numbers["codebook_perplexity"], numbers["loss"])
+    return numbers
+
+
+def context_gain(perplexity, loss):
+    """ln(perplexity) - loss in nats: how far the generator's held-out loss is below the codes' unigram
+    entropy (0: it predicts no better than the code frequencies; higher: it gains more from context)."""
+    return math.log(perplexity) - loss
+
+
+def image_size(folder):
+    """The image side (pixels) a run's tokenizer was trained at: its stage-2 checkpoint's config, else the tiny
+    preset's (train.py's default, which the ablation's commands keep)."""
+    path = os.path.join(folder, "stage2", "tokenizer.pt")
+    if os.path.exists(path):
+        return int(alitok.read_checkpoint(path, "stage-2 tokenizer")["config"]["image_size"])
+    return alitok.TOKENIZER_PRESETS["tiny"].image_size
+
+
+@functools.lru_cache(maxsize=None)
+def mean_image_psnr(source, size, seed, n_heldout):
+    """PSNR in dB (mean over images, as train.py's held-out PSNR) of predicting each of a run's held-out
+    images by their per-pixel mean image, rounded to uint8 as a reconstruction is: where a tokenizer that
+    has learnt nothing but the mean image sits."""
+    _, heldout = data.heldout_split(source, size, seed=seed, n_heldout=n_heldout)
+    images = data.heldout_images(heldout)[0].numpy()                          # N, 3, S, S uint8
+    mean = np.broadcast_to(images.mean(0, dtype=np.float64).round().astype(np.uint8), images.shape)
+    return float(fid.psnr(images, mean).mean())
 
 
 def sample_scores(folder, seed, args, budget):
@@ -135,6 +200,27 @@ def run(cmd, out, threads=None):
     subprocess.run(cmd, check=True, env=env)
 
 
+# ----------------------------------------------------------------------------------------------------
+# Flags, means and paired differences
+# ----------------------------------------------------------------------------------------------------
+
+def run_flags(results, baselines):
+    """What went wrong in each run, a list of reasons per run ([] for none): a collapsed codebook (perplexity
+    below COLLAPSE_FRACTION of the median of all runs) or a tokenizer stuck near the mean image (PSNR at most
+    STUCK_MARGIN_DB above baselines[i], the mean-image PSNR of run i's held-out images, dB)."""
+    median = float(np.median([r["codebook_perplexity"] for r in results]))
+    flags = []
+    for r, baseline in zip(results, baselines):
+        reasons = []
+        if r["codebook_perplexity"] < COLLAPSE_FRACTION * median:
+            reasons.append(f"collapsed codebook: perplexity {r['codebook_perplexity']:.3g} < {COLLAPSE_FRACTION:g}"
+                           f" × the median {median:.3g}")
+        if r["psnr"] <= baseline + STUCK_MARGIN_DB:
+            reasons.append(f"stuck near the mean image: PSNR {r['psnr']:.2f} dB, mean image {baseline:.2f} dB")
+        flags.append(reasons)
+    return flags
+
+
 def summarize(results):
     """{variant: {"seeds": [...], metric: {"mean", "std" (over seeds, ddof 1; 0 for one seed), "values"}}}."""
     summary = {}
@@ -149,13 +235,58 @@ def summarize(results):
     return summary
 
 
-def table(summary, budget):
-    """The Markdown table: mean ± standard deviation over each variant's seeds per metric."""
+def t_interval(values, level=LEVEL):
+    """(mean, half-width of its Student's t interval at `level`: t(1/2 + level/2, n - 1) s / sqrt(n), s the
+    standard deviation with ddof 1); the half-width is None for fewer than two values."""
+    n, mean = len(values), float(np.mean(values))
+    if n < 2:
+        return mean, None
+    return mean, float(stats.t.ppf(0.5 + level / 2, n - 1) * np.std(values, ddof=1) / math.sqrt(n))
+
+
+def paired_differences(results, reference=REFERENCE):
+    """{"<reference> - <other>": {"seeds", "method", metric: {"differences" (one per seed), "mean", "half_width",
+    "low", "high", "excludes_zero"}}}: per seed that both variants have, reference minus other; interval
+    entries None with one seed."""
+    by_run = {(r["variant"], r["seed"]): r for r in results}
+    paired = {}
+    for other in dict.fromkeys(r["variant"] for r in results if r["variant"] != reference):
+        seeds = sorted(s for v, s in by_run if v == other and (reference, s) in by_run)
+        if not seeds:
+            continue
+        method = (f"Student's t, {LEVEL:.0%}, over {len(seeds)} seeds" if len(seeds) > 1 else
+                  "one seed: no interval")
+        comparison = paired[f"{reference} - {other}"] = {"seeds": seeds, "method": method}
+        for key in PAIRED:
+            pairs = [(by_run[reference, s], by_run[other, s]) for s in seeds]
+            if any(key not in a or key not in b for a, b in pairs):
+                continue
+            differences = [a[key] - b[key] for a, b in pairs]
+            mean, half = t_interval(differences)
+            low, high = (None, None) if half is None else (mean - half, mean + half)
+            comparison[key] = {"differences": differences, "mean": mean, "half_width": half, "low": low,
+                               "high": high, "excludes_zero": None if half is None else bool(low > 0 or high < 0)}
+    return paired
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tables and chart
+# ----------------------------------------------------------------------------------------------------
+
+def table(summary, budget, flagged=(), keep_flagged=False):
+    """The Markdown table: mean ± standard deviation over each variant's seeds per metric; its caption names
+    the flagged runs (flagged: [(variant, seed, reasons)]) and whether they were left out."""
     keys = [(k, what) for k, what in METRICS if any(k in s for s in summary.values())]
-    lines = [f"Held-out metrics, mean ± std over the seeds listed; steps per stage {budget['s1']} / {budget['s2']}"
-             f" / {budget['ar']} (stage 1 / stage 2 / generator)." + ("" if any("rfid" in s for s in summary.values())
-             else " rFID and FID / IS: no Inception file."), "",
-             "| variant | seeds | " + " | ".join(what for _, what in keys) + " |",
+    caption = (f"Held-out metrics, mean ± std over the seeds listed; steps per stage {budget['s1']} / "
+               f"{budget['s2']} / {budget['ar']} (stage 1 / stage 2 / generator).")
+    caption += "" if any("rfid" in s for s in summary.values()) else " rFID and FID / IS: no Inception file."
+    if flagged:
+        what = "kept in (--keep-flagged)" if keep_flagged else "left out of the means and the paired differences"
+        caption += (f" {len(flagged)} flagged run(s) {what}: " +
+                    "; ".join(f"{v} seed {s} ({', '.join(reasons)})" for v, s, reasons in flagged) + ".")
+    if not summary:
+        return caption + " No run is left to average: use --keep-flagged to see them.\n"
+    lines = [caption, "", "| variant | seeds | " + " | ".join(what for _, what in keys) + " |",
              "|---|---|" + "---|" * len(keys)]
     for variant, metrics in summary.items():
         cells = [f"{metrics[k]['mean']:.4g} ± {metrics[k]['std']:.2g}" if k in metrics else "" for k, _ in keys]
@@ -163,36 +294,156 @@ def table(summary, budget):
     return "\n".join(lines) + "\n"
 
 
-def bar_chart(summary, path, panel=(420, 320), margin=40):
-    """One panel per CHART metric: a bar per variant at its mean, an error bar of one std, the value above."""
-    variants, small, big = list(summary), plumbing.font(13), plumbing.font(15)
-    image = Image.new("RGB", (panel[0] * len(CHART), panel[1]), "white")
-    draw = ImageDraw.Draw(image)
+def paired_table(paired):
+    """Markdown tables, one per comparison: per-seed differences, their mean and 95% interval, and whether the
+    interval excludes 0 (the method in the caption)."""
+    if not paired:
+        return f"Paired differences: no seed has an unflagged run of both {REFERENCE} and another variant.\n"
+    names = dict(METRICS)
+    lines = []
+    for comparison, d in paired.items():
+        seeds, n = d["seeds"], len(d["seeds"])
+        how = (f"mean ± t(0.975, {n - 1}) · s / √{n}, s the std over seeds with ddof 1" if n > 1 else
+               "with one seed there is no interval")
+        lines += [f"Paired differences {comparison} per seed (same seed: same data order, augmentations, held-out "
+                  f"images and shared initial weights); mean and {LEVEL:.0%} interval ({d['method']}: {how}).", "",
+                  "| metric | " + " | ".join(f"seed {s}" for s in seeds) + f" | mean | {LEVEL:.0%} interval | "
+                  "excludes 0 |", "|---|" + "---|" * (n + 3)]
+        for key in PAIRED:
+            if key in d:
+                m = d[key]
+                interval = "none (one seed)" if m["half_width"] is None else f"[{m['low']:+.4g}, {m['high']:+.4g}]"
+                excludes = {None: "-", True: "yes", False: "no"}[m["excludes_zero"]]
+                lines.append(f"| {names[key]} | " + " | ".join(f"{x:+.4g}" for x in m["differences"]) +
+                             f" | {m['mean']:+.4g} | {interval} | {excludes} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def runs_table(results):
+    """Markdown table of every run: the numbers the flags look at, the mean-image PSNR and the flags."""
+    lines = ["Runs (flagged ones are listed in the first table's caption).", "",
+             "| variant | seed | held-out PSNR (dB) | mean-image PSNR (dB) | code perplexity | next-token loss "
+             "| flags |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        loss = f"{r['loss']:.4g}" if "loss" in r else ""
+        lines.append(f"| {r['variant']} | {r['seed']} | {r['psnr']:.4g} | {r['mean_image_psnr']:.4g} | "
+                     f"{r['codebook_perplexity']:.4g} | {loss} | {'; '.join(r['flags']) or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def axis(values, top, base):
+    """The y pixel of a value on an axis that spans `values` and 0 between pixel rows `top` and `base`."""
+    low, high = min(0.0, *values), max(0.0, *values)
+    pad = 0.1 * (high - low) or 1.0                   # room for dots and labels; a flat axis gets a unit
+    low, high = (low - pad if low < 0 else low), (high + pad if high > 0 or low == 0 else high)
+    return lambda v: base - (v - low) / (high - low) * (base - top)
+
+
+def whisker(draw, centre, high, low):
+    """A vertical error bar with end caps from pixel row `high` to `low` at column `centre`."""
+    draw.line((centre, high, centre, low), fill="black", width=2)
+    for row in (high, low):
+        draw.line((centre - 6, row, centre + 6, row), fill="black", width=2)
+
+
+def bar_panel(draw, box, key, summary, fonts, margin):
+    """In box (left, top, right, bottom px): a bar per variant at its mean of `key`, an error bar of one std,
+    the mean above it."""
+    (left0, top, right0, bottom), (small, big), base = box, fonts, box[3] - margin
+    draw.text((left0, top + 8), dict(METRICS)[key], fill="black", font=big)
+    stats_ = [summary[v].get(key, {"mean": 0.0, "std": 0.0}) for v in summary]
+    y = axis([s["mean"] + sign * s["std"] for s in stats_ for sign in (-1, 1)], top + 2 * margin, base)
+    width = (right0 - left0) // len(summary)
+    for i, (variant, s) in enumerate(zip(summary, stats_)):
+        left, right = left0 + i * width + 6, left0 + (i + 1) * width - 6
+        draw.rectangle((left, min(y(0), y(s["mean"])), right, max(y(0), y(s["mean"]))),
+                       fill=COLOURS[i % len(COLOURS)])
+        high = y(s["mean"] + s["std"])
+        whisker(draw, (left + right) // 2, high, y(s["mean"] - s["std"]))
+        draw.text((left, high - 18), f"{s['mean']:.3g}", fill="black", font=small)
+        draw.text((left, base + 6), variant, fill="black", font=small)
+    draw.line((left0, y(0), right0, y(0)), fill="black")
+
+
+def difference_panel(draw, box, key, paired, fonts, margin):
+    """In box (left, top, right, bottom px), per comparison: the per-seed paired differences of `key` (grey
+    dots), their mean (black dot) and its 95% interval (error bar), against a zero line."""
+    (left0, top, right0, bottom), (small, big), base = box, fonts, box[3] - margin - 16   # 3 lines below
+    title = f"{REFERENCE} - other: {dict(METRICS)[key].split(' (')[0]}"        # the unit is the bars'
+    draw.text((left0, top + 8), title, fill="black", font=big)
+    draw.text((left0, top + 28), f"seeds (grey), mean and {LEVEL:.0%} Student's t interval", fill="black",
+              font=small)
+    shown = [(c, d[key]) for c, d in paired.items() if key in d]
+    values = [v for _, m in shown for v in (*m["differences"], m["low"], m["high"]) if v is not None]
+    y = axis(values or [0.0], top + 2 * margin + 20, base)
+    draw.line((left0, y(0), right0, y(0)), fill=(120, 120, 120))
+    draw.text((right0 - 12, y(0) - 16), "0", fill=(120, 120, 120), font=small)
+    width = (right0 - left0) // max(1, len(shown))
+    for i, (comparison, m) in enumerate(shown):
+        centre = left0 + i * width + width // 2
+        for d in m["differences"]:
+            draw.ellipse((centre - 22, y(d) - 3, centre - 16, y(d) + 3), fill=(150, 150, 150))
+        if m["half_width"] is not None:
+            whisker(draw, centre, y(m["high"]), y(m["low"]))
+        draw.ellipse((centre - 5, y(m["mean"]) - 5, centre + 5, y(m["mean"]) + 5), fill="black")
+        interval = "one seed: no interval" if m["half_width"] is None else f"[{m['low']:+.2g}, {m['high']:+.2g}]"
+        label = f"vs {comparison.split(' - ', 1)[1]}\n{m['mean']:+.3g}\n{interval}"
+        draw.multiline_text((left0 + i * width + 6, base + 6), label, fill="black", font=small, spacing=2)
+
+
+def bar_chart(summary, path, paired=None, panel=(420, 320), margin=40):
+    """One column per CHART metric: a bar per variant at its mean, one std as error bar; with `paired`, below
+    it the paired differences with their 95% intervals."""
+    rows = 2 if paired else 1
+    image = Image.new("RGB", (panel[0] * len(CHART), panel[1] * rows), "white")
+    draw, fonts = ImageDraw.Draw(image), (plumbing.font(13), plumbing.font(15))
     for k, key in enumerate(CHART):
-        left0, base = k * panel[0] + margin // 2, panel[1] - margin
-        draw.text((left0, 8), dict(METRICS)[key], fill="black", font=big)
-        stats = [summary[v].get(key, {"mean": 0.0, "std": 0.0}) for v in variants]
-        scale = (base - 2 * margin) / max(1e-9, max(s["mean"] + s["std"] for s in stats))
-        width = (panel[0] - margin) // len(variants)
-        for i, (variant, s) in enumerate(zip(variants, stats)):
-            left, right = left0 + i * width + 6, left0 + (i + 1) * width - 6
-            top, centre = base - s["mean"] * scale, (left + right) // 2
-            draw.rectangle((left, top, right, base), fill=COLOURS[i % len(COLOURS)])
-            high, low = base - (s["mean"] + s["std"]) * scale, base - max(0.0, s["mean"] - s["std"]) * scale
-            draw.line((centre, high, centre, low), fill="black", width=2)
-            draw.line((centre - 6, high, centre + 6, high), fill="black", width=2)
-            draw.line((centre - 6, low, centre + 6, low), fill="black", width=2)
-            draw.text((left, high - 18), f"{s['mean']:.3g}", fill="black", font=small)
-            draw.text((left, base + 6), variant, fill="black", font=small)
-        draw.line((left0, base, left0 + panel[0] - margin, base), fill="black")
+        left, right = k * panel[0] + margin // 2, (k + 1) * panel[0] - margin // 2
+        bar_panel(draw, (left, 0, right, panel[1]), key, summary, fonts, margin)
+        if paired:
+            difference_panel(draw, (left, panel[1], right, 2 * panel[1]), key, paired, fonts, margin)
     plumbing.atomic_write(path, lambda f: image.save(f, format="PNG"))
 
+
+# ----------------------------------------------------------------------------------------------------
+# The command
+# ----------------------------------------------------------------------------------------------------
 
 def run_threads(jobs, n_runs, cores):
     """(runs trained at once, CPU threads each, None for torch's default) for --jobs, n_runs runs and cores:
     the cores are shared by the runs that can go at once, not by --jobs."""
     jobs = min(jobs, n_runs)
     return jobs, (max(1, cores // jobs) if jobs > 1 else None)
+
+
+def flag(results, args, budget):
+    """Each result with its mean-image PSNR (dB), its flags and whether it is left out ("excluded")."""
+    held = lambda r: r.get("eval_images", budget["eval_images"])           # runs before it was stored
+    baselines = [mean_image_psnr(args.data, r["image_size"], r["seed"], held(r)) for r in results]
+    return [r | {"mean_image_psnr": b, "flags": reasons, "excluded": bool(reasons) and not args.keep_flagged}
+            for r, b, reasons in zip(results, baselines, run_flags(results, baselines))]
+
+
+def report(results, args, budget, minutes):
+    """ablation.json, ablation.md and ablation.png of the runs' results (flagged ones left out unless
+    --keep-flagged); the tables also printed."""
+    kept = [r for r in results if not r["excluded"]]
+    summary, paired = summarize(kept), paired_differences(kept)
+    flagged = [(r["variant"], r["seed"], r["flags"]) for r in results if r["flags"]]
+    plumbing.save_json(os.path.join(args.out, "ablation.json"),
+                       {"data": args.data, "seeds": args.seeds, "budget": budget,
+                        "keep_flagged": args.keep_flagged, "thresholds": {
+                            "collapse_fraction": COLLAPSE_FRACTION, "stuck_margin_db": STUCK_MARGIN_DB},
+                        "summary": summary, "paired": paired, "runs": results, "minutes_this_call": minutes})
+    tables = table(summary, budget, flagged, args.keep_flagged), paired_table(paired), runs_table(results)
+    text = "\n".join(tables)
+    plumbing.atomic_write(os.path.join(args.out, "ablation.md"), lambda f: f.write(text), mode="w")
+    if summary:
+        bar_chart(summary, os.path.join(args.out, "ablation.png"), paired)
+    print(text, flush=True)
+    print(f"wrote {args.out}/ablation.json, ablation.md" + (", ablation.png" if summary else ""))
 
 
 def main(args):
@@ -217,29 +468,27 @@ def main(args):
             raise FileNotFoundError(f"--report: no finished run (<variant>/seed<N>/result.json) in {args.out}")
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:  # each worker waits on its train.py
         results = list(pool.map(lambda pair: train_variant(*pair, args, budget), pairs))
-    summary = summarize(results)
-    plumbing.save_json(os.path.join(args.out, "ablation.json"),
-                   {"data": args.data, "seeds": args.seeds, "budget": budget, "summary": summary, "runs": results,
-                    "minutes_this_call": (time.time() - t0) / 60})
-    plumbing.atomic_write(os.path.join(args.out, "ablation.md"), lambda f: f.write(table(summary, budget)), mode="w")
-    bar_chart(summary, os.path.join(args.out, "ablation.png"))
-    print(table(summary, budget), flush=True)
-    print(f"wrote {args.out}/ablation.json, ablation.md, ablation.png")
+    report(flag(results, args, budget), args, budget, (time.time() - t0) / 60)
 
 
 def build_parser():
     """The command line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="shapes", help="'shapes' (built-in), an ImageNet-layout folder, or an npz")
+    p.add_argument("--data", default="shapes", help="'shapes' (built-in), an ImageNet-layout folder, or an npz; "
+                   "with --report the runs' own (the mean-image PSNR of the flags is computed from it)")
     p.add_argument("--out", default="runs/ablation", help="folder of all runs and the results")
-    p.add_argument("--seeds", type=int, default=2, help="seeds per variant (0, 1, ...)")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"some of {list(VARIANTS)}")
+    p.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help=f"seeds per variant (0, 1, ...; default "
+                   f"{DEFAULT_SEEDS})")
+    p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), help=f"some of {list(VARIANTS)} "
+                   f"(default: {' '.join(DEFAULT_VARIANTS)})")
     p.add_argument("--steps", type=int, nargs=3, metavar=("S1", "S2", "AR"), help="steps per stage")
     p.add_argument("--n-images", type=int, default=None, help="training images (default: all; quick: 64)")
     p.add_argument("--inception", default=None, metavar="PATH", help=f"FID Inception weights for rFID, FID and IS "
                    f"(default: the cached {weights.INCEPTION_WEIGHTS} if present)")
-    p.add_argument("--report", action="store_true", help="train nothing: the table and chart of the runs that have "
-                   "finished among the variants and seeds asked for")
+    p.add_argument("--report", action="store_true", help="train nothing: the tables and chart of the runs that "
+                   "have finished among the variants and seeds asked for")
+    p.add_argument("--keep-flagged", action="store_true", help="keep flagged runs (collapsed codebook, stuck near "
+                   "the mean image) in the means and paired differences (default: listed and left out)")
     p.add_argument("--jobs", type=int, default=1, help="(variant, seed) runs trained at once (default 1)")
     p.add_argument("--quick", action="store_true", help="a few steps per stage: checks the loop, learns little")
     return p
