@@ -20,7 +20,7 @@ prints n/a, is null in the JSON, and a warning says why.
 --save-stats OUT.npz: mu, sigma, mu_s, sigma_s (float64) and the pool3 features of the first 10,000 images
 (float32; ADM's reference size for P/R). With one PATH it only caches; with REF SAMPLES it also scores.
 --recon CKPT IMAGES: reconstructs IMAGES (ADM centre crop to the tokenizer's size) through
-alitok.load_tokenizer(CKPT); reports rFID (reconstructions vs originals, not comparable to gFID) and PSNR.
+checkpoints.load_tokenizer(CKPT); reports rFID (reconstructions vs originals, not comparable to gFID) and PSNR.
 
 Weights: pt_inception-2015-12-05-6726825d.pth, the file pytorch-fid uses. Without --inception it is read from
 the torch hub cache ($TORCH_HOME/hub/checkpoints), downloaded there from pytorch-fid's GitHub release on first
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-import alitok
+import checkpoints
 import data as D
 import plumbing
 import weights
@@ -242,13 +242,13 @@ def load_inception(path=None, offline=False, precision="fp32", device="cpu"):
     """The FID Inception in inference form (fold_batchnorm) from a pytorch-fid weight file: `path`, or the
     standard file from the torch hub cache, downloaded on first use (data.standard_weights)."""
     path = weights.standard_weights(weights.INCEPTION_WEIGHTS, path, offline)
-    state = alitok.read_checkpoint(path, f"FID Inception weights ({weights.INCEPTION_WEIGHTS})")
+    state = checkpoints.read_checkpoint(path, f"FID Inception weights ({weights.INCEPTION_WEIGHTS})")
     with torch.device("meta"):  # no random init: every tensor comes from the file
         model = FIDInception()
     if isinstance(state, dict):  # pytorch-fid's file has no BatchNorm step counters (training bookkeeping)
         counters = {k: torch.zeros((), dtype=torch.long) for k in model.state_dict() if "num_batches" in k}
         state = {**counters, **state}
-    alitok.load_strict(model, state, source=f"{path} (FID Inception weights, {weights.INCEPTION_WEIGHTS})", assign=True)
+    checkpoints.load_strict(model, state, source=f"{path} (FID Inception weights, {weights.INCEPTION_WEIGHTS})", assign=True)
     return fold_batchnorm(model, precision, device)
 
 
@@ -707,7 +707,7 @@ def run(argv=None):
         parser.error("give REF and SAMPLES (or one SOURCE with --save-stats)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     # every input is opened (and checked) before the first image is run through the network
-    tokenizer = alitok.load_tokenizer(args.recon) if args.recon else None
+    tokenizer = checkpoints.load_tokenizer(args.recon) if args.recon else None
     sources = [] if args.recon else [load_source(path) for path in args.paths]
     model = load_inception(args.inception, args.offline, args.precision, device)
     common = dict(mode=args.mode, batch_size=args.batch_size, device=device)

@@ -35,7 +35,8 @@ from tqdm import tqdm
 
 import plumbing
 import speed
-from alitok import check_classes, load_generator, load_tokenizer, read_checkpoint
+from alitok import check_classes
+from checkpoints import load_generator, load_tokenizer, read_checkpoint
 
 SEED_STRIDE = 1_000_003  # above any sample count: seeds of two base seeds never coincide (N < 1,000,003)
 IMAGENET_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)  # DiT's sample.py selection (retriever, otter, ...)

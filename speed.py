@@ -1,7 +1,7 @@
 """Speed for a built model, applied beside it, never inside it (gpt-fast's quantize.py swaps modules in place and
 its generate.py compiles the decode step; this file does both for AliTok).
 
-    model = speed.for_inference(alitok.load_generator(path), precision="bf16", compile=True)
+    model = speed.for_inference(checkpoints.load_generator(path), precision="bf16", compile=True)
 
 - hold_weights: every product of the transformer blocks (both models) runs from weights held in float32 or
   bfloat16, cast once; on a CPU, without autograd, from a copy in oneDNN's blocked layout, which multiplies the

@@ -35,15 +35,17 @@ from PIL import Image
 import alitok
 import data as D
 import fid
-import perceptual as P
+import checkpoints
+import losses as P
 import plumbing
 import sample as S
 import speed
 import train
 import weights
 from tools import ablation, bench, demo
-from alitok import (ARConfig, Generator, Tokenizer, cfg_schedule, checkpoint, generator_config, load_generator,
-                    load_tokenizer, rotary_table, sample_token, sample_uniforms, tokenizer_config)
+from alitok import (ARConfig, Generator, Tokenizer, cfg_schedule, generator_config, rotary_table, sample_token,
+                    sample_uniforms, tokenizer_config)
+from checkpoints import checkpoint, load_generator, load_tokenizer
 
 HERE = Path(__file__).resolve().parent
 REFERENCE = HERE / "reference"                      # manifests and golden vectors, carried by the repository
@@ -165,9 +167,9 @@ def test_config_inferred_from_released_shapes(manifest, build):
         model = build()
         state = model.state_dict()
     if manifest.startswith("ar_"):
-        cfg = alitok.infer_generator_config(state)
+        cfg = checkpoints.infer_generator_config(state)
     else:
-        cfg = alitok.infer_tokenizer_config(state)
+        cfg = checkpoints.infer_tokenizer_config(state)
         cfg = replace(cfg, enc_heads=model.config.enc_heads, dec_heads=model.config.dec_heads)
     assert cfg == model.config
 
@@ -191,7 +193,7 @@ def test_mismatched_checkpoint_names_tensors_and_fitting_config():
     small = tiny_tokenizer("inference").state_dict()
     wrong = Tokenizer(tokenizer_config("tiny", "inference", dec_width=64))
     with pytest.raises(ValueError) as e:
-        alitok.load_strict(wrong, small, fits=alitok.infer_tokenizer_config(small))
+        checkpoints.load_strict(wrong, small, fits=checkpoints.infer_tokenizer_config(small))
     msg = str(e.value)
     assert "mis-shaped" in msg and "decoder.decoder_embed.weight" in msg and "dec_width=128" in msg
     state = dict(small)
@@ -1000,7 +1002,7 @@ def test_standard_weights_offline_says_which_file_goes_where(weight_server, monk
 
 
 # ===================================================================================================
-# perceptual.py: ConvNeXt-S, LPIPS, discriminator
+# losses.py: ConvNeXt-S, LPIPS, discriminator
 # ===================================================================================================
 
 def shapes(module):
@@ -1014,7 +1016,7 @@ def recipe_model(build, salt, rename=lambda k: k, zero=()):
         m = build()
     state = {k: torch.zeros(v.shape) if k.startswith(zero) else tensor_for(rename(k), tuple(v.shape), v.dtype, salt)
              for k, v in m.state_dict().items()}
-    return alitok.load_strict(m, state, assign=True)
+    return checkpoints.load_strict(m, state, assign=True)
 
 
 def golden_filled(cls, rename=lambda k: k, zero=(), salt=None):
@@ -1212,9 +1214,8 @@ def tokenizer_loss_on(tok, x):
 
 
 def tiny_training(tok, args, disc=None, autocast=contextlib.nullcontext()):
-    """A TokenizerTraining of a tiny stage-1 tokenizer without loss networks."""
-    forward = functools.partial(train.stage1_forward, tok, autocast)
-    return train.tokenizer_training(tok, forward, (None, None), args, disc)
+    """A stage-1 TokenizerStage of a tiny tokenizer without loss networks (no data: steps are given batches)."""
+    return train.TokenizerStage(tok, tok, (None, None), args, autocast, disc)
 
 
 @pytest.fixture(scope="module")
@@ -1256,7 +1257,7 @@ def test_stage1_lowers_loss_on_fixed_batch(stages):
     root, s1, _, _ = stages
     torch.manual_seed(s1.seed)
     init = train.stage1_tokenizer(s1)                          # the same initial weights main() built
-    trained = alitok.load_tokenizer(root / "s1" / "ckpt.pt")
+    trained = checkpoints.load_tokenizer(root / "s1" / "ckpt.pt")
     x, _ = fixed_batch()
     before, after = tokenizer_loss_on(init, x), tokenizer_loss_on(trained, x)
     assert after < 0.7 * before                                 # 0.27 -> 0.13 here
@@ -1276,7 +1277,7 @@ def test_stage2_starts_from_the_stage1_decoder_and_lowers_loss(stages, tmp_path)
     assert len(carried) > 20
     assert all(torch.equal(init.state_dict()[k], first[k]) for k in carried
                if k not in ("decoder.class_embedding", "decoder.latent_token_positional_embedding"))
-    trained = alitok.load_tokenizer(root / "s2" / "ckpt.pt")
+    trained = checkpoints.load_tokenizer(root / "s2" / "ckpt.pt")
     x, _ = fixed_batch()
     before, after = tokenizer_loss_on(init, x), tokenizer_loss_on(trained, x)
     assert after < 0.9 * before                                 # 0.053 -> 0.042 here
@@ -1289,13 +1290,13 @@ def test_stage2_freezes_encoder_codebook_and_exports_inference_layout(stages):
     frozen = [k for k in second if k.startswith(train.FROZEN)]
     assert len(frozen) > 10 and all(torch.equal(first[k], second[k]) for k in frozen)
     assert not torch.equal(first["decoder.ln_post.weight"], second["decoder.ln_post.weight"])
-    tok = alitok.load_tokenizer(root / "s2" / "tokenizer.pt")
+    tok = checkpoints.load_tokenizer(root / "s2" / "tokenizer.pt")
     assert not tok.config.causal and tok.config.n_buffer == 4 and not tok.config.aux_head
     names = read_manifest("tokenizer_inference.txt")          # same names as the released AliTok.pth
     layers = lambda keys: {re.sub(r"transformer\.\d+\.", "transformer.N.", k) for k in keys}
     assert layers(tok.state_dict()) == layers(names)
     x, _ = fixed_batch()
-    s1_tok = alitok.load_tokenizer(root / "s1" / "ckpt.pt")
+    s1_tok = checkpoints.load_tokenizer(root / "s1" / "ckpt.pt")
     assert torch.equal(tok.encode(x), s1_tok.encode(x))       # the codes do not change in stage 2
 
 
@@ -1305,7 +1306,7 @@ def test_generator_stage_lowers_loss_and_writes_checkpoint(stages):
     assert codes["codes"].shape == (64, 10, 73)
     records = [json.loads(l) for l in open(root / "ar" / "metrics.jsonl")]
     assert records[-1]["loss"] < records[0]["loss"] and 0 <= records[-1]["acc"] <= 1
-    gen = alitok.load_generator(root / "ar" / "generator.pt")
+    gen = checkpoints.load_generator(root / "ar" / "generator.pt")
     assert torch.load(root / "ar" / "generator.pt", weights_only=False)["tokenizer"].endswith("tokenizer.pt")
     c = torch.from_numpy(codes["codes"][:16, 4].astype(np.int64))
     y = torch.from_numpy(codes["labels"][:16])
@@ -1325,8 +1326,8 @@ def heldout_shapes(size, n=24):
 def test_heldout_generator_metrics_equal_teacher_forcing(stages):
     root = stages[0]
     last = [json.loads(l) for l in open(root / "ar" / "metrics.jsonl")][-1]
-    tok = alitok.load_tokenizer(root / "s2" / "tokenizer.pt")
-    gen = alitok.load_generator(root / "ar" / "generator.pt").eval()
+    tok = checkpoints.load_tokenizer(root / "s2" / "tokenizer.pt")
+    gen = checkpoints.load_generator(root / "ar" / "generator.pt").eval()
     images, labels = heldout_shapes(tok.config.image_size)
     with torch.no_grad():
         codes = tok.encode(images)
@@ -1344,7 +1345,7 @@ def test_heldout_tokenizer_metrics_in_every_tokenizer_stage(stages):
     root = stages[0]
     for stage, ckpt in (("s1", "ckpt.pt"), ("s2", "tokenizer.pt")):
         last = [json.loads(l) for l in open(root / stage / "metrics.jsonl")][-1]
-        tok = alitok.load_tokenizer(root / stage / ckpt)
+        tok = checkpoints.load_tokenizer(root / stage / ckpt)
         images, _ = heldout_shapes(tok.config.image_size)
         with torch.no_grad():
             recon = tok(images)["recon"]
@@ -1361,7 +1362,7 @@ def test_heldout_rfid_with_the_inception_file_and_a_note_without(tmp_path, fid_w
     out = tmp_path / "s1"
     train.main(["--stage", "1", "--out", str(out), "--steps", "2", *TINY, "--inception", str(fid_weights)])
     last = [json.loads(l) for l in open(out / "metrics.jsonl")][-1]
-    tok = alitok.load_tokenizer(out / "ckpt.pt")
+    tok = checkpoints.load_tokenizer(out / "ckpt.pt")
     images, _ = heldout_shapes(tok.config.image_size)
     with torch.no_grad():
         recon = tok(images)["recon"]
@@ -1517,16 +1518,16 @@ def test_bad_input_is_one_message_and_status_2(tmp_path, stages, capsys):
 def test_loss_networks_fetch_standard_weights_or_say_how_to_train_without(weight_server, monkeypatch, tmp_path):
     logged, loaded = [], []
     log = SimpleNamespace(info=logged.append)
-    nets = train.loss_networks(train.parse_args(["--stage", "1"]), "cpu", log)   # tiny: off, no download
+    nets = P.loss_networks(train.parse_args(["--stage", "1"]), "cpu", log)   # tiny: off, no download
     assert nets == (None, None) and len(logged) == 1 and "--perceptual-loss / --lpips-loss" in logged[0]
     serve_weights(weight_server, monkeypatch, weights.CONVNEXT_WEIGHTS, b"convnext bytes")
     monkeypatch.setattr(P, "load_convnext", lambda path: loaded.append(path) or StandIn())
     args = train.parse_args(["--stage", "1", "--perceptual-loss", "--no-progress"])
-    convnext, lp = train.loss_networks(args, "cpu", log)
+    convnext, lp = P.loss_networks(args, "cpu", log)
     assert loaded == [os.path.join(weights.weights_cache(), weights.CONVNEXT_WEIGHTS)] and lp is None
     monkeypatch.setenv(weights.OFFLINE_ENV, "1")                     # LPIPS, on by default for alitok, cannot be had
     with pytest.raises(FileNotFoundError) as error:
-        train.loss_networks(train.parse_args(["--stage", "1", "--preset", "alitok", "--no-perceptual-loss"]),
+        P.loss_networks(train.parse_args(["--stage", "1", "--preset", "alitok", "--no-perceptual-loss"]),
                             "cpu", log)
     said = str(error.value)
     assert weights.VGG16_WEIGHTS in said and weights.weights_cache() in said and "pass --no-lpips-loss" in said
@@ -1605,14 +1606,14 @@ def test_codebook_statistics_gathered_across_processes(tmp_path):
 
 
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, monkeypatch):
-    real, calls = train.tokenizer_losses, []
+    real, calls = P.tokenizer_losses, []
 
     def poisoned(*args):                                      # one call per step: NaN from step 5 on
         calls.append(1)
         parts = real(*args)
         return {**parts, "loss": parts["loss"] * float("nan")} if len(calls) > 5 else parts
 
-    monkeypatch.setattr(train, "tokenizer_losses", poisoned)
+    monkeypatch.setattr(P, "tokenizer_losses", poisoned)
     with pytest.raises(FloatingPointError, match="non-finite loss at step 5"):
         run_main(["--stage", "1", "--out", str(tmp_path), "--steps", "10", "--ckpt-every", "2", *TINY])
     ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
@@ -1642,7 +1643,7 @@ class StandIn(torch.nn.Module):
 
 def test_loss_phases_lpips_early_gan_late(tmp_path, monkeypatch):
     """--lpips-until and --gan-start switch the losses inside one run (stand-in loss networks, no weight files)."""
-    monkeypatch.setattr(train, "loss_networks", lambda args, device, log: (StandIn(), StandIn()))
+    monkeypatch.setattr(P, "loss_networks", lambda args, device, log: (StandIn(), StandIn()))
     run_main(["--stage", "1", "--out", str(tmp_path), "--steps", "6", "--lpips-until", "2", "--gan-start", "3",
               *TINY, "--log-every", "1"])
     records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
@@ -1677,16 +1678,17 @@ def test_losses_in_float32_and_frozen_encoder_codes_under_bf16():
     torch.manual_seed(0)
     tok = train.freeze_for_stage2(Tokenizer(tokenizer_config("tiny", 2))).train()
     x, bf16 = fixed_batch(8)[0], plumbing.autocast("cpu", "bf16")
-    out = train.stage2_forward(tok, tok.decoder, bf16, x)
+    args = train.parse_args(["--stage", "2"])
+    out = train.TokenizerStage(tok, tok.decoder, (None, None), args, bf16, frozen_encoder=True).forward(x)
     assert out["recon"].dtype == torch.bfloat16 and torch.equal(out["codes"], tok.encode(x))
     with bf16:
         assert not torch.equal(tok.encode(x), out["codes"])       # what an encoder under autocast would give
     disc = P.Discriminator(base_channels=8, pool_size=4)
-    weights = dict(train.EARLY, gan=0.005)
+    weights = dict(P.EARLY, gan=0.005)
     nets = (StandIn(), StandIn())
     with bf16:
-        parts = train.tokenizer_losses(out, x, nets, disc, weights, tok.config, 10.0)
-    reference = train.tokenizer_losses(out, x, nets, disc, weights, tok.config, 10.0)
+        parts = P.tokenizer_losses(out, x, nets, disc, weights, tok.config, 10.0)
+    reference = P.tokenizer_losses(out, x, nets, disc, weights, tok.config, 10.0)
     assert parts.keys() == reference.keys() and all(torch.equal(parts[k], reference[k]) for k in parts)
 
 
@@ -1695,9 +1697,9 @@ def test_discriminator_steps_also_update_the_codebook():
     tok = tiny_tokenizer(1).train()
     args = train.parse_args(["--stage", "1", "--gan-start", "0"])
     t = tiny_training(tok, args, P.Discriminator(**train.DISCRIMINATORS["tiny"]))
-    train.set_lr([t.opt, t.disc_opt], 1e-3)
+    train.set_lr(t.optimizers.values(), 1e-3)
     usage, decoder = tok.quantize.embed_prob.clone(), tok.decoder.ffn[0].weight.clone()
-    metrics = train.tokenizer_step(t, fixed_batch(4), 1)         # an odd step of the GAN phase
+    metrics = t.step([fixed_batch(4)], 1)                         # an odd step of the GAN phase
     assert "d_loss" in metrics and not torch.equal(usage, tok.quantize.embed_prob)
     assert torch.equal(decoder, tok.decoder.ffn[0].weight)       # the tokenizer itself did not step
     assert all(p.grad is not None for p in t.disc.parameters())
@@ -1869,7 +1871,7 @@ def test_golden_train_losses_of_both_phases(train_nets):
     for phase, flags in (("early", []), ("gan", ["--lpips-until", "0", "--gan-start", "0"])):
         args = train.parse_args(["--stage", "1", "--preset", "alitok", *flags])
         with torch.no_grad():
-            parts[phase] = train.tokenizer_losses(out, x, train_nets, disc, train.loss_weights(args, 0, True),
+            parts[phase] = P.tokenizer_losses(out, x, train_nets, disc, P.loss_weights(args, 0, True),
                                                   tokenizer_config("alitok", 1), args.aux_weight)
         for ours, key in (("rec", "loss_rec"), ("perceptual", "loss_perceptual"), ("loss", "loss_total")):
             assert rel_err(parts[phase][ours], g[f"{phase}_{key}"]) < 1e-5, (phase, key)
@@ -1886,17 +1888,17 @@ def test_golden_train_discriminator_step():
     recon = torch.from_numpy(golden("tokenizer_stage1.npz")[0]["recon"])
     x, disc = golden_inputs()["images"], golden_discriminator(salt)
     args = train.parse_args(["--stage", "1", "--preset", "alitok", "--lpips-until", "0", "--gan-start", "10000"])
-    t = train.TokenizerTraining(None, lambda images: {"recon": recon}, None, (None, None), args, disc,
-                                train.tokenizer_optimizer(disc.parameters(), args), disc)
+    t = train.TokenizerStage(tiny_tokenizer(1), None, (None, None), args, disc=disc)
+    t.forward = lambda images: {"recon": recon}                 # the golden reconstruction
     step = 10_001                                               # an odd step of the GAN phase: a D step
-    train.set_lr([t.disc_opt], train.lr_at(step, args))
-    assert t.disc_opt.param_groups[0]["lr"] == g["gan_d_lr"]
+    train.set_lr([t.optimizers["discriminator"]], train.lr_at(step, args))
+    assert t.optimizers["discriminator"].param_groups[0]["lr"] == g["gan_d_lr"]
     with torch.no_grad():
         real, fake = disc(torch.cat([x, recon])).chunk(2)
     assert rel_err(real, g["gan_d_logits_real"]) < 1e-5 and rel_err(fake, g["gan_d_logits_fake"]) < 1e-5
     assert rel_err(fake, g["gan_gen_logits_fake"]) < 1e-5         # what the tokenizer's GAN term saw
     before = {k: v.clone() for k, v in disc.state_dict().items()}
-    m = train.tokenizer_step(t, (x, None), step)
+    m = t.step([(x, None)], step)
     for ours, key in (("d_loss", "gan_d_loss"), ("d_real", "gan_d_logits_real_mean"),
                       ("d_fake", "gan_d_logits_fake_mean")):
         assert rel_err(m[ours], g[key]) < 1e-5, key
@@ -1913,18 +1915,18 @@ def test_golden_train_stage1_step(phase, train_nets):
     model = recipe_model(lambda: Tokenizer(tokenizer_config("alitok", 1)), salt).train()
     flags = [] if phase == "early" else ["--lpips-until", "0", "--gan-start", "10000"]
     args = train.parse_args(["--stage", "1", "--preset", "alitok", *flags])
-    forward, clustered = functools.partial(train.stage1_forward, model, contextlib.nullcontext()), []
-    snapshot = lambda out: clustered.append(model.quantize.embedding.weight.detach().clone()) or out
-    t = train.tokenizer_training(model, lambda images: snapshot(forward(images)), train_nets, args,
-                                 golden_discriminator(salt))
+    t, clustered = train.TokenizerStage(model, model, train_nets, args, disc=golden_discriminator(salt)), []
+    forward = t.forward
+    t.forward = lambda images: (lambda out: clustered.append(model.quantize.embedding.weight.detach().clone())
+                                or out)(forward(images))
     # AdamW is elementwise: stepping only the compared tensors gives their values and saves 3 GB of moments.
-    t = replace(t, opt=train.tokenizer_optimizer(sliced_parameters(model, g["step_slices"]), args))
+    t.optimizers["model"] = train.tokenizer_optimizer(sliced_parameters(model, g["step_slices"]), args)
     step, x = 10_000, golden_inputs()["images"]                # past the warm-up: the golden rate 1e-4
-    train.set_lr([t.opt], train.lr_at(step, args))
-    assert t.opt.param_groups[0]["lr"] == g[f"{phase}_lr"]
+    train.set_lr([t.optimizers["model"]], train.lr_at(step, args))
+    assert t.optimizers["model"].param_groups[0]["lr"] == g[f"{phase}_lr"]
     before = {expr.split("[")[0]: tensor_for(expr.split("[")[0], tuple(p.shape), salt=salt)
               for expr, p in zip(g["step_slices"], sliced_parameters(model, g["step_slices"]))}
-    m = train.tokenizer_step(t, (x, None), step)
+    m = t.step([(x, None)], step)
     assert np.array_equal(m["codes"].numpy(), g["codes"])
     keys = [("rec", "loss_rec"), ("perceptual", "loss_perceptual"), ("quantizer", "loss_quantizer"),
             ("loss", "loss_total")] + ([("gen_adv", "loss_gen_adv")] if phase == "gan" else [])
@@ -1951,11 +1953,11 @@ def test_golden_train_stage2_step(train_nets):
     assert (len(loaded), len(new), len(dropped)) == (g["n_loaded"], len(g["names_new"]), len(g["names_dropped"]))
     train.freeze_for_stage2(model).train()
     args, x, outputs = train.parse_args(["--stage", "2", "--preset", "alitok"]), golden_inputs()["images"], []
-    forward = functools.partial(train.stage2_forward, model, model.decoder, contextlib.nullcontext())
-    t = train.tokenizer_training(model, lambda images: outputs.append(forward(images)) or outputs[-1], train_nets,
-                                 args)
-    t = replace(t, opt=train.tokenizer_optimizer([model.decoder.conv_out.bias], args))   # no step is compared
-    m = train.tokenizer_step(t, (x, None), 0)
+    t = train.TokenizerStage(model, model.decoder, train_nets, args, frozen_encoder=True)
+    forward = t.forward
+    t.forward = lambda images: outputs.append(forward(images)) or outputs[-1]
+    t.optimizers["model"] = train.tokenizer_optimizer([model.decoder.conv_out.bias], args)   # no step is compared
+    m = t.step([(x, None)], 0)
     recon = outputs[0]["recon"].detach()
     assert np.array_equal(m["codes"].numpy(), g["codes"])
     assert rel_err(recon.mean(), g["recon_mean"]) < 1e-5 and rel_err(recon[:, :, :4, :4], g["recon_corner"]) < 1e-5
@@ -1976,13 +1978,12 @@ def test_golden_train_generator_step():
     model = recipe_model(lambda: Generator(cfg), salt).train()
     model.rope = rotary_table(cfg)                              # computed, not in the state dict
     args = train.parse_args(["--stage", "ar", "--preset", "B"])
-    gt = train.GeneratorTraining(model, model, train.generator_optimizer(model, args), contextlib.nullcontext(),
-                                 args.grad_clip)
-    train.set_lr([gt.opt], g["step_lr"])                          # the peak rate (the schedule starts at 0)
+    gt = train.GeneratorStage(model, model, args)
+    train.set_lr(gt.optimizers.values(), g["step_lr"])           # the peak rate (the schedule starts at 0)
     inp = golden_inputs()
     assert np.array_equal(model.class_ids(inp["ar_classes"]).numpy(), g["condition_ids"])
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
-    m = train.generator_step(gt, (inp["ar_codes"], inp["ar_classes"]), 0)
+    m = gt.step([(inp["ar_codes"], inp["ar_classes"])], 0)
     assert rel_err(m["loss"], g["loss"]) < 1e-5 and float(m["acc"]) == g["correct_tokens"]
     assert rel_err(m["grad_norm"], g["grad_norm_total_before_clip"]) < 1e-4
     clipped = {n: p.grad for n, p in model.named_parameters()}
@@ -2718,7 +2719,7 @@ def test_demo_scores_rfid_fid_and_is_with_the_inception_weights(stages, fid_weig
     the held-out images: the same numbers fid.py computes from the same files."""
     root, out = stages[0], str(tmp_path)
     tokenizers = {"stage1": str(root / "s1" / "ckpt.pt"), "stage2": str(root / "s2" / "tokenizer.pt")}
-    size = alitok.load_tokenizer(tokenizers["stage2"]).config.image_size
+    size = checkpoints.load_tokenizer(tokenizers["stage2"]).config.image_size
     labels = np.arange(12) % 10
     plumbing.save_npz(f"{out}/val.npz", arr_0=_fid_images(12, size, size, seed=1), arr_1=labels)
     plumbing.save_npz(f"{out}/samples.npz", arr_0=_fid_images(12, size, size, seed=2), arr_1=labels)
@@ -2727,7 +2728,7 @@ def test_demo_scores_rfid_fid_and_is_with_the_inception_weights(stages, fid_weig
     assert set(scores) == {"rfid_stage1", "rfid_stage2", "fid", "inception_score"}
     net = fid.load_inception(str(fid_weights))
     for name, path in tokenizers.items():
-        direct = fid.reconstruction_scores(alitok.load_tokenizer(path), f"{out}/val.npz", net)["rfid"]
+        direct = fid.reconstruction_scores(checkpoints.load_tokenizer(path), f"{out}/val.npz", net)["rfid"]
         assert scores[f"rfid_{name}"] == pytest.approx(direct, rel=1e-6) and direct > 0
     direct = fid.evaluate(f"{out}/val.npz", f"{out}/samples.npz", net)
     assert scores["fid"] == pytest.approx(direct["fid"], rel=1e-6) and scores["fid"] > 0

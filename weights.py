@@ -96,7 +96,7 @@ def _download(name, entry, dest, progress):
 def standard_weights(name, path=None, offline=False, progress=True):
     """Path of standard weight file `name` (a STANDARD_WEIGHTS key): `path` if given (it must exist); else
     its copy in weights_cache() once its SHA-256 checks; else downloaded there first (progress bar), unless
-    `offline` or $ALITOK_OFFLINE. Callers load it with weights_only=True (alitok.read_checkpoint). Under
+    `offline` or $ALITOK_OFFLINE. Callers load it with weights_only=True (checkpoints.read_checkpoint). Under
     torchrun every rank must call it (it waits on the others)."""
     entry = STANDARD_WEIGHTS[name]
     if path is not None:

@@ -49,6 +49,7 @@ from PIL import Image, ImageDraw
 from scipy import stats
 
 import alitok
+import checkpoints
 import data
 import fid
 import plumbing
@@ -160,7 +161,7 @@ def image_size(folder):
     preset's (train.py's default, which the ablation's commands keep)."""
     path = os.path.join(folder, "stage2", "tokenizer.pt")
     if os.path.exists(path):
-        return int(alitok.read_checkpoint(path, "stage-2 tokenizer")["config"]["image_size"])
+        return int(checkpoints.read_checkpoint(path, "stage-2 tokenizer")["config"]["image_size"])
     return alitok.TOKENIZER_PRESETS["tiny"].image_size
 
 

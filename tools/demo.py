@@ -20,7 +20,7 @@ sys.path.insert(0, ROOT)
 import numpy as np
 import torch
 
-import alitok
+import checkpoints
 import data
 import fid
 import plumbing
@@ -55,7 +55,7 @@ def val_images(n, size):
 @torch.no_grad()
 def tokenizer_scores(path, images):
     """Reconstruction PSNR (dB, uint8 images) and codebook usage of a tokenizer on held-out images."""
-    tok = alitok.load_tokenizer(path)
+    tok = checkpoints.load_tokenizer(path)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     codes = torch.cat([tok.encode(b) for b in x.split(100)])
     rec = torch.cat([tok.decode(c) for c in codes.split(100)])
@@ -86,7 +86,7 @@ def inception_scores(args, out, tokenizers, samples):
     except (OSError, ValueError) as error:
         print(f"rFID / FID / IS skipped: {error}", flush=True)
         return {}
-    scores = {f"rfid_{name}": fid.reconstruction_scores(alitok.load_tokenizer(path), f"{out}/val.npz", net)["rfid"]
+    scores = {f"rfid_{name}": fid.reconstruction_scores(checkpoints.load_tokenizer(path), f"{out}/val.npz", net)["rfid"]
               for name, path in tokenizers.items()}
     both = fid.evaluate(f"{out}/val.npz", samples, net)
     return scores | {"fid": both["fid"], "inception_score": both["inception_score"]}
@@ -124,7 +124,7 @@ def pipeline(args):
     run([py, script("sample.py"), "--ckpt", gen, "--npz", str(sched["samples"]), "--out", f"{out}/samples.npz", *seed], log)
 
     print("scoring ...", flush=True)
-    size = alitok.load_tokenizer(f"{s2}/tokenizer.pt").config.image_size
+    size = checkpoints.load_tokenizer(f"{s2}/tokenizer.pt").config.image_size
     real, real_labels = val_images(sched["val"], size)
     plumbing.save_npz(f"{out}/val.npz", arr_0=real, arr_1=real_labels)
     smp = np.load(f"{out}/samples.npz")

@@ -1,11 +1,12 @@
-"""Loss networks for training the AliTok tokenizer (spec: "Losses of the released recipe").
+"""The tokenizer's losses (spec: "Losses of the released recipe"), as the original's criterion computes them.
 
 - ConvNeXt-S perceptual loss: MSE between ImageNet logits of reconstruction and target.
 - LPIPS (VGG16 features + v0.1 linear heads), used early in each stage.
 - PatchGAN-style discriminator (MaskBit style) with hinge losses, switched on late in each stage.
+- The criterion: reconstruction (+ aux), perceptual, quantizer and adversarial terms, in float32.
 
-The two frozen networks load from weight files the user names (no downloads); parameter names follow
-torchvision and the lpips package exactly so their files load strictly. Images are NCHW float in [0, 1].
+The frozen networks load strictly from their standard files (torchvision and lpips names), which a run fetches
+on first use (weights.py) unless a path is given. Images are NCHW float in [0, 1].
 """
 import math
 import os
@@ -15,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import alitok
+import checkpoints
+import weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -181,7 +184,7 @@ def _read_weights(path, source, loss_name):
             f"weight file not found: '{path}'. It should be {source}. Download it on a machine with "
             f"network access and pass its path. Without it, train with the {loss_name} loss switched off "
             f"(weight 0); everything else works.")
-    return alitok.read_checkpoint(path, f"{loss_name} weight file ({source})")
+    return checkpoints.read_checkpoint(path, f"{loss_name} weight file ({source})")
 
 
 def load_convnext(path):
@@ -189,7 +192,7 @@ def load_convnext(path):
     state = _read_weights(path, CONVNEXT_SOURCE, "perceptual")
     with torch.device("meta"):  # no random init: every tensor comes from the file
         net = ConvNeXtSmall()
-    alitok.load_strict(net, state, source=os.fspath(path), assign=True)
+    checkpoints.load_strict(net, state, source=os.fspath(path), assign=True)
     return net.eval().requires_grad_(False)
 
 
@@ -198,9 +201,9 @@ def load_lpips(vgg_path, lin_path):
     with torch.device("meta"):
         net = LPIPS()
     lin = _read_weights(lin_path, LPIPS_LIN_SOURCE, "LPIPS")  # the small file first: fail fast
-    alitok.load_strict(net.heads(), lin, source=os.fspath(lin_path), assign=True)
+    checkpoints.load_strict(net.heads(), lin, source=os.fspath(lin_path), assign=True)
     vgg = _read_weights(vgg_path, VGG_SOURCE, "LPIPS")
-    alitok.load_strict(net.net, vgg, source=os.fspath(vgg_path), assign=True)
+    checkpoints.load_strict(net.net, vgg, source=os.fspath(vgg_path), assign=True)
     return net.eval().requires_grad_(False)
 
 
@@ -270,3 +273,83 @@ def hinge_d_loss(logits_real, logits_fake):
 def generator_adv_loss(logits_fake):
     """Generator adversarial loss -mean(D(x_rec)) on discriminator logits of reconstructions."""
     return -logits_fake.mean()
+
+
+# --------------------------------------------------------------------------------------------------
+# The original's criterion (mse_lpips_gan.py): reconstruction, perceptual, quantizer and GAN terms in float32
+# --------------------------------------------------------------------------------------------------
+
+# LPIPS early in each stage avoids blank or noisy reconstructions (the original's phase weights).
+EARLY, LATE = dict(lpips=1.0, convnext=0.1), dict(lpips=0.0, convnext=1.0)
+
+
+def loss_weights(args, step, have_lpips):
+    """The phase's loss weights: EARLY before --lpips-until (LATE throughout without the LPIPS file), the
+    adversarial term from --gan-start."""
+    weights = dict(EARLY if step < args.lpips_until and have_lpips else LATE)
+    return dict(weights, gan=args.gan_weight if 0 <= args.gan_start <= step else 0.0)
+
+
+def tokenizer_losses(out, images, nets, disc, weights, cfg, aux_weight):
+    """The original's criterion, in float32 with autocast off: reconstruction (+ aux), perceptual (LPIPS
+    and ConvNeXt at the phase's weights), quantizer (stage 1) and adversarial terms; their sum is "loss"."""
+    convnext, lpips_net = nets
+    with torch.autocast(images.device.type, enabled=False):
+        recon = out["recon"].float()
+        aux = None if out["aux"] is None else out["aux"].float()
+        parts = {"rec": alitok.reconstruction_loss(images, dict(recon=recon, aux=aux), cfg.patch_size,
+                                                   cfg.n_prefix, aux_weight)}
+        if lpips_net is not None and weights["lpips"] > 0:
+            parts["lpips"] = lpips(lpips_net, recon, images)
+        if convnext is not None:
+            parts["convnext"] = perceptual_loss(convnext, recon, images)
+        if "lpips" in parts or "convnext" in parts:
+            parts["perceptual"] = (weights["lpips"] * parts.get("lpips", 0.0)
+                                   + weights["convnext"] * parts.get("convnext", 0.0))
+        if "vq_loss" in out:
+            parts["quantizer"] = out["vq_loss"]
+        if weights["gan"] > 0:
+            parts["gen_adv"] = weights["gan"] * generator_adv_loss(disc(recon))
+        parts["loss"] = sum(parts[k] for k in ("rec", "perceptual", "quantizer", "gen_adv") if k in parts)
+    return parts
+
+
+def discriminator_loss(disc, images, fake, weight):
+    """weight * hinge loss of D on real images and detached reconstructions (one pass, float32, autocast
+    off); (loss, real logits, fake logits)."""
+    with torch.autocast(images.device.type, enabled=False):
+        real, fake = disc(torch.cat([images, fake.detach().float()])).chunk(2)
+        return weight * hinge_d_loss(real, fake), real, fake
+
+
+# --------------------------------------------------------------------------------------------------
+# A run's loss networks: switched on by flags, their standard weight files fetched on first use
+# --------------------------------------------------------------------------------------------------
+
+def loss_networks(args, device, log):
+    """ConvNeXt-S and LPIPS, each on by --perceptual-loss / --lpips-loss (default: on, except for the tiny
+    preset, which needs no download; a weights path given switches it on), frozen."""
+    wanted = lambda switch, path: switch if switch is not None else path is not None or args.preset != "tiny"
+    convnext = lp = None
+    if wanted(args.perceptual_loss, args.perceptual_weights):
+        path = loss_file(weights.CONVNEXT_WEIGHTS, args.perceptual_weights, args, "--no-perceptual-loss")
+        convnext = load_convnext(path).to(device)
+    if wanted(args.lpips_loss, args.lpips_weights):
+        vgg, lin = args.lpips_weights or (None, None)
+        lp = load_lpips(loss_file(weights.VGG16_WEIGHTS, vgg, args, "--no-lpips-loss"),
+                                   loss_file(weights.LPIPS_WEIGHTS, lin, args, "--no-lpips-loss")).to(device)
+    off = [name for name, net in (("ConvNeXt-S perceptual", convnext), ("LPIPS", lp)) if net is None]
+    if off:
+        log.info(f"{' and '.join(off)} loss off: pass --perceptual-loss / --lpips-loss to use them (their "
+                 f"standard weights are downloaded on first use into {weights.weights_cache()})")
+    return convnext, lp
+
+
+def loss_file(name, path, args, switch_off):
+    """The path of a loss network's standard weight file (an explicit path wins); the error, if it cannot be
+    had, also says how to train without that loss."""
+    try:
+        return weights.standard_weights(name, path, args.offline, progress=not args.no_progress)
+    except (OSError, ValueError) as error:
+        kind = ValueError if isinstance(error, ValueError) else FileNotFoundError
+        raise kind(f"{error}. To train without this loss, pass {switch_off}.") from None
