@@ -4,6 +4,7 @@ bench.py, fid.py.
 Manifests and golden vectors come from reference/ in this repository: nothing is skipped in a plain clone."""
 import contextlib
 import copy
+import errno
 import functools
 import hashlib
 import http.server
@@ -457,6 +458,58 @@ def test_golden_generator_b(fast):
     np.testing.assert_allclose(sched, g["cfg_scale_per_step"], rtol=1e-12)
     codes = gen.generate(inp["gen_classes"], float(g["guidance_scale"]), float(g["guidance_power"]), temperature=0)
     assert np.array_equal(codes.numpy(), g["greedy_cfg_codes"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_models_run_in_any_dtype_with_the_rotary_table_in_float32(dtype):
+    """model.to(dtype) (and .half()) work for both models, as LlamaGen's sampling script casts them; the rotary
+    table stays float32, logits float32, and float32 codes agree with the cast model's at most positions."""
+    gen, tok = tiny_generator(), Tokenizer(tokenizer_config("tiny", "inference")).eval()
+    cast = lambda m: copy.deepcopy(m).half() if dtype == torch.float16 else copy.deepcopy(m).to(dtype)
+    g, t = cast(gen), cast(tok)
+    assert g.rope.dtype == torch.float32 and g.blocks[0].attn.qkv.weight.dtype == dtype
+    torch.testing.assert_close(g.rope, rotary_table(g.config))
+    codes = g.generate(torch.tensor([1, 2]), cfg_scale=2.0, temperature=0)
+    assert codes.shape == (2, 73) and g.run(codes[:, :5]).dtype == torch.float32
+    assert (codes == gen.generate(torch.tensor([1, 2]), cfg_scale=2.0, temperature=0)).float().mean() > 0.5
+    images = t.decode(t.encode(torch.rand(2, 3, 32, 32)))
+    assert images.dtype == dtype and images.shape == (2, 3, 32, 32) and torch.isfinite(images.float()).all()
+
+
+def test_tokenizer_attention_runs_in_float32_and_in_the_autocast_dtype_under_autocast(monkeypatch):
+    """The tokenizer's attention casts q, k, v to float32 as the released code: without autocast it runs in
+    float32; under (CPU) autocast scaled_dot_product_attention runs in the autocast dtype whatever its inputs."""
+    seen, real = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: seen.append(real(*a, **kw)) or seen[-1])
+    tok, x = Tokenizer(tokenizer_config("tiny", 1)).eval(), torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        tok(x)
+        plain = {y.dtype for y in seen}
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            tok(x)
+    assert plain == {torch.float32} and {y.dtype for y in seen} == {torch.bfloat16}
+
+
+def test_compiled_sampling_step_gives_the_eager_codes():
+    """speed.compile_decode compiles the whole sampling step (one-token forward, guidance blend, sampling) with
+    static shapes, attending over the whole cache: on the CPU it gives the eager step's codes."""
+    gen = tiny_generator(layers=2, n_prefix=5, grid=4)
+    eager = gen.generate(torch.tensor([1, 7]), cfg_scale=3.0, cfg_power=1.0, seeds=[5, 6])
+    compiled = speed.compile_decode(copy.deepcopy(gen))
+    assert torch.equal(compiled.generate(torch.tensor([1, 7]), cfg_scale=3.0, cfg_power=1.0, seeds=[5, 6]), eager)
+    assert torch.equal(compiled.generate(torch.tensor([1, 7]), cfg_scale=3.0, cfg_power=1.0, seeds=[5, 6]), eager)
+
+
+def test_non_finite_logits_refuse_naming_the_step():
+    """Non-finite logits are never clamped into a code: generate() raises after the loop, naming the first step."""
+    gen = tiny_generator()
+    with torch.no_grad():
+        gen.output.bias[3] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite logits at sampling step 0 of 73"):
+        gen.generate(torch.tensor([1, 2]), cfg_scale=2.0, seeds=[0, 1])
+    with pytest.raises(FloatingPointError, match="step 0"):
+        tiny_generator().generate(torch.tensor([1]), cfg_scale=float("inf"), seeds=[0])
 
 
 @pytest.mark.slow
@@ -1496,6 +1549,20 @@ def bad_inputs(root, tmp):
         (["--stage", "1", "--out", str(tmp / "s1"), "--data", str(tmp / "missing")], "missing"),
         (["--stage", "1", "--out", str(tmp / "s1"), "--data", str(tmp / "nchw.npz")], "NCHW"),
         (["--stage", "1", "--out", str(tmp / "a_file" / "run")], "cannot write the run folder"),
+        (["--stage", "1", "--out", str(tmp / "run")], "run holds a stage-1 run of preset tiny at step 40: continue it "
+                                                      "with --resume, or start over with --restart"),
+        (["--stage", "2", "--init", str(s1), "--out", str(tok.parent)], "holds a stage-2 run of preset tiny at step 30"),
+        (["--stage", "1", "--out", str(tmp / "new"), "--batch-size", "0"], "--batch-size 0: expected a whole number >= 1"),
+        (["--stage", "1", "--out", str(tmp / "new"), "--ckpt-every", "0"], "--ckpt-every 0: expected a whole number"),
+        (["--stage", "1", "--out", str(tmp / "new"), "--log-every", "0"], "--log-every 0: expected a whole number"),
+        (["--stage", "1", "--out", str(tmp / "new"), "--n-images", "0"], "--n-images 0: expected a whole number"),
+        (["--stage", "1", "--out", str(tmp / "new"), "--steps", "-5"], "--steps -5: expected a whole number >= 1"),
+        (["--stage", "1", "--out", str(tmp / "new"), "--warmup", "-10"], "--warmup -10: expected a whole number >= 0"),
+        (["--stage", "1", "--out", str(tmp / "new"), "--stop-after", "0"], "--stop-after 0: expected a whole number"),
+        (["--stage", "1", "--out", str(tmp / "new"), "--lr", "nan"], "--lr nan: expected a finite number > 0"),
+        (["--stage", "1", "--out", str(tmp / "new"), "--micro-batch", "3"], "--batch-size 8 must split into 1 "
+                                                                            "process\\(es\\) x --micro-batch 3"),
+        (["--stage", "1", "--out", str(tmp / "run"), "--resume", "--restart"], "give one of them"),
     ]
 
 
@@ -1504,11 +1571,14 @@ def test_bad_input_is_one_message_and_status_2(tmp_path, stages, capsys):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "ckpt.pt").write_bytes((stages[0] / "s1" / "ckpt.pt").read_bytes())
     before = (tmp_path / "run" / "ckpt.pt").read_bytes()
+    finished = (stages[0] / "s2" / "tokenizer.pt").read_bytes()
     for argv, words in bad_inputs(stages[0], tmp_path):
-        assert plumbing.cli(train.main, [*argv, *TINY]) == 2, argv
+        assert plumbing.cli(train.main, [*TINY, *argv]) == 2, argv
         said = capsys.readouterr().err
         assert said.startswith("error: ") and re.search(words, said), (argv, said)
     assert (tmp_path / "run" / "ckpt.pt").read_bytes() == before
+    assert (stages[0] / "s2" / "tokenizer.pt").read_bytes() == finished   # stage 2 never rewrote it
+    assert not (tmp_path / "new").exists()                      # range errors come before any folder is made
     (tmp_path / "cut.pt").write_bytes(before[:5000])            # a truncated --resume file is explained too
     (tmp_path / "run" / "ckpt.pt").write_bytes(before[:5000])
     assert plumbing.cli(train.main, ["--stage", "1", "--out", str(tmp_path / "run"), "--resume", *TINY]) == 2
@@ -1567,7 +1637,7 @@ def test_two_processes_match_one_process(tmp_path, stages):
                           f"--master_port={free_port()}", str(HERE / "train.py"), *args, "--out",
                           str(tmp_path / "two")], env=env1(), capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-3000:]
-    assert "global batch 8 = 2 x 4" in two.stdout + two.stderr
+    assert "global batch 8 = 2 x 1 x 4" in two.stdout + two.stderr
     a = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["model"]
     for k in a:
@@ -1994,6 +2064,153 @@ def test_golden_train_generator_step():
                    g["grad_norm_total_after_clip"]) < 1e-4
     assert rel_err(clipped["output.weight"].double().norm(), g["grad_norm_after_clip:output.weight"]) < 1e-4
     assert_step(dict(model.named_parameters()), before, g, "", g["step_slices"])
+
+
+# ---------------------------------------------------------------- gradient accumulation, host syncs, run folders
+
+def micro_batches(batch, size):
+    """A batch (x, y) split into micro-batches of `size`, as the loop splits each process's share."""
+    return list(zip(batch[0].split(size), batch[1].split(size)))
+
+
+def test_generator_step_of_micro_batches_equals_one_batch():
+    """One generator step from 4 micro-batches of 2 equals one from a batch of 8: loss, gradient norm, weights."""
+    args = train.parse_args(["--stage", "ar", "--lr", "1e-2"])
+    gen = Generator(generator_config("tiny", dropout=0.0, token_dropout=0.0, class_dropout=0.0)).train()
+    torch.nn.init.normal_(gen.output.weight, std=0.02)
+    batch = torch.randint(0, 256, (8, 73)), torch.arange(8) % 10
+    one, four = (train.GeneratorStage(m, m, args) for m in (gen, copy.deepcopy(gen)))
+    a, b = one.step(micro_batches(batch, 8), 0), four.step(micro_batches(batch, 2), 0)
+    for key in ("loss", "acc", "grad_norm"):
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    for (name, p), q in zip(one.model.named_parameters(), four.model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-7, msg=name)     # the step's gradient
+        # AdamW's first step is about lr * sign(gradient): rounding can flip a tiny gradient's sign, no more
+        torch.testing.assert_close(p, q, rtol=0, atol=2.01 * args.lr, msg=name)
+
+
+@pytest.mark.parametrize("stage", ["1", "2"])
+def test_tokenizer_step_of_micro_batches_equals_one_batch_with_the_clustering_update_per_micro_batch(stage):
+    """Stage 2 (no clustering): 4 x 2 equals 1 x 8. Stage 1: the clustering update runs once per micro-batch (as
+    in every train-mode forward of the original), so the usage statistics after a 4 x 2 step are four updates in
+    turn; with the update switched off the step equals 1 x 8."""
+    args = train.parse_args(["--stage", stage, "--lr", "1e-3"])
+    torch.manual_seed(0)
+    tok = Tokenizer(tokenizer_config("tiny", int(stage))).train()
+    if stage == "2":
+        train.freeze_for_stage2(tok)
+    make = lambda m: train.TokenizerStage(m, m if stage == "1" else m.decoder, (None, None), args,
+                                          frozen_encoder=stage == "2")
+    batch = fixed_batch(8)
+    if stage == "1":                                         # the clustering update as stated
+        reference = copy.deepcopy(tok.quantize)
+        with torch.no_grad():
+            for x in batch[0].split(2):
+                reference.cluster_update_(tok.encoder(x, tok.latent_tokens))
+        four = make(copy.deepcopy(tok))
+        four.step(micro_batches(batch, 2), 0)
+        torch.testing.assert_close(four.model.quantize.embed_prob, reference.embed_prob)
+        del tok.quantize.embed_prob                          # the update off: what remains is plain accumulation
+    one, four = make(tok), make(copy.deepcopy(tok))
+    a, b = one.step(micro_batches(batch, 8), 0), four.step(micro_batches(batch, 2), 0)
+    torch.testing.assert_close(a["loss"], b["loss"], rtol=1e-5, atol=1e-7)
+    assert torch.equal(a["codes"], b["codes"])
+    for (name, p), q in zip(one.model.named_parameters(), four.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_two_processes_of_two_micro_batches_match_one_process(tmp_path, stages):
+    """torchrun, gloo: 2 processes x 2 micro-batches of 2 end with the weights of 1 process x 4 (generator)."""
+    root = stages[0]
+    args = ["--stage", "ar", "--tokenizer", str(root / "s2" / "tokenizer.pt"), "--codes", str(root / "ar" / "codes.npz"),
+            "--steps", "4", *TINY, "--batch-size", "4", "--dropout", "0", "--token-dropout", "0", "--class-dropout", "0"]
+    subprocess.run([sys.executable, str(HERE / "train.py"), *args, "--out", str(tmp_path / "one")],
+                   check=True, env=env1(), capture_output=True)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={free_port()}", str(HERE / "train.py"), *args, "--micro-batch", "1",
+                          "--out", str(tmp_path / "two")], env=env1(), capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "global batch 4 = 2 x 2 x 1" in two.stdout + two.stderr
+    a = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def host_reads_of_a_run(tmp_path, monkeypatch, stage_args, steps):
+    """How often the training code (train.py, alitok.py, losses.py) read a tensor back to the host in a run of
+    `steps` steps whose logs, evaluations, pictures and checkpoints all fall on its last step."""
+    reads, ours = [], {str(HERE / f) for f in ("train.py", "alitok.py", "losses.py")}
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, **kw):
+            if sys._getframe(1).f_code.co_filename in ours:
+                reads.append(sys._getframe(1).f_code.co_name)
+            return _real(self, *a, **kw)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    every = [f"--{k}-every" for k in ("log", "eval", "image", "ckpt")]
+    run_main([*stage_args, *TINY, "--out", str(tmp_path / f"run{steps}"), "--steps", str(steps),
+              *[x for flag in every for x in (flag, str(steps))]])
+    monkeypatch.undo()
+    return reads
+
+
+@pytest.mark.parametrize("stage", ["1", "ar"])
+def test_no_host_sync_in_a_training_step(tmp_path, monkeypatch, stages, stage):
+    """A run of 8 steps reads tensors back to the host as often as one of 3 (both log, evaluate and save once):
+    losses, metrics, code counts and the NaN check stay on the device between logs."""
+    flags = ["--stage", "1"] if stage == "1" else [
+        "--stage", "ar", "--tokenizer", str(stages[0] / "s2" / "tokenizer.pt"), "--codes",
+        str(stages[0] / "ar" / "codes.npz")]
+    short, long = (host_reads_of_a_run(tmp_path, monkeypatch, flags, n) for n in (3, 8))
+    assert len(short) == len(long), sorted(set(long))
+
+
+def test_nan_check_runs_at_log_and_checkpoint_steps_only(tmp_path, monkeypatch):
+    """A NaN between checks is caught at the next log or checkpoint step, naming the step it appeared at, before
+    anything is written: the checkpoint of the last good step stays."""
+    real, calls = P.tokenizer_losses, []
+
+    def poisoned(*args):
+        calls.append(1)
+        parts = real(*args)
+        return {**parts, "loss": parts["loss"] * float("nan")} if len(calls) == 7 else parts
+    monkeypatch.setattr(P, "tokenizer_losses", poisoned)
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 6;.*step 4"):
+        run_main(["--stage", "1", "--out", str(tmp_path), "--steps", "12", *TINY, "--ckpt-every", "4",
+                  "--log-every", "4"])
+    assert len(calls) == 8 and torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 4
+
+
+def test_restart_replaces_a_run_and_says_what(tmp_path, capsys):
+    """--restart starts over in a used folder: the old run's logs are gone, not mixed with the new ones."""
+    common = ["--stage", "1", "--out", str(tmp_path), *TINY]
+    run_main([*common, "--steps", "10"])
+    run_main([*common, "--steps", "5", "--restart"])
+    assert "--restart: removed a stage-1 run of preset tiny at step 10" in capsys.readouterr().out
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
+    assert steps == [5] and torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 5
+
+
+def test_full_disk_names_the_file_and_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    """A checkpoint write that fails for lack of space ends with one error line naming the full filesystem, the
+    file, and the last good checkpoint's step, which stays readable."""
+    real, calls = torch.save, []
+
+    def full_after_one(obj, f, *a, **kw):
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f, *a, **kw)
+    monkeypatch.setattr(torch, "save", full_after_one)
+    argv = ["--stage", "1", "--out", str(tmp_path), "--steps", "6", *TINY, "--ckpt-every", "2"]
+    assert plumbing.cli(train.main, argv) == 2
+    said = capsys.readouterr().err
+    assert said.startswith("error: ") and "Traceback" not in said
+    assert re.search("full|No space left", said) and str(tmp_path / "ckpt.pt") in said and "at step 2" in said
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 2
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
 
 
 # ===================================================================================================
