@@ -3,6 +3,7 @@ processes, the run-folder lock, stop signals, one-line errors, and pictures (ima
 
 Nothing here is the paper's method; it is what keeps a long run from losing work or failing silently.
 """
+import errno
 import fcntl
 import json
 import math
@@ -23,16 +24,46 @@ from PIL import Image, ImageDraw, ImageFont
 
 def atomic_write(path, write, mode="wb"):
     """Call write(file) on a temporary file beside `path`, then rename it: readers see the old file or the
-    whole new one, never half of one (a kill or a full disk leaves `path` as it was)."""
+    whole new one, never half of one. A kill leaves `path` as it was; a full filesystem too, and raises an
+    OSError that says so, names the file and says that its previous version is intact."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp, existed = f"{path}.tmp{os.getpid()}", os.path.exists(path)
     try:
-        with open(tmp, mode) as f:
-            write(f)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, mode) as f:
+                write(f)
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as error:
+            why = full_filesystem(error, tmp)       # asked while the temporary file still takes its space
+            if why is None:
+                raise
+            kept = f"the previous {path} is intact" if existed else f"nothing was written to {path}"
+            full = OSError(f"cannot write {path}: the filesystem is full ({why}); {kept}. Free some space "
+                           f"on it (or write elsewhere) and run again")
+            full.errno = getattr(error, "errno", None) or errno.ENOSPC     # no .filename: str() would drop the words
+            raise full from error
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # no space left on the device; the user's disk quota is used up
+
+
+def full_filesystem(error, path):
+    """Why a failed write of `path` means its filesystem is full (the OS error's words), else None. Writers
+    that wrap the OS error (torch.save raises RuntimeError "unexpected pos ...") are judged by the space
+    left: under one block free to this user is full."""
+    if isinstance(error, OSError):
+        return os.strerror(error.errno) if error.errno in FULL_ERRNOS else None
+    try:
+        fs = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    except OSError:
+        return None
+    free = (fs.f_bfree if os.geteuid() == 0 else fs.f_bavail) * fs.f_frsize   # root may use reserved blocks
+    if free >= fs.f_bsize:
+        return None
+    return f"{free} bytes left after the writer stopped: {str(error).splitlines()[0][:160]}"
 
 
 def save_checkpoint(obj, path):
@@ -153,6 +184,34 @@ def cli(main, *args):
     except (OSError, ValueError, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def _whole(x):
+    return isinstance(x, int) and not isinstance(x, bool) or isinstance(x, float) and x.is_integer()
+
+
+# The kinds of numeric flags: kind -> (test of a value, the range in words)
+FLAG_KINDS = {
+    "count": (lambda x: _whole(x) and x >= 1, "a whole number >= 1"),
+    "index": (lambda x: _whole(x) and x >= 0, "a whole number >= 0"),
+    "positive": (lambda x: math.isfinite(x) and x > 0, "a finite number > 0"),
+    "nonnegative": (lambda x: math.isfinite(x) and x >= 0, "a finite number >= 0"),
+    "finite": (math.isfinite, "a finite number"),
+    "fraction": (lambda x: 0 < x <= 1, "a number in (0, 1]"),       # comparisons with nan are False
+    "probability": (lambda x: 0 <= x <= 1, "a number in [0, 1]"),
+}
+
+
+def check_flags(args, rules):
+    """Raise ValueError("--flag value: expected <range>") at the first flag out of its range. rules: {"--flag":
+    kind} with kinds from FLAG_KINDS; values are read from the argparse Namespace `args` (dashes as
+    underscores); unset (None) passes; a list (nargs) is checked item by item."""
+    for flag, kind in rules.items():
+        ok, words = FLAG_KINDS[kind]
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        for x in value if isinstance(value, (list, tuple)) else [value]:
+            if x is not None and not ok(x):
+                raise ValueError(f"{flag} {x}: expected {words}")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -559,7 +559,9 @@ def setup_generator(args, device, world, autocast, log):
     model = alitok.Generator(cfg).to(device)
     g = GeneratorTraining(model, wrap(model, device, world), generator_optimizer(model, args), autocast,
                           args.grad_clip)
-    saved = {"tokenizer": os.path.abspath(args.tokenizer)}
+    # the path finds the tokenizer again; the fingerprint tells sample.py whether a tokenizer is that one
+    saved = {"tokenizer": os.path.abspath(args.tokenizer),
+             "tokenizer_fingerprint": alitok.codebook_fingerprint(tok)}
     path = os.path.join(args.out, "generator.pt")
     held = heldout_codes(tok, args, device)
     return Run(model, functools.partial(generator_step, g), {"model": g.opt}, dataset, cfg.codebook_size,
