@@ -3,6 +3,7 @@ message naming what does not fit), and the training states train.py writes for -
 setup, never silently overwritten, written so that a failed write names the last good state.
 """
 import glob
+import hashlib
 import math
 import os
 from dataclasses import asdict, fields, replace
@@ -133,6 +134,15 @@ def load_generator(path_or_state_dict, map_location="cpu", **overrides):
 def checkpoint(model):
     """A self-contained checkpoint dict: the model's config and state, rebuilt by load_tokenizer/load_generator."""
     return {"config": asdict(model.config), "model": model.state_dict()}
+
+
+def codebook_fingerprint(tokenizer):
+    """16 hex digits of SHA-256 over a tokenizer's codebook (its shape, then its weights as float32 bytes): equal
+    for tokenizers whose codes mean the same vectors, different (up to 2^-64) for any other codebook."""
+    codebook = tokenizer.quantize.embedding.weight.detach().float().cpu().contiguous()
+    digest = hashlib.sha256(str(tuple(codebook.shape)).encode())
+    digest.update(codebook.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------------------

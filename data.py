@@ -375,6 +375,19 @@ def _check_arrays(path, images, labels, x_key, y_key):
         raise ValueError(f"{path}: expected at least one image and labels >= 0")
 
 
+def check_label_bulk(labels, n_classes, where, remedy):
+    """Raise ValueError when labels without class names would make n_classes classes far beyond their bulk:
+    n_classes > 2 x (the 99th percentile label + 1) with fewer than half of the ids 0..n_classes-1 in use (a
+    stray label such as 100000 among 0..9 would build a generator with 100,001 class embeddings)."""
+    bulk = int(np.percentile(labels, 99, method="lower")) + 1       # the classes that hold 99% of the labels
+    used = len(np.unique(labels))
+    if n_classes > 2 * bulk and used < n_classes / 2:
+        top = int(labels.max())
+        raise ValueError(f"{where}: label {top} ({int((labels == top).sum())} of {len(labels)} images) would make "
+                         f"{n_classes} classes, but 99% of the labels lie in 0..{bulk - 1} and only {used} of the "
+                         f"ids 0..{n_classes - 1} occur; {remedy}")
+
+
 def read_npz_images(path, split="train"):
     """(images uint8 [N, H, W, 3], labels int64 [N], class names or None) from x_<split>/y_<split>, else
     arr_0/arr_1 (a single-split ADM file serves any split); ValueError on other layouts."""
@@ -414,6 +427,10 @@ class ArrayDataset(Dataset):
         self.images, self.labels = images[keep], labels[keep]
         self.path, self.image_size = path, image_size
         self.num_classes = len(names) if names else int(labels.max()) + 1
+        if not names:
+            check_label_bulk(labels, self.num_classes, f"{path} (labels without class names)",
+                             "fix the labels, or store the class names as `classes` in the npz (a string "
+                             "array, one name per id) if these ids are meant")
         if labels.max() >= self.num_classes:
             raise ValueError(f"{path}: label {labels.max()} but only {self.num_classes} class names")
         self.class_names = names or [str(c) for c in range(self.num_classes)]
@@ -623,6 +640,10 @@ class CodesDataset(Dataset):
         self.image_size, self.num_classes = meta["image_size"], meta["num_classes"]
         self.class_names = names or [str(c) for c in range(self.num_classes)]
         self._check(path)
+        if self.class_names == [str(c) for c in range(self.num_classes)]:     # numbers, not names
+            check_label_bulk(self.labels, self.num_classes, f"{path} (labels without class names)",
+                             "fix the labels of the source it was made from (or store the class names as "
+                             "`classes` in that npz) and pre-tokenize again: delete this file")
 
     def _check(self, path):
         codes, labels, n = self.codes, self.labels, len(self.codes)

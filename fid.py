@@ -15,7 +15,10 @@ Inputs (REF, SAMPLES, SOURCE, IMAGES):
   stats npz  `mu`, `sigma` [, `mu_s`, `sigma_s`] are used for FID [sFID] as they are; `arr_0` (ADM reference
              batches) or `pool3` (from --save-stats) serve Precision/Recall
 A metric whose inputs are missing (IS of a stats file, sFID without `mu_s`, P/R without images or `pool3`)
-prints n/a, is null in the JSON, and a warning says why.
+prints n/a, is null in the JSON, and a warning says why. REF and SAMPLES that both hold images (npz `arr_0` or
+a folder) must hold one image size, or are refused before any feature is extracted (the Inception resizes
+both to 299 px, so the scores would measure the size difference); a stats file carries no size and is not
+checked.
 
 --save-stats OUT.npz: mu, sigma, mu_s, sigma_s (float64) and the pool3 features of the first 10,000 images
 (float32; ADM's reference size for P/R). With one PATH it only caches; with REF SAMPLES it also scores.
@@ -50,6 +53,7 @@ import weights
 MODES = ("adm", "pytorch-fid")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # --precision
 PR_REFERENCE_SIZE = 10_000  # ADM's reference batches hold 10k images for Precision/Recall
+FLAG_RULES = {"--batch-size": "count"}  # the range of each numeric flag (plumbing.check_flags)
 
 # === The FID Inception network: the 2015-12-05 TF graph in torchvision's names (pytorch-fid's port) ===
 
@@ -488,6 +492,10 @@ class NpzImages:
     def __len__(self):
         return self.shape[0]
 
+    def image_size(self):
+        """(H, W) of the images in px."""
+        return tuple(self.shape[1:3])
+
     def __getitem__(self, s):
         start, stop, _ = s.indices(len(self))
         n = max(stop - start, 0)
@@ -521,6 +529,18 @@ class ImageFolder:
 
     def __len__(self):
         return len(self.files)
+
+    def image_size(self):
+        """(H, W) in px of the first image that reads (headers only without a transform), or None if none does."""
+        for p in self.files:
+            try:
+                if self.transform is None:
+                    with Image.open(p) as im:
+                        return im.height, im.width
+                return np.asarray(self.transform(D.load_image(p))).shape[:2]
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+                continue    # counted as skipped when the images are read
+        return None
 
     def __getitem__(self, s):
         arrays = []
@@ -579,6 +599,16 @@ def load_source(path, transform=None):
     except NPZ_ERRORS as error:
         raise _unreadable_npz(path, error) from error
     return src
+
+
+def check_same_size(ref, smp):
+    """Raise ValueError when REF and SAMPLES both hold images and their sizes differ (stats files carry none)."""
+    sizes = [None if s["images"] is None else s["images"].image_size() for s in (ref, smp)]
+    if None not in sizes and sizes[0] != sizes[1]:
+        (h, w), (h2, w2) = sizes
+        raise ValueError(f"{ref['path']} holds {w}x{h} px images but {smp['path']} holds {w2}x{h2} px: the metrics "
+                         f"compare images of one size (both are resized to 299 px for the Inception, so the scores "
+                         f"would measure the size difference); resize or centre-crop one set to the other's size")
 
 
 def complete(src, model, need_logits=False, mode="adm", batch_size=50, device=None):
@@ -700,6 +730,7 @@ def run(argv=None):
     """The command line's work; returns the result dict (main() is its exit-status wrapper)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    plumbing.check_flags(args, FLAG_RULES)
     n = len(args.paths)
     if args.recon and n != 1:
         parser.error("--recon takes one IMAGES path (a folder or npz of real images)")
@@ -709,6 +740,8 @@ def run(argv=None):
     # every input is opened (and checked) before the first image is run through the network
     tokenizer = checkpoints.load_tokenizer(args.recon) if args.recon else None
     sources = [] if args.recon else [load_source(path) for path in args.paths]
+    if len(sources) == 2:
+        check_same_size(*sources)
     model = load_inception(args.inception, args.offline, args.precision, device)
     common = dict(mode=args.mode, batch_size=args.batch_size, device=device)
     if args.recon:

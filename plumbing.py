@@ -40,7 +40,7 @@ def atomic_write(path, write, mode="wb"):
             kept = f"the previous {path} is intact" if existed else f"nothing was written to {path}"
             full = OSError(f"cannot write {path}: the filesystem is full ({why}); {kept}. Free some space "
                            f"on it (or write elsewhere) and run again")
-            full.errno = getattr(error, "errno", None) or errno.ENOSPC     # (a filename would reword the message)
+            full.errno = getattr(error, "errno", None) or errno.ENOSPC     # no .filename: str() would drop the words
             raise full from error
     finally:
         if os.path.exists(tmp):

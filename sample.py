@@ -3,9 +3,11 @@
 Read beside "AliTok" (arXiv 2506.05289), Sec. 4, and ALITOK_SPEC.md section 2 "Sampling": temperature 1,
 no top-k / top-p, power-cosine guidance with each size's released scale g and power p, the conditional and
 unconditional halves run as one doubled batch over a KV cache. Sample i draws from its own seed,
-seed * 1000003 + i, so results do not depend on the batch size or the number of processes (bit-exact on a CPU;
-on a GPU, kernels chosen per batch shape may round differently). Defaults are the paper's evaluation: float32
-(TF32 allowed on a GPU), npz pixels truncated to uint8.
+seed * 1000003 + i; generation runs at least 8 samples at a time and the tokenizer decodes 32 at a time, whatever
+--batch-size (batches are padded; see MIN_BATCH). So on one CPU the codes, the pixels and the npz file are
+bit-identical for any --batch-size and number of processes, in float32 and bf16 (on a GPU, kernels chosen per
+batch shape may round differently). Defaults are the paper's evaluation: float32 (TF32 allowed on a GPU), npz
+pixels truncated to uint8.
 
 examples:
   # a grid of 8 ImageNet classes (one row each) x 8 samples -> out/alitok_b_grid.png and .json
@@ -36,7 +38,7 @@ from tqdm import tqdm
 import plumbing
 import speed
 from alitok import check_classes
-from checkpoints import load_generator, load_tokenizer, read_checkpoint
+from checkpoints import codebook_fingerprint, load_generator, load_tokenizer, read_checkpoint
 
 SEED_STRIDE = 1_000_003  # above any sample count: seeds of two base seeds never coincide (N < 1,000,003)
 IMAGENET_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)  # DiT's sample.py selection (retriever, otter, ...)
@@ -46,6 +48,15 @@ RELEASE_NOTE = ("The released weights (alitok_b.bin, alitok_l.bin, alitok_xl.bin
 # What decides the samples: shards written under other values must not be mixed into one file.
 SHARD_KEYS = ("generator", "generator_stamp", "tokenizer", "tokenizer_stamp", "n", "classes", "seed", "cfg_scale",
               "cfg_power", "temperature", "top_k", "top_p", "precision", "shard_size")
+# On a CPU the rounding of a product can depend on its number of rows: MKL multiplies fewer than 4 rows with
+# other kernels, and a 3-channel 1x1 convolution (the decoder's last layer) takes another path below 16 images.
+# So generation runs at least MIN_BATCH samples (2 rows each with guidance) and the tokenizer decodes
+# DECODE_BATCH images at a time, each at a fixed place in its batch: a sample does not depend on --batch-size.
+MIN_BATCH, DECODE_BATCH = 8, 32
+# The range of each numeric flag (plumbing.check_flags), checked before anything is loaded or written
+FLAG_RULES = {"--classes": "index", "--per-class": "count", "--npz": "count", "--shard-size": "count",
+              "--cfg-scale": "finite", "--cfg-power": "nonnegative", "--temperature": "nonnegative",
+              "--top-k": "index", "--top-p": "fraction", "--seed": "index", "--batch-size": "count"}
 
 
 # --- Loading the generator and its tokenizer --------------------------------------------------------
@@ -57,10 +68,11 @@ def read_weights(path, what):
     return read_checkpoint(path, what)
 
 
-def load_models(gen_path, tok_path=None, device="cpu", precision="fp32", compile=False):
+def load_models(gen_path, tok_path=None, device="cpu", precision="fp32", compile=False, accept_tokenizer=False):
     """(generator, tokenizer, tokenizer source) on device, eval mode, through speed.for_inference (bf16: both
     models' block weights held in bfloat16; compile: the generator's sampling step compiled). The tokenizer:
-    tok_path, else the one the generator checkpoint carries (train.py writes its path)."""
+    tok_path, else the one the generator checkpoint carries (train.py writes its path). A tokenizer whose codebook
+    is not the one the checkpoint's fingerprint names is refused (accept_tokenizer: used, with a warning)."""
     ckpt = read_weights(gen_path, "generator checkpoint")
     generator = load_generator(ckpt)
     source = tok_path or (ckpt.get("tokenizer") if isinstance(ckpt, dict) else None)
@@ -80,6 +92,7 @@ def load_models(gen_path, tok_path=None, device="cpu", precision="fp32", compile
         raise ValueError(f"generator and tokenizer do not fit: the generator samples {g.n_prefix} + {g.grid}^2 "
                          f"tokens from {g.codebook_size} codes, the tokenizer decodes {t.n_prefix} + {t.grid}^2 "
                          f"from {t.codebook_size}")
+    check_fingerprint(ckpt, gen_path, tokenizer, source, accept_tokenizer)
     generator = speed.for_inference(generator.to(device), precision, compile)
     return generator, speed.for_inference(tokenizer.to(device), precision), source
 
@@ -92,6 +105,22 @@ def default_batch(cfg, device, precision):
     free, _ = torch.cuda.mem_get_info(device)
     per_sample = 2 * 2 * cfg.layers * (cfg.n_tokens + 1) * cfg.width * (2 if precision == "bf16" else 4)
     return max(1, min(256, 2 ** int(math.log2(max(1, free / 4 / per_sample)))))
+
+
+def check_fingerprint(ckpt, gen_path, tokenizer, source, accept=False):
+    """Raise ValueError (accept: warn) when the generator checkpoint names another codebook than the tokenizer's:
+    its codes would decode to wrong images. The released generator files carry no fingerprint: nothing to check."""
+    trained = ckpt.get("tokenizer_fingerprint") if isinstance(ckpt, dict) else None
+    found = codebook_fingerprint(tokenizer)
+    if trained is None or trained == found:
+        return
+    trained_on = ckpt.get("tokenizer") if isinstance(ckpt.get("tokenizer"), str) else "another tokenizer"
+    said = (f"the tokenizer {source} (codebook fingerprint {found}) is not the one the generator {gen_path} was "
+            f"trained on ({trained_on}, codebook fingerprint {trained}): its codes would decode to wrong images")
+    if not accept:
+        raise ValueError(f"{said}. Pass --tokenizer with the tokenizer it was trained on, or --accept-tokenizer "
+                         f"to sample with this one anyway")
+    print(f"warning: {said}; sampling anyway (--accept-tokenizer)", file=sys.stderr)
 
 
 def default_classes(num_classes):
@@ -116,14 +145,29 @@ def balanced_labels(n, classes, seed):
     return labels[np.random.default_rng(seed).permutation(n)]  # ADM's IS reads the file in 5k chunks: no sorting
 
 
+def padded(items, n):
+    """items (a list or tensor) with its last item repeated up to n items."""
+    pad = max(0, n - len(items))
+    if torch.is_tensor(items):
+        return torch.cat([items, items[-1:].expand(pad, *items.shape[1:])]) if pad else items
+    return list(items) + [items[-1]] * pad
+
+
 @torch.no_grad()
-def generate_batch(generator, tokenizer, classes, seeds, opts, pad_to=0):
-    """(codes int64 [B, T], images float [B, 3, H, W] in [0, 1]) on the CPU for class indices and seeds [B]; opts:
-    generate()'s keywords. Padded to pad_to samples (repeats of the last) so that compiled code sees one shape."""
-    n, pad = len(classes), max(0, pad_to - len(classes))
-    classes, seeds = list(classes) + [classes[-1]] * pad, list(seeds) + [seeds[-1]] * pad
-    codes = generator.generate(classes, seeds=seeds, **opts)
-    return codes[:n].cpu(), tokenizer.decode(codes[:n]).float().cpu()
+def generate_batch(generator, classes, seeds, opts, pad_to=0):
+    """Codes int64 [B, T] on the CPU for class indices and seeds [B]; opts: generate()'s keywords. Run padded to
+    pad_to samples (compiled code sees one shape) and to at least MIN_BATCH (one rounding for every batch size)."""
+    n = max(pad_to, MIN_BATCH)
+    return generator.generate(padded(classes, n), seeds=padded(seeds, n), **opts)[:len(classes)].cpu()
+
+
+@torch.no_grad()
+def decode(tokenizer, codes):
+    """Images float [N, 3, H, W] in [0, 1] on the CPU of codes [N, T], decoded DECODE_BATCH at a time (the last
+    batch padded): an image's rounding depends on its index in `codes` modulo DECODE_BATCH only."""
+    device = next(tokenizer.parameters()).device
+    return torch.cat([tokenizer.decode(padded(c.to(device), DECODE_BATCH))[:len(c)].float().cpu()
+                      for c in codes.split(DECODE_BATCH)])
 
 
 def sample_grid(generator, tokenizer, classes, per_class, opts, seed=0, batch_size=32, progress=False):
@@ -131,9 +175,10 @@ def sample_grid(generator, tokenizer, classes, per_class, opts, seed=0, batch_si
     in turn; sample i has seed seed * 1000003 + i."""
     labels = [c for c in classes for _ in range(per_class)]
     seeds, pad_to = sample_seeds(seed, range(len(labels))), min(batch_size, len(labels))
-    out = [generate_batch(generator, tokenizer, labels[i:i + batch_size], seeds[i:i + batch_size], opts, pad_to)
-           for i in tqdm(range(0, len(labels), batch_size), desc="sampling", unit="batch", disable=not progress)]
-    return torch.cat([c for c, _ in out]), torch.cat([x for _, x in out])
+    codes = torch.cat([generate_batch(generator, labels[i:i + batch_size], seeds[i:i + batch_size], opts, pad_to)
+                       for i in tqdm(range(0, len(labels), batch_size), desc="sampling", unit="batch",
+                                     disable=not progress)])
+    return codes, decode(tokenizer, codes)
 
 
 # --- ADM sample batch (npz): a shard file per fixed index range, skipped by a rerun, assembled once --
@@ -165,11 +210,12 @@ def sample_npz(generator, tokenizer, out, n, classes, opts, settings, seed=0, ba
     todo = [(s, min(s + shard_size, n)) for s in range(0, n, shard_size)[rank::world] if not os.path.isfile(shard(s))]
     code_dtype = np.int16 if generator.config.codebook_size <= 2 ** 15 else np.int32
     for s, e in tqdm(todo, desc=f"sampling (rank 0 of {world})", unit="shard", disable=rank != 0):
-        parts = [generate_batch(generator, tokenizer, labels[i:min(i + batch_size, e)].tolist(),
-                                sample_seeds(seed, range(i, min(i + batch_size, e))), opts, min(batch_size, n))
-                 for i in range(s, e, batch_size)]
-        plumbing.save_npz(shard(s), images=plumbing.to_uint8(torch.cat([x for _, x in parts]), "truncate"),
-                      codes=torch.cat([c for c, _ in parts]).numpy().astype(code_dtype))
+        codes = torch.cat([generate_batch(generator, labels[i:min(i + batch_size, e)].tolist(),
+                                          sample_seeds(seed, range(i, min(i + batch_size, e))), opts,
+                                          min(batch_size, n))
+                           for i in range(s, e, batch_size)])
+        plumbing.save_npz(shard(s), images=plumbing.to_uint8(decode(tokenizer, codes), "truncate"),
+                          codes=codes.numpy().astype(code_dtype))
     plumbing.barrier()
     if rank == 0:
         assemble_npz(out, [shard(s) for s in range(0, n, shard_size)], labels)
@@ -223,7 +269,8 @@ def build_parser():
     add("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]; 1 = off (default)")
     add("--seed", type=int, default=0, help="base seed: sample i uses seed * 1000003 + i (default 0)")
     add("--batch-size", type=int, help="samples per forward pass and process (default: 32 on a CPU; on a GPU the "
-        "largest power of two up to 256 whose KV cache takes at most a quarter of the free memory)")
+        "largest power of two up to 256 whose KV cache takes at most a quarter of the free memory; fewer than 8 "
+        "run padded to 8); the samples do not depend on it")
     add("--device", help="torch device (default: cuda if available, else cpu)")
     add("--precision", choices=("fp32", "bf16"), default="fp32", help="fp32 (default; TF32 matmuls on a GPU) is "
         "the paper's evaluation setting. bf16 holds the block weights in bfloat16: faster, samples statistically "
@@ -233,19 +280,16 @@ def build_parser():
         "costs more than it saves for a few hundred images")
     add("--out", help="output file (default: out/<ckpt name>_grid.png, or out/<ckpt name>_<N>.npz with --npz); "
         "the settings and speed go beside it as .json")
+    add("--accept-tokenizer", action="store_true", help="sample even with a tokenizer whose codebook is not the "
+        "one the generator checkpoint names (its fingerprint; a warning is printed)")
     return p
 
 
 def check_args(p, args, world):
-    """parser.error on arguments that cannot work, before any model is loaded."""
+    """parser.error on combinations of arguments that cannot work, before any model is loaded (ranges:
+    FLAG_RULES)."""
     if world > 1 and not args.npz:
         p.error("torchrun (WORLD_SIZE > 1) is for --npz only")
-    for name, ok in (("--per-class", args.per_class >= 1), ("--batch-size", args.batch_size is None or args.batch_size >= 1),
-                     ("--npz", args.npz is None or args.npz >= 1), ("--temperature", args.temperature >= 0),
-                     ("--seed", args.seed >= 0), ("--shard-size", args.shard_size >= 1),
-                     ("--top-k", args.top_k >= 0), ("--top-p", 0 < args.top_p <= 1)):
-        if not ok:
-            p.error(f"{name} is out of range (see --help)")
     if args.npz and args.out and not args.out.endswith(".npz"):
         p.error("--out must end in .npz with --npz (evaluators look for it)")
 
@@ -268,11 +312,13 @@ def main(argv=None):
     """Run the command line: the grid or the npz, and the JSON record of its settings and speed beside it."""
     p = build_parser()
     args = p.parse_args(argv)
+    plumbing.check_flags(args, FLAG_RULES)
     check_args(p, args, int(os.environ.get("WORLD_SIZE", 1)))
     rank, world, device = plumbing.setup_distributed(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as the paper's evaluation ran
     args.compile = device.type == "cuda" if args.compile is None else args.compile
-    generator, tokenizer, tok_source = load_models(args.ckpt, args.tokenizer, device, args.precision, args.compile)
+    generator, tokenizer, tok_source = load_models(args.ckpt, args.tokenizer, device, args.precision, args.compile,
+                                                   args.accept_tokenizer)
     cfg = generator.config
     args.batch_size = args.batch_size or default_batch(cfg, device, args.precision)
     classes = args.classes or (list(range(cfg.num_classes)) if args.npz else default_classes(cfg.num_classes))

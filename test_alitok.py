@@ -2,6 +2,7 @@
 the full-size checks. Sections follow the files: alitok.py, data.py, perceptual.py, train.py, sample.py,
 bench.py, fid.py.
 Manifests and golden vectors come from reference/ in this repository: nothing is skipped in a plain clone."""
+import builtins
 import contextlib
 import copy
 import errno
@@ -1360,7 +1361,10 @@ def test_generator_stage_lowers_loss_and_writes_checkpoint(stages):
     records = [json.loads(l) for l in open(root / "ar" / "metrics.jsonl")]
     assert records[-1]["loss"] < records[0]["loss"] and 0 <= records[-1]["acc"] <= 1
     gen = checkpoints.load_generator(root / "ar" / "generator.pt")
-    assert torch.load(root / "ar" / "generator.pt", weights_only=False)["tokenizer"].endswith("tokenizer.pt")
+    saved = torch.load(root / "ar" / "generator.pt", weights_only=False)
+    assert saved["tokenizer"].endswith("tokenizer.pt")
+    tokenizer = checkpoints.load_tokenizer(root / "s2" / "tokenizer.pt")
+    assert saved["tokenizer_fingerprint"] == checkpoints.codebook_fingerprint(tokenizer)
     c = torch.from_numpy(codes["codes"][:16, 4].astype(np.int64))
     y = torch.from_numpy(codes["labels"][:16])
     with torch.no_grad():                                       # the zero-initialised output layer starts at log K
@@ -2263,14 +2267,20 @@ def npz_one(ckpts, tmp_path_factory):
 # Seeds: a sample does not depend on the batch it is in, nor on the number of processes
 # ----------------------------------------------------------------------------------------------------
 
-def test_same_seed_same_samples_at_batch_1_and_4(models):
+def test_same_seed_same_samples_at_batch_1_and_6(models):
+    """Bit-identical codes and pixels (floats, before uint8) at any --batch-size: every product has one shape."""
     generator, tokenizer = models
     one = S.sample_grid(generator, tokenizer, [0, 3, 7], 2, OPTS, seed=5, batch_size=1)
-    four = S.sample_grid(generator, tokenizer, [0, 3, 7], 2, OPTS, seed=5, batch_size=4)
-    assert torch.equal(one[0], four[0])                     # the same codes; decoding at another batch size
-    torch.testing.assert_close(one[1], four[1], rtol=0, atol=1e-5)   # may round differently across threads
-    other = S.sample_grid(generator, tokenizer, [0, 3, 7], 2, OPTS, seed=6, batch_size=4)
-    assert (other[0] != four[0]).float().mean() > 0.5
+    six = S.sample_grid(generator, tokenizer, [0, 3, 7], 2, OPTS, seed=5, batch_size=6)
+    assert torch.equal(one[0], six[0]) and torch.equal(one[1], six[1])
+    other = S.sample_grid(generator, tokenizer, [0, 3, 7], 2, OPTS, seed=6, batch_size=6)
+    assert (other[0] != six[0]).float().mean() > 0.5
+
+
+def test_npz_is_the_same_file_at_another_batch_size(ckpts, npz_one, tmp_path):
+    out = tmp_path / "seven.npz"
+    S.main(npz_args(ckpts, out, 20, 7))
+    assert out.read_bytes() == npz_one.read_bytes()         # made at --batch-size 3
 
 
 def test_npz_two_processes_match_one(ckpts, npz_one, tmp_path):
@@ -2382,7 +2392,7 @@ def test_npz_pixels_are_truncated(models, npz_one):
     generator, tokenizer = models
     with np.load(npz_one) as f:
         labels, codes, images = f["arr_1"][:3], f["codes"][:3], f["arr_0"][:3]
-    decoded = tokenizer.decode(torch.from_numpy(codes.astype(np.int64)))
+    decoded = S.decode(tokenizer, torch.from_numpy(codes.astype(np.int64)))
     truncated = (decoded.clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     assert np.array_equal(images, truncated) and not np.array_equal(images, plumbing.to_uint8(decoded, "round"))
 
@@ -2423,6 +2433,260 @@ def test_grid_png_and_settings_json(ckpts, tmp_path):
     assert (settings["cfg_scale"], settings["cfg_power"]) == (3.0, 1.0)  # the checkpoint config's values
     assert settings["tokenizer"] == os.path.abspath(ckpts["tok"])  # the path the checkpoint carries
     assert result["images_made"] == 20 and result["images_per_s"] > 0 and result["tokens_per_s"] > 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input of sample.py, fid.py and the data: one message, exit status 2, no traceback
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fingerprinted(models, ckpts, tmp_path_factory):
+    """A generator checkpoint as train.py writes it (tokenizer path and codebook fingerprint), and a tokenizer of
+    the same shape from another run (another init seed)."""
+    folder = tmp_path_factory.mktemp("fingerprint")
+    generator, tokenizer = models
+    gen, other = str(folder / "gen.pt"), str(folder / "other_tok.pt")
+    torch.save(dict(checkpoint(generator), tokenizer=ckpts["tok"],
+                    tokenizer_fingerprint=checkpoints.codebook_fingerprint(tokenizer)), gen)
+    torch.manual_seed(1)
+    torch.save(checkpoint(Tokenizer(tokenizer_config("tiny", "inference"))), other)
+    return {"gen": gen, "other_tok": other}
+
+
+class FullFile:
+    """A file on a full filesystem: every write fails with ENOSPC, as the OS reports it."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def full_disk(monkeypatch, error=None):
+    """Make plumbing.atomic_write's files fail on writing: ENOSPC, or `error` raised from the first write."""
+    def fake_open(path, mode="r", *args, **kwargs):
+        f = builtins.open(path, mode, *args, **kwargs)
+        if "w" not in mode:
+            return f
+        full = FullFile(f)
+        if error is not None:
+            full.write = lambda data: (_ for _ in ()).throw(error)
+        return full
+    monkeypatch.setattr(plumbing, "open", fake_open, raising=False)
+
+
+def bad_label_npz(path, n=64):
+    """Dense labels 0..9 and one stray label 100000, no class names."""
+    labels = np.arange(n) % 10
+    labels[-1] = 100_000
+    np.savez(path, x_train=np.zeros((n, 8, 8, 3), np.uint8), y_train=labels)
+
+
+def sample_row(*flags):
+    return lambda c, f, tmp: (S.main, ["--ckpt", c["gen"], "--out", str(tmp / "g.png"), "--per-class", "1", *flags])
+
+
+def fid_size_row(c, f, tmp):
+    np.savez(tmp / "ref32.npz", arr_0=_fid_images(3, 32, 32))
+    np.savez(tmp / "smp64.npz", arr_0=_fid_images(3, 64, 64, seed=1))
+    # no Inception file: the sizes are compared before the network is loaded or any feature extracted
+    return fid.main, [str(tmp / "ref32.npz"), str(tmp / "smp64.npz"), "--inception", str(tmp / "absent.pth")]
+
+
+def label_row(c, f, tmp):
+    bad_label_npz(tmp / "labels.npz")
+    return train.main, ["--stage", "ar", "--tokenizer", c["tok"], "--data", str(tmp / "labels.npz"),
+                        "--out", str(tmp / "ar"), "--steps", "2", *TINY]
+
+
+def disk_full_row(c, f, tmp):
+    (tmp / "g.png").write_bytes(b"the previous grid")
+    return S.main, ["--ckpt", c["gen"], "--out", str(tmp / "g.png"), "--per-class", "1"]
+
+
+# case: (builder (ckpts, fingerprinted, tmp) -> (main, argv), the message as a regex)
+BAD_INPUT_ROWS = {
+    "sample --cfg-scale nan": (sample_row("--cfg-scale", "nan"), r"^error: --cfg-scale nan: expected a finite number$"),
+    "sample --cfg-scale inf": (sample_row("--cfg-scale", "inf"), r"^error: --cfg-scale inf: expected a finite number$"),
+    "sample --cfg-power nan": (sample_row("--cfg-power", "nan"), r"^error: --cfg-power nan: expected a finite number "
+                                                                 r">= 0$"),
+    "sample --batch-size 0": (sample_row("--batch-size", "0"),
+                              r"^error: --batch-size 0: expected a whole number >= 1$"),
+    "sample --per-class 0": (sample_row("--per-class", "0"), r"^error: --per-class 0: expected a whole number >= 1$"),
+    "sample --npz 0": (sample_row("--npz", "0"), r"^error: --npz 0: expected a whole number >= 1$"),
+    "sample --top-p 0": (sample_row("--top-p", "0"), r"^error: --top-p 0.0: expected a number in \(0, 1\]$"),
+    "sample --temperature -1": (sample_row("--temperature", "-1"),
+                                r"^error: --temperature -1.0: expected a finite number >= 0$"),
+    "sample, tokenizer of another run": (
+        lambda c, f, tmp: (S.main, ["--ckpt", f["gen"], "--tokenizer", f["other_tok"], "--out", str(tmp / "g.png")]),
+        r"^error: the tokenizer \S*other_tok.pt \(codebook fingerprint [0-9a-f]{16}\) is not the one the generator "
+        r"\S*gen.pt was trained on \(\S*tok.pt, codebook fingerprint [0-9a-f]{16}\): its codes would decode to "
+        r"wrong images. Pass --tokenizer with the tokenizer it was trained on, or --accept-tokenizer to sample "
+        r"with this one anyway$"),
+    "fid, 32 px reference and 64 px samples": (
+        fid_size_row, r"^error: \S*ref32.npz holds 32x32 px images but \S*smp64.npz holds 64x64 px: the metrics "
+                      r"compare images of one size .* resize or centre-crop one set to the other's size$"),
+    "train stage ar, npz with one label 100000": (
+        label_row, r"^error: \S*labels.npz \(labels without class names\): label 100000 \(1 of 64 images\) would "
+                   r"make 100001 classes, but 99% of the labels lie in 0..9 and only 11 of the ids 0..100000 "
+                   r"occur; fix the labels, or store the class names as `classes` in the npz"),
+    "sample, disk full": (
+        disk_full_row, r"^error: cannot write \S*g.png: the filesystem is full \(No space left on device\); the "
+                       r"previous \S*g.png is intact. Free some space on it \(or write elsewhere\) and run again$"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUT_ROWS)
+def test_bad_input_rows(case, ckpts, fingerprinted, tmp_path, monkeypatch, capsys):
+    """Each row of the fault table: exit status 2, the message, no traceback, and no file made or changed."""
+    build, message = BAD_INPUT_ROWS[case]
+    main, argv = build(ckpts, fingerprinted, tmp_path)
+    if case.endswith("disk full"):
+        full_disk(monkeypatch)
+    run_folder = tmp_path / "ar"                             # stage ar's: it holds the log of the refusal
+    files = lambda: {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and run_folder not in p.parents}
+    before = files()
+    assert plumbing.cli(main, argv) == 2
+    err = capsys.readouterr().err
+    said = err.strip().splitlines()[-1]                      # after any progress bar
+    assert re.search(message, said) and err.count("error:") == 1 and "Traceback" not in err, err
+    assert files() == before
+
+
+def test_bad_flags_end_as_one_line_from_the_command_line(ckpts, tmp_path):
+    """As programs: status 2 and the one line, no traceback, nothing written."""
+    for argv, words in [([str(HERE / "sample.py"), "--ckpt", ckpts["gen"], "--cfg-scale", "nan"],
+                         "error: --cfg-scale nan: expected a finite number"),
+                        ([str(HERE / "fid.py"), "a.npz", "b.npz", "--batch-size", "0"],
+                         "error: --batch-size 0: expected a whole number >= 1"),
+                        ([str(HERE / "tools" / "demo.py"), "--seed", "-1", "--out", str(tmp_path / "demo")],
+                         "error: --seed -1: expected a whole number >= 0")]:
+        done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=tmp_path,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 2 and done.stderr.strip() == words and "Traceback" not in done.stderr, done.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_check_flags_kinds():
+    ns = SimpleNamespace(n=3, i=0, p=0.5, z=0.0, f=-2.5, fr=1.0, pr=0.0, unset=None, many=[0, 4])
+    plumbing.check_flags(ns, {"--n": "count", "--i": "index", "--p": "positive", "--z": "nonnegative",
+                              "--f": "finite", "--fr": "fraction", "--pr": "probability", "--unset": "count",
+                              "--many": "index"})
+    bad = [("count", 0, "--x 0: expected a whole number >= 1"),
+           ("count", 1.5, "--x 1.5: expected a whole number >= 1"),
+           ("index", -1, "--x -1: expected a whole number >= 0"),
+           ("index", [2, -3], "--x -3: expected a whole number >= 0"),
+           ("positive", 0.0, "--x 0.0: expected a finite number > 0"),
+           ("positive", math.inf, "--x inf: expected a finite number > 0"),
+           ("nonnegative", -1e-9, "--x -1e-09: expected a finite number >= 0"),
+           ("finite", math.nan, "--x nan: expected a finite number"),
+           ("finite", -math.inf, "--x -inf: expected a finite number"),
+           ("fraction", 0.0, "--x 0.0: expected a number in (0, 1]"),
+           ("fraction", math.nan, "--x nan: expected a number in (0, 1]"),
+           ("probability", 1.01, "--x 1.01: expected a number in [0, 1]")]
+    for kind, value, message in bad:
+        with pytest.raises(ValueError) as caught:
+            plumbing.check_flags(SimpleNamespace(x=value), {"--x": kind})
+        assert str(caught.value) == message
+
+
+def test_accept_tokenizer_samples_with_a_warning(ckpts, fingerprinted, tmp_path, capsys):
+    out = tmp_path / "g.png"
+    argv = ["--ckpt", fingerprinted["gen"], "--per-class", "1", "--classes", "0", "--out", str(out)]
+    assert S.main([*argv, "--tokenizer", fingerprinted["other_tok"], "--accept-tokenizer"]) == 0 and out.exists()
+    err = capsys.readouterr().err
+    assert re.search(r"^warning: the tokenizer .* is not the one .*; sampling anyway \(--accept-tokenizer\)$", err,
+                     re.M), err
+    assert S.main(argv) == 0 and "warning" not in capsys.readouterr().err    # the tokenizer it carries: no word
+    assert S.main(["--ckpt", ckpts["gen"], "--tokenizer", fingerprinted["other_tok"], "--per-class", "1",
+                   "--classes", "0", "--out", str(out)]) == 0               # no fingerprint (released files): no check
+
+
+def test_full_disk_is_named_and_the_previous_file_kept(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    plumbing.save_checkpoint({"step": 1}, path)
+    before = path.read_bytes()
+    full_disk(monkeypatch)
+    for save, target, kept in [(lambda p: plumbing.save_checkpoint({"step": 2}, p), path, "the previous .* is intact"),
+                               (lambda p: plumbing.save_json(p, {"a": 1}), tmp_path / "new.json",
+                                "nothing was written to")]:
+        with pytest.raises(OSError, match=f"cannot write {re.escape(str(target))}: the filesystem is full .*{kept}") \
+                as caught:
+            save(target)
+        assert caught.value.errno == errno.ENOSPC
+        assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["ckpt.pt"]
+    full_disk(monkeypatch, RuntimeError("a writer's own failure"))    # with space left: not a full disk, as it was
+    with pytest.raises(RuntimeError, match="a writer's own failure"):
+        plumbing.save_checkpoint({"step": 3}, path)
+    assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["ckpt.pt"]
+
+
+def test_full_disk_on_a_real_small_filesystem(tmp_path):
+    """torch.save (RuntimeError "unexpected pos"), np.savez and json on a 64 KiB tmpfs that fills up."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root; test_full_disk_is_named_and_the_previous_file_kept covers ENOSPC")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode:
+        pytest.skip(f"mount -t tmpfs is not permitted here ({done.stderr.strip()}); "
+                    f"test_full_disk_is_named_and_the_previous_file_kept covers ENOSPC")
+    try:
+        ckpt = mount / "ckpt.pt"
+        plumbing.save_checkpoint({"step": 1}, ckpt)
+        before = ckpt.read_bytes()
+        big = np.zeros(100_000, np.float32)                              # 400 kB: does not fit
+        for save, target in [(lambda p: plumbing.save_checkpoint({"w": torch.from_numpy(big)}, p), ckpt),
+                             (lambda p: plumbing.save_npz(p, w=big), mount / "new.npz"),
+                             (lambda p: plumbing.save_json(p, big.tolist()), mount / "new.json")]:
+            with pytest.raises(OSError, match=f"cannot write {re.escape(str(target))}: the filesystem is full"):
+                save(target)
+            assert ckpt.read_bytes() == before and os.listdir(mount) == ["ckpt.pt"]   # no temporary file left
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_labels_far_beyond_their_bulk_are_refused_unless_named(tmp_path):
+    bad_label_npz(tmp_path / "bad.npz")
+    with pytest.raises(ValueError, match="label 100000 .* would make 100001 classes"):
+        D.build_dataset(str(tmp_path / "bad.npz"), 8)
+    labels = np.arange(64) % 10
+    labels[-1] = 100_000
+    names = np.array([f"c{i}" for i in range(100_001)])
+    np.savez(tmp_path / "named.npz", x_train=np.zeros((64, 8, 8, 3), np.uint8), y_train=labels, classes=names)
+    assert D.build_dataset(str(tmp_path / "named.npz"), 8).num_classes == 100_001     # named: meant
+    np.savez(tmp_path / "codes.npz", codes=np.zeros((64, 10, 4), np.int16), labels=labels.astype(np.int64),
+             n_tokens=4, codebook_size=512, image_size=16, num_classes=100_001,
+             class_names=np.array([str(i) for i in range(100_001)]))
+    with pytest.raises(ValueError, match="codes.npz .*label 100000 .*pre-tokenize again"):
+        D.CodesDataset(str(tmp_path / "codes.npz"))
+    dense = np.arange(64) % 10
+    np.savez(tmp_path / "dense.npz", x_train=np.zeros((64, 8, 8, 3), np.uint8), y_train=dense)
+    assert D.build_dataset(str(tmp_path / "dense.npz"), 8).num_classes == 10
+
+
+def test_fid_compares_sizes_only_where_both_hold_images(tmp_path):
+    np.savez(tmp_path / "ref32.npz", arr_0=_fid_images(3, 32, 32))
+    Path(tmp_path / "folder64").mkdir()
+    for i, a in enumerate(_fid_images(3, 64, 64)):
+        Image.fromarray(a).save(tmp_path / "folder64" / f"{i}.png")
+    with pytest.raises(ValueError, match="ref32.npz holds 32x32 px images but .*folder64 holds 64x64 px"):
+        fid.run([str(tmp_path / "ref32.npz"), str(tmp_path / "folder64"), "--inception", str(tmp_path / "no.pth")])
+    stats = {k: np.zeros(shape) for k, shape in fid.STAT_SHAPES.items() if k in ("mu", "sigma")}
+    np.savez(tmp_path / "stats.npz", **stats)
+    sources = [fid.load_source(tmp_path / "stats.npz"), fid.load_source(tmp_path / "folder64")]
+    fid.check_same_size(*sources)                                            # statistics carry no size
 
 
 # ===================================================================================================
@@ -2837,15 +3101,15 @@ def _fid_bad_inputs(tmp_path, fid_weights):
     (tmp_path / "cut.npz").write_bytes(good.read_bytes()[:300])
     (tmp_path / "text.npz").write_text("not an npz")
     (tmp_path / "cut.pth").write_bytes(fid_weights.read_bytes()[:100_000])
-    weights = ["--inception", str(fid_weights), "--device", "cpu"]
+    net = ["--inception", str(fid_weights), "--device", "cpu"]
     return {
-        "missing npz": ([str(tmp_path / "absent.npz"), str(good), *weights], "absent.npz"),
-        "truncated npz": ([str(good), str(tmp_path / "cut.npz"), *weights], "cut.npz: not a readable .npz"),
-        "not an npz": ([str(tmp_path / "text.npz"), str(good), *weights], "text.npz: not a readable .npz"),
-        "NCHW": ([str(good), str(tmp_path / "nchw.npz"), *weights], "NCHW"),
+        "missing npz": ([str(tmp_path / "absent.npz"), str(good), *net], "absent.npz"),
+        "truncated npz": ([str(good), str(tmp_path / "cut.npz"), *net], "cut.npz: not a readable .npz"),
+        "not an npz": ([str(tmp_path / "text.npz"), str(good), *net], "text.npz: not a readable .npz"),
+        "NCHW": ([str(good), str(tmp_path / "nchw.npz"), *net], "NCHW"),
         "corrupt weights": ([str(good), str(good), "--inception", str(tmp_path / "cut.pth")], "truncated or corrupt"),
         "missing weights": ([str(good), str(good), "--inception", str(tmp_path / "no.pth")], weights.INCEPTION_WEIGHTS),
-        "missing tokenizer": (["--recon", str(tmp_path / "tok.pt"), str(good), *weights], "tok.pt"),
+        "missing tokenizer": (["--recon", str(tmp_path / "tok.pt"), str(good), *net], "tok.pt"),
     }
 
 

@@ -522,7 +522,9 @@ def generator_stage(args, device, world, autocast, log):
     stage = GeneratorStage(model, wrap(model, device, world), args, autocast)
     stage.dataset, stage.tokenizer = dataset, tok
     stage.heldout_codes = heldout.heldout_codes(tok, args, device)
-    stage.saved = {"tokenizer": os.path.abspath(args.tokenizer)}
+    # the path finds the tokenizer again; the fingerprint tells sample.py whether a tokenizer is that one
+    stage.saved = {"tokenizer": os.path.abspath(args.tokenizer),
+                   "tokenizer_fingerprint": checkpoints.codebook_fingerprint(tok)}
     stage.final = os.path.join(args.out, "generator.pt")
     return stage
 

@@ -29,6 +29,7 @@ import weights
 # Steps per stage: the full demo, and a quick pass that only checks the pipeline runs (CI).
 SCHEDULES = {"full": dict(s1=1500, s2=600, ar=600, n_images=5000, samples=500, val=1000),
              "quick": dict(s1=30, s2=20, ar=30, n_images=256, samples=40, val=200)}
+FLAG_RULES = {"--seed": "index"}  # the range of each numeric flag (plumbing.check_flags)
 
 
 def script(name):
@@ -95,6 +96,7 @@ def inception_scores(args, out, tokenizers, samples):
 def main(argv=None):
     """The pipeline (see the module docstring); a failed step's exit status, else 0."""
     args = parse_args(argv)
+    plumbing.check_flags(args, FLAG_RULES)
     try:
         pipeline(args)
     except subprocess.CalledProcessError as error:
