@@ -3144,7 +3144,7 @@ class _FidStandInTokenizer(torch.nn.Module):
 
 
 def test_rfid_mode_with_a_stand_in_tokenizer(fid_weights, tmp_path, monkeypatch):
-    monkeypatch.setattr(alitok, "load_tokenizer", lambda path: _FidStandInTokenizer())
+    monkeypatch.setattr(checkpoints, "load_tokenizer", lambda path: _FidStandInTokenizer())
     folder = tmp_path / "real"
     folder.mkdir()
     for i, (h, w) in enumerate([(40, 30), (20, 50), (16, 16)]):  # mixed sizes: each is centre-cropped to 16

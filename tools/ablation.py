@@ -447,7 +447,11 @@ def report(results, args, budget, minutes):
     print(f"wrote {args.out}/ablation.json, ablation.md" + (", ablation.png" if summary else ""))
 
 
+FLAG_RULES = {"--seeds": "count", "--steps": "count", "--n-images": "count", "--jobs": "count"}
+
+
 def main(args):
+    plumbing.check_flags(args, FLAG_RULES)                  # before any folder is made
     budget = dict(BUDGETS["quick" if args.quick else "full"])
     budget.update(dict(zip(("s1", "s2", "ar"), args.steps or ())))
     budget["n_images"] = args.n_images or budget["n_images"]
@@ -458,8 +462,6 @@ def main(args):
     args.net, why = fid.available_inception(args.inception)       # rFID, FID and IS only with it
     if args.net is None:
         print(f"rFID, FID and IS off: {why}", flush=True)
-    if args.jobs < 1:
-        raise ValueError(f"--jobs {args.jobs}: expected 1 or more")
     t0, pairs = time.time(), [(v, seed) for seed in range(args.seeds) for v in args.variants]
     jobs, args.threads = run_threads(args.jobs, len(pairs), os.cpu_count() or 1)
     if args.report:                                          # the finished runs only

@@ -307,6 +307,10 @@ def gpu_section(args, device):
               flush=True)
 
 
+FLAG_RULES = {"--batch": "count", "--uncached-tokens": "count", "--tokenizer-batch": "count",
+              "--inception-batch": "index", "--gpu-batch": "count", "--gpu-block": "count", "--gpu-budget": "positive"}
+
+
 def main(argv=None):
     """Run the bench and print its tables."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -325,6 +329,7 @@ def main(argv=None):
                    "over the filled cache rounded up to this many positions (other rows: the whole, static cache)")
     p.add_argument("--gpu-budget", type=float, default=600, help="cuda: seconds after which no compiled row starts")
     args = p.parse_args(argv)
+    plumbing.check_flags(args, FLAG_RULES)
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # fp32 as the paper ran it
     print(f"torch {torch.__version__}, {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
