@@ -3,15 +3,14 @@
 Read beside "AliTok: Towards Sequence Modeling Alignment between Tokenizer and Autoregressive Model"
 (arXiv 2506.05289). Sections follow the paper: configurations, the tokenizer (encoder, quantizer, the
 causal stage-1 and bidirectional stage-2 decoders), the autoregressive generator with its rotary layout,
-KV-cached sampling with the power-cosine guidance schedule, and loading of the released weights.
+KV-cached sampling with the power-cosine guidance schedule. Loading the released weights is checkpoints.py.
 
 This file is the model and nothing else: plain nn.Linear products, the skip connections where the paper has
 them, one KV cache. What makes it fast on some hardware (packed CPU products, weights held in bfloat16,
 compiled decoding) is applied to a built model by speed.py; the tests hold the two equal.
 """
 import math
-import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist

@@ -272,3 +272,18 @@ def resume(stage, ck, path, rank, world, log):
     set_rng_state(ck["rng"][rank] if len(ck["rng"]) == world else ck["rng"][0])
     log.info(f"resumed from {path} at step {ck['step']}")
     return ck["step"]
+
+
+def load_frozen_tokenizer(path, device):
+    """The tokenizer whose codes the generator learns, frozen (eval mode)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"stage ar needs a tokenizer checkpoint: {path} not found. Train one (`python "
+                                f"train.py --stage 1` then `--stage 2`) or pass --tokenizer AliTok.pth (the "
+                                f"released tokenizer).")
+    saved = read_checkpoint(path, "tokenizer checkpoint (--tokenizer)")
+    try:
+        tok = load_tokenizer(saved)
+    except ValueError as error:
+        raise ValueError(f"--tokenizer {path} is not a tokenizer checkpoint ({str(error)[:300]}); pass the "
+                         f"stage-2 tokenizer.pt of `python train.py --stage 2` or the released AliTok.pth") from None
+    return tok.to(device).requires_grad_(False)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import data
 import fid
+import inception
 
 
 def codebook_metrics(counts):
@@ -82,8 +83,27 @@ def rfid_network(args, device, log):
     neither is there. Only rank 0 evaluates."""
     if int(os.environ.get("RANK", 0)) != 0:
         return None
-    net, why = fid.available_inception(args.inception, device)
+    net, why = inception.available_inception(args.inception, device)
     if net is None:
         log.info(f"held-out rFID off: {why}")
         return None
     return {"net": net}
+
+
+def evaluate(stage, rank, step, args, log):
+    """The stage's held-out metrics, by rank 0 in eval mode, every --eval-every steps and at the last step;
+    {} on other ranks and steps."""
+    if rank != 0 or not (step % args.eval_every == 0 or step == args.steps):
+        return {}
+    was = stage.model.training
+    stage.model.eval()
+    held = stage.heldout()
+    stage.model.train(was)
+    log.info(f"step {step} held-out: " + ", ".join(f"{k[8:]} {v:.4g}" for k, v in held.items()))
+    return held
+
+
+def postfix(held):
+    """The progress line's held-out entry: PSNR for a tokenizer, next-token loss for the generator."""
+    key = next((k for k in ("heldout_psnr", "heldout_loss") if k in held), None)
+    return {} if key is None else {key.replace("heldout_", "ho_"): f"{held[key]:.4g}"}

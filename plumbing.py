@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -214,6 +215,44 @@ def check_flags(args, rules):
                 raise ValueError(f"{flag} {x}: expected {words}")
 
 
+def make_run_folder(out):
+    """Create the run folder, or an OSError saying that it cannot be written and what to do."""
+    probe = os.path.join(out, f".writable{os.getpid()}")     # one per process: torchrun's ranks probe at once
+    try:
+        os.makedirs(out, exist_ok=True)
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as error:
+        raise OSError(f"cannot write the run folder --out {out} ({error.strerror or error}): choose a folder "
+                      f"you can write to") from error
+
+
+class Logger:
+    """Rank-0 JSON-lines metrics and messages."""
+
+    def __init__(self, out, rank):
+        self.rank, self.path = rank, os.path.join(out, "metrics.jsonl")
+
+    def info(self, msg):
+        if self.rank == 0:
+            tqdm.write(msg)
+
+    def metrics(self, record):
+        if self.rank == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def agreed_signal(signals, group):
+    """The stop signal any process has received (0: none), agreed by all through a host-side (gloo) all_reduce,
+    so that every process stops after the same step without a device sync."""
+    if group is None:
+        return signals.received or 0
+    flag = torch.tensor([signals.received or 0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return int(flag)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Pictures: image grids and metric curves
 # ----------------------------------------------------------------------------------------------------
@@ -267,3 +306,20 @@ def save_curves(path, records, keys, panel=(360, 220), margin=44):
         draw.text((x0, y0 + h + 4), f"step {steps[0]}", fill="black", font=small)
         draw.text((x0 + w - 70, y0 + h + 4), f"step {steps[-1]}", fill="black", font=small)
     atomic_write(path, lambda f: image.save(f, format="PNG"))
+
+
+CURVES = ("loss", "psnr", "acc", "heldout_psnr", "heldout_rfid", "heldout_loss", "heldout_acc", "lr")
+
+
+@torch.no_grad()
+def save_pictures(stage, out, step):
+    """The stage's picture grid (eval mode), as <out>/pictures_<step>.png and <out>/latest.png."""
+    was = stage.model.training
+    stage.model.eval()
+    images, nrow = stage.pictures()
+    stage.model.train(was)
+    for name in (f"pictures_{step:07d}.png", "latest.png"):
+        save_grid(images, os.path.join(out, name), nrow=nrow)
+    if os.path.exists(os.path.join(out, "metrics.jsonl")):      # the curves so far
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            save_curves(os.path.join(out, "metrics.png"), [json.loads(line) for line in f], CURVES)

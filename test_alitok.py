@@ -6,7 +6,6 @@ import builtins
 import contextlib
 import copy
 import errno
-import functools
 import hashlib
 import http.server
 import json
@@ -37,6 +36,7 @@ from PIL import Image
 import alitok
 import data as D
 import fid
+import inception
 import checkpoints
 import losses as P
 import plumbing
@@ -1325,7 +1325,7 @@ def test_stage1_lowers_loss_on_fixed_batch(stages):
 
 def test_stage2_starts_from_the_stage1_decoder_and_lowers_loss(stages, tmp_path):
     root, _, s2, _ = stages
-    init, _ = train.stage2_tokenizer(s2, train.Logger(str(tmp_path), rank=1))   # the model main() built
+    init, _ = train.stage2_tokenizer(s2, plumbing.Logger(str(tmp_path), rank=1))   # the model main() built
     first = torch.load(root / "s1" / "ckpt.pt", weights_only=True)["model"]
     carried = [k for k in init.state_dict() if k.startswith("decoder.")]
     assert len(carried) > 20
@@ -1423,7 +1423,7 @@ def test_heldout_rfid_with_the_inception_file_and_a_note_without(tmp_path, fid_w
     images, _ = heldout_shapes(tok.config.image_size)
     with torch.no_grad():
         recon = tok(images)["recon"]
-    net = fid.load_inception(str(fid_weights))
+    net = inception.load_inception(str(fid_weights))
     pool3 = lambda x: fid.extract(net, plumbing.to_uint8(x), progress=False)["pool3"]
     direct = fid.frechet_distance(*fid.statistics(pool3(images)), *fid.statistics(pool3(recon)))
     assert last["heldout_rfid"] == pytest.approx(direct, rel=1e-4) and direct > 0
@@ -1610,7 +1610,7 @@ def test_loss_networks_fetch_standard_weights_or_say_how_to_train_without(weight
 def probe_run_folder(folder, times, failures):
     try:
         for _ in range(times):
-            train.make_run_folder(folder)
+            plumbing.make_run_folder(folder)
     except OSError as error:
         failures.put(str(error))
 
@@ -2810,15 +2810,15 @@ def test_bf16_samples_match_float32_in_distribution():
 @pytest.fixture(scope="module")
 def fid_state():
     """The FID Inception's state dict with the golden weights (salt from reference/golden/inception.npz)."""
-    return fill_(fid.FIDInception(), golden("inception.npz")[1]).state_dict()
+    return fill_(inception.FIDInception(), golden("inception.npz")[1]).state_dict()
 
 
 @pytest.fixture(scope="module")
 def fid_inception(fid_state):
     """The golden-weight FID Inception in inference form (BatchNorm folded, channels_last), as loaded."""
-    model = fid.FIDInception()
+    model = inception.FIDInception()
     model.load_state_dict(fid_state)
-    return fid.fold_batchnorm(model)
+    return inception.fold_batchnorm(model)
 
 
 @pytest.fixture(scope="module")
@@ -2907,21 +2907,21 @@ def test_tf1_resize_by_hand():
     x = torch.tensor([[0.0, 3.0], [6.0, 9.0]])[None, None]
     # src = dst * 2/3: 0, 0.667, 1.333 -> (lower, upper, weight) = (0, 0, 0), (0, 1, 2/3), (1, 1, 1/3)
     expected = torch.tensor([[0.0, 2.0, 3.0], [4.0, 6.0, 7.0], [6.0, 8.0, 9.0]])
-    torch.testing.assert_close(fid.resize_tf1_bilinear(x, 3)[0, 0], expected)
+    torch.testing.assert_close(inception.resize_tf1_bilinear(x, 3)[0, 0], expected)
     # 4 -> 6: src = 0, .667, 1.333, 2, 2.667, 3.333; the last upper neighbour is clamped to index 3
     row = torch.tensor([0.0, 10.0, 20.0, 40.0])
-    out = fid.resize_tf1_bilinear(row.expand(1, 1, 4, 4), 6)[0, 0]
+    out = inception.resize_tf1_bilinear(row.expand(1, 1, 4, 4), 6)[0, 0]
     torch.testing.assert_close(out, torch.tensor([0.0, 20 / 3, 40 / 3, 20.0, 100 / 3, 40.0]).expand(6, 6))
     img = torch.from_numpy(_fid_images(1, 299, 299))
-    torch.testing.assert_close(fid.preprocess(img, "adm"), (img.permute(0, 3, 1, 2).float() - 128) / 128)
+    torch.testing.assert_close(inception.preprocess(img, "adm"), (img.permute(0, 3, 1, 2).float() - 128) / 128)
     with pytest.raises(ValueError, match="mode"):
-        fid.preprocess(img, "bicubic")
+        inception.preprocess(img, "bicubic")
 
 
 def test_sfid_flattening_order(fid_inception):
     n, h, w, c = torch.meshgrid(*(torch.arange(s) for s in (2, 17, 17, 768)), indexing="ij")
     x = (n * 10**6 + c * 1000 + h * 17 + w).permute(0, 3, 1, 2).float()  # N, 768, 17, 17
-    f = fid.spatial_features(x)
+    f = inception.spatial_features(x)
     assert f.shape == (2, 2023)
     for hh, ww, cc in [(0, 0, 0), (0, 0, 6), (0, 1, 0), (3, 5, 2), (16, 16, 6)]:
         assert f[1, (hh * 17 + ww) * 7 + cc] == x[1, cc, hh, ww]
@@ -2935,13 +2935,13 @@ def test_inception_state_dict_matches_manifest():
     lines = INCEPTION_MANIFEST.read_text().splitlines()
     rows = [line.split("\t") for line in lines if line and not line.startswith("#")]
     manifest = {name: (json.loads(shape), dtype) for name, shape, dtype in rows}
-    state = fid.FIDInception().state_dict()
+    state = inception.FIDInception().state_dict()
     assert list(state) == list(manifest)
     for name, t in state.items():
         assert (list(t.shape), str(t.dtype).removeprefix("torch.")) == manifest[name], name
 
 
-@pytest.mark.parametrize("mode", fid.MODES)
+@pytest.mark.parametrize("mode", inception.MODES)
 def test_inception_reproduces_golden_features(fid_inception, mode):
     images = golden_inputs()["uint8_images"].numpy()
     golden = np.load(GOLDEN / "inception.npz")
@@ -2955,14 +2955,14 @@ def test_inception_reproduces_golden_features(fid_inception, mode):
 
 def test_inference_form_equals_the_batchnorm_network_and_bf16_stays_close(fid_state, fid_inception):
     images = golden_inputs()["uint8_images"].numpy()
-    plain, bf16 = fid.FIDInception().eval(), fid.FIDInception()
+    plain, bf16 = inception.FIDInception().eval(), inception.FIDInception()
     for model in (plain, bf16):
         model.load_state_dict(fid_state)
     unfolded, folded = (fid.extract(m, images, progress=False) for m in (plain, fid_inception))
     assert isinstance(fid_inception.Mixed_6d.branch1x1.bn, torch.nn.Identity)
     for key in folded:
         assert _fid_rel_err(folded[key], unfolded[key]) < 1e-5, key
-    fid.fold_batchnorm(bf16, "bf16")
+    inception.fold_batchnorm(bf16, "bf16")
     assert next(bf16.parameters()).dtype == torch.bfloat16
     low = fid.extract(bf16, images, progress=False)
     assert all(low[k].dtype == np.float32 for k in low)
@@ -2974,21 +2974,21 @@ def test_inference_form_equals_the_batchnorm_network_and_bf16_stays_close(fid_st
 
 
 def test_load_inception_strictness(fid_state, fid_inception, fid_weights, tmp_path):
-    model = fid.load_inception(fid_weights)  # without num_batches_tracked, like the release file
+    model = inception.load_inception(fid_weights)  # without num_batches_tracked, like the release file
     assert not model.training
-    for loaded in (model, fid.load_inception(_fid_save(fid_state, tmp_path / "with_counters.pth"))):
+    for loaded in (model, inception.load_inception(_fid_save(fid_state, tmp_path / "with_counters.pth"))):
         for name, t in fid_inception.state_dict().items():
             assert torch.equal(loaded.state_dict()[name], t), name
     missing = {k: v for k, v in fid_state.items() if k != "Mixed_6d.branch1x1.bn.running_var"}
     with pytest.raises(ValueError, match="Mixed_6d.branch1x1.bn.running_var"):
-        fid.load_inception(_fid_save(missing, tmp_path / "missing.pth"))
+        inception.load_inception(_fid_save(missing, tmp_path / "missing.pth"))
     with pytest.raises(ValueError, match="AuxLogits.fc.weight"):
-        fid.load_inception(_fid_save({**fid_state, "AuxLogits.fc.weight": torch.zeros(1)}, tmp_path / "x.pth"))
+        inception.load_inception(_fid_save({**fid_state, "AuxLogits.fc.weight": torch.zeros(1)}, tmp_path / "x.pth"))
     with pytest.raises(FileNotFoundError, match=f"nowhere.pth.*{weights.INCEPTION_WEIGHTS}"):
-        fid.load_inception(tmp_path / "nowhere.pth")
+        inception.load_inception(tmp_path / "nowhere.pth")
     (tmp_path / "cut.pth").write_bytes(fid_weights.read_bytes()[:100_000])
     with pytest.raises(ValueError, match="truncated or corrupt"):
-        fid.load_inception(tmp_path / "cut.pth")
+        inception.load_inception(tmp_path / "cut.pth")
 
 
 def _fid_save(state, path):
@@ -3207,7 +3207,7 @@ def test_demo_scores_rfid_fid_and_is_with_the_inception_weights(stages, fid_weig
     args = demo.parse_args(["--out", out, "--inception", str(fid_weights), "--offline"])
     scores = demo.inception_scores(args, out, tokenizers, f"{out}/samples.npz")
     assert set(scores) == {"rfid_stage1", "rfid_stage2", "fid", "inception_score"}
-    net = fid.load_inception(str(fid_weights))
+    net = inception.load_inception(str(fid_weights))
     for name, path in tokenizers.items():
         direct = fid.reconstruction_scores(checkpoints.load_tokenizer(path), f"{out}/val.npz", net)["rfid"]
         assert scores[f"rfid_{name}"] == pytest.approx(direct, rel=1e-6) and direct > 0
@@ -3260,7 +3260,7 @@ def test_ablation_scores_samples_against_heldout_images(stages, fid_weights, tmp
     folder = tmp_path / "alitok" / "seed0"
     (folder / "ar").mkdir(parents=True)
     shutil.copy(stages[0] / "ar" / "generator.pt", folder / "ar" / "generator.pt")
-    net = fid.load_inception(str(fid_weights))
+    net = inception.load_inception(str(fid_weights))
     args = SimpleNamespace(data="shapes", out=str(tmp_path), threads=None, net=net)
     scores = ablation.sample_scores(str(folder), 0, args, {"samples": 12})
     direct = fid.evaluate(str(folder / "heldout.npz"), str(folder / "samples.npz"), net)

@@ -7,7 +7,7 @@
     python train.py --stage 1 --preset alitok --help    # every flag with the paper's value
 
 Read top to bottom: the recipes, then one function per stage that builds its models, optimizers and losses
-(stage1, stage2, generator_stage), the two kinds of step, the held-out evaluation, and the loop they share.
+(stage1, stage2, generator_stage), the two kinds of step, and the loop they share.
 Each step computes what the original training code computes (reference/golden/train_*.npz). --batch-size is the
 global batch; --micro-batch splits each process's share into accumulation steps. One file holds model,
 optimizers, discriminator, step, RNG states and config; it is written atomically, and --resume continues bit
@@ -15,14 +15,12 @@ for bit (data order and augmentations are functions of (seed, step)).
 """
 import argparse
 import contextlib
-import glob
-import json
 import math
 import os
 import signal
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -506,7 +504,7 @@ class TokenizerStage:
 def generator_stage(args, device, world, autocast, log):
     """The frozen tokenizer, its ten-crop codes ("ImageNet train pre-tokenized with ten-crop", made once if
     missing), the generator sized to the tokenizer's tokens and the data's classes, and its optimizer."""
-    tok = load_frozen_tokenizer(args.tokenizer, device)
+    tok = checkpoints.load_frozen_tokenizer(args.tokenizer, device)
     codes = args.codes or os.path.join(args.out, "codes.npz")
     if not os.path.exists(codes):
         log.info(f"pre-tokenizing {args.data} with ten-crop into {codes}")
@@ -527,21 +525,6 @@ def generator_stage(args, device, world, autocast, log):
                    "tokenizer_fingerprint": checkpoints.codebook_fingerprint(tok)}
     stage.final = os.path.join(args.out, "generator.pt")
     return stage
-
-
-def load_frozen_tokenizer(path, device):
-    """The tokenizer whose codes the generator learns, frozen (eval mode)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"stage ar needs a tokenizer checkpoint: {path} not found. Train one (`python "
-                                f"train.py --stage 1` then `--stage 2`) or pass --tokenizer AliTok.pth (the "
-                                f"released tokenizer).")
-    saved = checkpoints.read_checkpoint(path, "tokenizer checkpoint (--tokenizer)")
-    try:
-        tok = checkpoints.load_tokenizer(saved)
-    except ValueError as error:
-        raise ValueError(f"--tokenizer {path} is not a tokenizer checkpoint ({str(error)[:300]}); pass the "
-                         f"stage-2 tokenizer.pt of `python train.py --stage 2` or the released AliTok.pth") from None
-    return tok.to(device).requires_grad_(False)
 
 
 class GeneratorStage:
@@ -604,11 +587,11 @@ def main(argv=None):
     if args.workers is None:       # decoding images beside the GPU, not between its steps
         per_process = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         args.workers = min(8, per_process) if device.type == "cuda" else 0
-    make_run_folder(args.out)
+    plumbing.make_run_folder(args.out)
     ckpt = os.path.join(args.out, "ckpt.pt")
     # rank 0 holds the folder for the whole run: a second run on it is refused, naming this process
     with plumbing.RunFolderLock(args.out) if rank == 0 else contextlib.nullcontext():
-        log = Logger(args.out, rank)
+        log = plumbing.Logger(args.out, rank)
         saved = checkpoints.read_resumable(ckpt, args, log) if args.resume else None   # checked before any setup
         if not args.resume:
             checkpoints.refuse_or_restart(args, rank, log)
@@ -663,23 +646,23 @@ def train_loop(stage, args, start, ckpt, where, log, signals):
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + v.float()
         seen, done = seen + x.shape[0] * world, step + 1
-        signum = agreed_signal(signals, signal_group)
+        signum = plumbing.agreed_signal(signals, signal_group)
         stop = args.stop_after is not None and done - start >= args.stop_after
         logged, evaluated = done % args.log_every == 0 or done == args.steps, done % args.eval_every == 0
         saving = done % args.ckpt_every == 0 or done == args.steps or stop or signum
         if logged or evaluated or saving or done % args.image_every == 0:
             check_finite(first_bad, world, ckpt, kept)
-        held = heldout_metrics(stage, rank, done, args, log)
+        held = heldout.evaluate(stage, rank, done, args, log)
         if logged:
             record = reduce_metrics(sums, seen // args.batch_size, counts, world, done, lr, seen / (time.time() - t0))
             log.metrics({**record, **held})
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{record['img_per_s']:.0f}",
-                            **heldout_postfix(held))
+                            **heldout.postfix(held))
             sums, counts, t0, seen = {}, torch.zeros_like(counts), time.time(), 0
         elif held:
             log.metrics({"step": done, **held})
         if rank == 0 and (done % args.image_every == 0 or done == args.steps):
-            save_pictures(stage, args.out, done)
+            plumbing.save_pictures(stage, args.out, done)
         if saving:
             checkpoints.save(stage, args, done, ckpt, (rank, world), kept)
             kept = done
@@ -694,16 +677,6 @@ def train_loop(stage, args, start, ckpt, where, log, signals):
 def collate(items):
     """Stack (image or codes, label) items; labels as int64."""
     return torch.stack([torch.as_tensor(a) for a, _ in items]), torch.tensor([int(b) for _, b in items])
-
-
-def agreed_signal(signals, group):
-    """The stop signal any process has received (0: none), agreed by all through a host-side (gloo) all_reduce,
-    so that every process stops after the same step without a device sync."""
-    if group is None:
-        return signals.received or 0
-    flag = torch.tensor([signals.received or 0])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-    return int(flag)
 
 
 def check_finite(first_bad, world, ckpt_path, kept):
@@ -730,74 +703,6 @@ def reduce_metrics(sums, n_steps, counts, world, step, lr, img_per_s):
     if counts.sum() > 0:
         record["codebook_usage"], record["codebook_perplexity"] = heldout.codebook_metrics(counts)
     return record
-
-
-def heldout_metrics(stage, rank, step, args, log):
-    """The stage's held-out metrics, by rank 0 in eval mode, every --eval-every steps and at the last step;
-    {} on other ranks and steps."""
-    if rank != 0 or not (step % args.eval_every == 0 or step == args.steps):
-        return {}
-    was = stage.model.training
-    stage.model.eval()
-    held = stage.heldout()
-    stage.model.train(was)
-    log.info(f"step {step} held-out: " + ", ".join(f"{k[8:]} {v:.4g}" for k, v in held.items()))
-    return held
-
-
-def heldout_postfix(held):
-    """The progress line's held-out entry: PSNR for a tokenizer, next-token loss for the generator."""
-    key = next((k for k in ("heldout_psnr", "heldout_loss") if k in held), None)
-    return {} if key is None else {key.replace("heldout_", "ho_"): f"{held[key]:.4g}"}
-
-
-# ----------------------------------------------------------------------------------------------------
-# Run folders, checkpoints, logs, pictures
-# ----------------------------------------------------------------------------------------------------
-
-def make_run_folder(out):
-    """Create the run folder, or an OSError saying that it cannot be written and what to do."""
-    probe = os.path.join(out, f".writable{os.getpid()}")     # one per process: torchrun's ranks probe at once
-    try:
-        os.makedirs(out, exist_ok=True)
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as error:
-        raise OSError(f"cannot write the run folder --out {out} ({error.strerror or error}): choose a folder "
-                      f"you can write to") from error
-
-
-class Logger:
-    """Rank-0 JSON-lines metrics and messages."""
-
-    def __init__(self, out, rank):
-        self.rank, self.path = rank, os.path.join(out, "metrics.jsonl")
-
-    def info(self, msg):
-        if self.rank == 0:
-            tqdm.write(msg)
-
-    def metrics(self, record):
-        if self.rank == 0:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-CURVES = ("loss", "psnr", "acc", "heldout_psnr", "heldout_rfid", "heldout_loss", "heldout_acc", "lr")
-
-
-@torch.no_grad()
-def save_pictures(stage, out, step):
-    """The stage's picture grid (eval mode), as <out>/pictures_<step>.png and <out>/latest.png."""
-    was = stage.model.training
-    stage.model.eval()
-    images, nrow = stage.pictures()
-    stage.model.train(was)
-    for name in (f"pictures_{step:07d}.png", "latest.png"):
-        plumbing.save_grid(images, os.path.join(out, name), nrow=nrow)
-    if os.path.exists(os.path.join(out, "metrics.jsonl")):      # the curves so far
-        with open(os.path.join(out, "metrics.jsonl")) as f:
-            plumbing.save_curves(os.path.join(out, "metrics.png"), [json.loads(line) for line in f], CURVES)
 
 
 if __name__ == "__main__":

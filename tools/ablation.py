@@ -52,6 +52,7 @@ import alitok
 import checkpoints
 import data
 import fid
+import inception
 import plumbing
 import weights
 
@@ -459,7 +460,7 @@ def main(args):
     if unknown:
         raise ValueError(f"unknown variants {unknown}; expected some of {list(VARIANTS)}")
     os.makedirs(args.out, exist_ok=True)
-    args.net, why = fid.available_inception(args.inception)       # rFID, FID and IS only with it
+    args.net, why = inception.available_inception(args.inception)       # rFID, FID and IS only with it
     if args.net is None:
         print(f"rFID, FID and IS off: {why}", flush=True)
     t0, pairs = time.time(), [(v, seed) for seed in range(args.seeds) for v in args.variants]

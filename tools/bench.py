@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 import fid
+import inception
 import plumbing
 import speed
 from alitok import Generator, Tokenizer, ffn_hidden, generator_config, tokenizer_config
@@ -189,16 +190,16 @@ def inception_rows(device, precisions, batch):
     with random weights) as fid.py runs it (fold_batchnorm: BatchNorm folded, NHWC on a CPU) in each precision,
     and with the plain network (BatchNorm separate, NCHW; how pytorch-fid runs it): the baseline."""
     torch.manual_seed(0)
-    plain = fid.FIDInception().eval()
+    plain = inception.FIDInception().eval()
     for m in plain.modules():        # activations keep their scale through the layers (no denormal slow paths)
         if isinstance(m, torch.nn.Conv2d):
             torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
     plain = plain.to(device)
     images = np.random.default_rng(0).integers(0, 256, (batch, 256, 256, 3), dtype=np.uint8)
-    flops = conv_flops(plain, fid.preprocess(torch.from_numpy(images[:1]).to(device)))
+    flops = conv_flops(plain, inception.preprocess(torch.from_numpy(images[:1]).to(device)))
     flops += 2 * plain.fc.weight.numel()                              # the logits: pool3 @ fc.weight.T
     nets = {"plain fp32 (baseline)": plain}
-    nets |= {f"fid.py {p}": fid.fold_batchnorm(copy.deepcopy(plain), p, device) for p in precisions}
+    nets |= {f"fid.py {p}": inception.fold_batchnorm(copy.deepcopy(plain), p, device) for p in precisions}
     rows = {}
     for name, net in nets.items():
         run = lambda: fid.extract(net, images, batch_size=batch, progress=False)

@@ -23,6 +23,7 @@ import torch
 import checkpoints
 import data
 import fid
+import inception
 import plumbing
 import weights
 
@@ -83,7 +84,7 @@ def inception_scores(args, out, tokenizers, samples):
     """rFID of each tokenizer file and FID / IS of the samples against {out}/val.npz, with the FID Inception
     (--inception, the cache, or a download); without it, a line saying how to get it and an empty dict."""
     try:
-        net = fid.load_inception(args.inception, args.offline)
+        net = inception.load_inception(args.inception, args.offline)
     except (OSError, ValueError) as error:
         print(f"rFID / FID / IS skipped: {error}", flush=True)
         return {}
