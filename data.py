@@ -551,7 +551,8 @@ def heldout_images(dataset):
 def _encode_ten_crops(tokenizer, data, indices, size, batch_size, device, progress, num_workers):
     """(codes int16 [n, 10, T], labels int64 [n]) of data[indices], each image's crops in TEN_CROP_ORDER."""
     codebook_size = tokenizer.config.codebook_size
-    loader = DataLoader(Subset(data, indices), batch_size=batch_size, num_workers=num_workers)
+    loader = DataLoader(Subset(data, indices), batch_size=batch_size, num_workers=num_workers,
+                        pin_memory=torch.device(device).type == "cuda")
     all_codes, all_labels = [], []
     for images, labels in tqdm(loader, desc="pre-tokenizing", disable=not progress):
         crops = ten_crop_tensor(images, size).to(device)  # [B, 10, 3, size, size]

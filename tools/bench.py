@@ -10,9 +10,9 @@ column (the process's peak RSS on a CPU, peak CUDA memory on a GPU). On a GPU it
 step (static shapes, CUDA graphs) at batch 64 for the B, L and XL shapes.
 
 examples:
-  python bench.py                               # B shape, batch 4 with guidance (8 sequences), all 273 tokens
-  python bench.py --preset XL --batch 8 --uncached-tokens 16
-  python bench.py --device cuda                 # adds the compiled B / L / XL rows at batch 64
+  python tools/bench.py                               # B shape, batch 4 with guidance (8 sequences), all 273 tokens
+  python tools/bench.py --preset XL --batch 8 --uncached-tokens 16
+  python tools/bench.py --device cuda                 # adds the compiled B / L / XL rows at batch 64
 """
 import argparse
 import copy
