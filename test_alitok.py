@@ -1741,23 +1741,29 @@ def test_ranks_probe_one_run_folder_at_once(tmp_path):
     assert os.listdir(tmp_path) == []                                  # no probe left behind
 
 
+def one_and_two_processes(tmp_path, args, two_only, split):
+    """Train the generator stage once in one process and once under torchrun with 2 (gloo, with `two_only` flags
+    added); the second must report `split` and both must end with the same weights."""
+    subprocess.run([sys.executable, str(HERE / "train.py"), *args, "--out", str(tmp_path / "one")],
+                   check=True, env=env1(), capture_output=True)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={free_port()}", str(HERE / "train.py"), *args, *two_only, "--out",
+                          str(tmp_path / "two")], env=env1(), capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert split in two.stdout + two.stderr
+    a = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_two_processes_match_one_process(tmp_path, stages):
     """torchrun, gloo: 2 x batch 4 ends with the weights of 1 x batch 8 (generator stage, dropout off)."""
     root = stages[0]
     args = ["--stage", "ar", "--tokenizer", str(root / "s2" / "tokenizer.pt"), "--codes",
             str(root / "ar" / "codes.npz"), "--steps", "6", *TINY, "--dropout", "0", "--token-dropout", "0",
             "--class-dropout", "0"]
-    subprocess.run([sys.executable, str(HERE / "train.py"), *args, "--out", str(tmp_path / "one")],
-                   check=True, env=env1(), capture_output=True)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={free_port()}", str(HERE / "train.py"), *args, "--out",
-                          str(tmp_path / "two")], env=env1(), capture_output=True, text=True)
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert "global batch 8 = 2 x 1 x 4" in two.stdout + two.stderr
-    a = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["model"]
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    one_and_two_processes(tmp_path, args, [], "global batch 8 = 2 x 1 x 4")
 
 
 def _cluster_worker(rank, world, port, z, out):
@@ -2236,21 +2242,11 @@ def test_tokenizer_step_of_micro_batches_equals_one_batch_with_the_clustering_up
 
 
 def test_two_processes_of_two_micro_batches_match_one_process(tmp_path, stages):
-    """torchrun, gloo: 2 processes x 2 micro-batches of 2 end with the weights of 1 process x 4 (generator)."""
+    """torchrun, gloo: 2 processes x 2 micro-batches of 1 end with the weights of 1 process x batch 4 (generator)."""
     root = stages[0]
     args = ["--stage", "ar", "--tokenizer", str(root / "s2" / "tokenizer.pt"), "--codes", str(root / "ar" / "codes.npz"),
             "--steps", "4", *TINY, "--batch-size", "4", "--dropout", "0", "--token-dropout", "0", "--class-dropout", "0"]
-    subprocess.run([sys.executable, str(HERE / "train.py"), *args, "--out", str(tmp_path / "one")],
-                   check=True, env=env1(), capture_output=True)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={free_port()}", str(HERE / "train.py"), *args, "--micro-batch", "1",
-                          "--out", str(tmp_path / "two")], env=env1(), capture_output=True, text=True)
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert "global batch 4 = 2 x 2 x 1" in two.stdout + two.stderr
-    a = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["model"]
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    one_and_two_processes(tmp_path, args, ["--micro-batch", "1"], "global batch 4 = 2 x 2 x 1")
 
 
 def host_reads_of_a_run(tmp_path, monkeypatch, stage_args, steps):
