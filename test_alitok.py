@@ -1,6 +1,6 @@
 """Tests for alitok: `make test` runs them on the CPU (tiny configs, a few minutes); `make test-slow` adds
 the full-size checks. Sections follow the files: alitok.py, data.py, perceptual.py, train.py, sample.py,
-bench.py, fid.py.
+bench.py, memory_plan.py, fid.py.
 Manifests and golden vectors come from reference/ in this repository: nothing is skipped in a plain clone."""
 import builtins
 import contextlib
@@ -44,7 +44,7 @@ import sample as S
 import speed
 import train
 import weights
-from tools import ablation, bench, demo
+from tools import ablation, bench, demo, memory_plan
 from alitok import (ARConfig, Generator, Tokenizer, cfg_schedule, generator_config, rotary_table, sample_token,
                     sample_uniforms, tokenizer_config)
 from checkpoints import checkpoint, load_generator, load_tokenizer
@@ -2799,6 +2799,73 @@ def test_bf16_samples_match_float32_in_distribution():
         p, q = fp32.run(ids).log_softmax(-1), torch.stack(steps, 1).log_softmax(-1)
     kl = (p.exp() * (p - q)).sum(-1).mean().item()
     assert kl < 1e-3, kl
+
+
+# ===================================================================================================
+# memory_plan.py: bytes saved for backward, the fit, the node's --micro-batch, flags
+# ===================================================================================================
+
+@pytest.mark.parametrize("stage,flags", [("1", ["--gan-start", "0"]), ("2", []), ("ar", [])])
+def test_memory_plan_saved_bytes_grow_linearly_with_the_micro_batch(stage, flags):
+    """One real training step of each tiny stage (stage 1 in its GAN phase, the discriminator in the graph) on
+    micro-batches of 1, 2 and 4 samples: the bytes each saves for backward are positive and affine in its size
+    (4 samples = 1 + 3 x the second's increment), and the same with the real kernels as with ZeroKernels;
+    the plan's AdamW bytes are the optimizer state the steps made."""
+    torch.manual_seed(0)
+    stage_obj, _ = memory_plan.build_stage(stage, "tiny", flags)
+    one, two, four = memory_plan.saved_bytes(stage_obj, 0, [1, 2, 4])
+    assert 0 < one < two < four
+    assert abs(four - (one + 3 * (two - one))) <= 0.02 * four, (one, two, four)
+    assert memory_plan.saved_bytes(stage_obj, 0, [2, 1], zero_kernels=False) == [two, one]
+    state = stage_obj.optimizers["model"].state.values()
+    moments = sum(t.numel() * t.element_size() for s in state for k, t in s.items() if k != "step")
+    assert memory_plan.resident_bytes(stage_obj)["adamw"] == moments > 0
+
+
+def test_memory_plan_fit_and_the_node_micro_batch():
+    """(80 GB x 0.9 - fixed) / bytes per sample, rounded down; 0 when the fixed cost alone does not fit; the
+    node's --micro-batch is the largest power of two that fits and divides the per-process share."""
+    fit, GB = memory_plan.largest_micro_batch, 10 ** 9
+    assert fit(GB, 10 * GB, 80 * GB, 0.1) == 62                      # (72 - 10) / 1
+    assert fit(3 * GB, 10 * GB, 80 * GB, 0.1) == 20                  # 62 / 3 = 20.7
+    assert fit(GB, 10 * GB, 141 * GB, 0.0) == 131
+    assert fit(GB, 72 * GB, 80 * GB, 0.1) == 0                       # exactly full: no sample fits
+    assert fit(1, 100 * GB, 80 * GB, 0.1) == 0                       # the fixed cost alone is over
+    assert [memory_plan.node_micro_batch(f, share) for f, share in ((20, 32), (62, 32), (7, 6), (0, 32))] == \
+        [16, 32, 2, 0]
+    assert memory_plan.node_advice(20, 256) == "--micro-batch 16 (256 = 8 x 16 x 2)"
+    assert memory_plan.node_advice(300, 2048) == "--micro-batch 256 (2048 = 8 x 256 x 1)"
+    assert memory_plan.node_advice(0, 256) == "does not fit"
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--margin", "1.5"], "--margin 1.5: expected a number in [0, 1]"),
+    (["--margin", "nan"], "--margin nan: expected a number in [0, 1]"),
+    (["--stages", "1", "--presets", "B"], "--presets B has none of stages 1")])
+def test_memory_plan_cli_refuses_a_bad_flag_in_one_line(flags, words):
+    done = subprocess.run([sys.executable, str(HERE / "tools" / "memory_plan.py"), *flags], cwd=HERE, env=env1(),
+                          capture_output=True, text=True, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and done.stdout == "", done
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], done.stderr
+
+
+def test_memory_plan_counts_a_storage_saved_twice_once():
+    """exp saves its result and b * b saves it twice more: one storage, counted once; two views of one storage
+    count as that storage; an excluded storage (a weight) counts nothing; a backward ends a forward pass."""
+    a = torch.randn(256, requires_grad=True)
+    with memory_plan.SavedBytes() as twice:
+        b = a.exp()
+        (b * b).sum()
+    with memory_plan.SavedBytes() as views:
+        c = a.exp()
+        (c[:128] * c[128:]).sum()
+    with memory_plan.SavedBytes(exclude={a.untyped_storage().data_ptr()}) as excluded:
+        (a * a).sum()
+    with memory_plan.SavedBytes() as passes:
+        for n in (256, 512):
+            torch.randn(n, requires_grad=True).exp().sum().backward()
+    assert twice.bytes == views.bytes == [256 * 4] and excluded.bytes == [0] and passes.bytes == [1024, 2048]
 
 
 # ===================================================================================================
