@@ -5,8 +5,9 @@ its generate.py compiles the decode step; this file does both for AliTok).
 
 - hold_weights: every product of the transformer blocks (both models) runs from weights held in float32 or
   bfloat16, cast once; on a CPU, without autograd, from a copy in oneDNN's blocked layout, which multiplies the
-  few rows of a decode step about twice as fast as the plain layout (MKL re-packs it at every call). The
-  residual stream, norms, embeddings, output head, logits, guidance and sampling stay float32.
+  few rows of a decode step about twice as fast as the plain layout (MKL re-packs it at every call); the
+  generator's SwiGLU input products as one, and its output head packed in float32. The residual stream, norms,
+  embeddings, output head, logits, guidance and sampling stay float32.
 - compile_decode: torch.compile of the whole sampling step (the model's one-token forward, the guidance blend
   and the sampling), static shapes and no host sync; on a GPU every step replays a captured CUDA graph.
 - On a CPU, one-position KV-cache writes are plain copies (index_copy_ costs about 1.3 ms of a B step).
@@ -62,6 +63,30 @@ class HeldLinear(nn.Module):
         return F.linear(y, w, self.bias).to(x.dtype)
 
 
+class StackedSwiGLU(alitok.SwiGLU):
+    """alitok.SwiGLU (same parameters, same names) whose two input products run as one on a CPU without autograd:
+    w1 and w3 stacked once into a packed copy, so a decode step reads both in one pass."""
+
+    def __init__(self, mlp):
+        nn.Module.__init__(self)
+        self.w1, self.w3, self.w2, self.ffn_dropout = mlp.w1, mlp.w3, mlp.w2, mlp.ffn_dropout
+        self._copy = None                                  # (weight versions, packed copy of [w1; w3])
+
+    def forward(self, x):
+        w1, w3 = self.w1.weight, self.w3.weight
+        if not (self.w1.packed and x.device.type == "cpu" and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):
+            return super().forward(x)
+        version = (w1.data_ptr(), w1._version, w3.data_ptr(), w3._version)
+        if self._copy is None or self._copy[0] != version:
+            self._copy = (version, pack(torch.cat([w1.detach(), w3.detach()])))
+        if self._copy[1] is None:
+            return super().forward(x)
+        both = torch.ops.mkldnn._linear_pointwise(x.to(w1.dtype), self._copy[1], None, "none", [], "").to(x.dtype)
+        gate, up = both.chunk(2, -1)
+        return self.ffn_dropout(self.w2(F.silu(gate) * up))
+
+
 class CopyCache(alitok.KVCache):
     """alitok.KVCache whose one-position writes on a CPU are plain copies, faster there than index_copy_."""
 
@@ -75,7 +100,8 @@ class CopyCache(alitok.KVCache):
 
 def hold_weights(model, dtype=torch.float32, packed=None):
     """Swap every nn.Linear of the transformer blocks (Tokenizer and Generator) for a HeldLinear in dtype, in
-    place; packed (default: on a CPU build with oneDNN) as HeldLinear. Returns the model."""
+    place, the generator's SwiGLU for a StackedSwiGLU and its output head for a float32 HeldLinear; packed
+    (default: on a CPU build with oneDNN) as HeldLinear. Returns the model."""
     packed = packing_available() if packed is None else packed
     for block in model.modules():
         if isinstance(block, (alitok.Block, alitok.ARBlock)):
@@ -83,6 +109,10 @@ def hold_weights(model, dtype=torch.float32, packed=None):
                 for name, child in parent.named_children():
                     if type(child) is nn.Linear:
                         setattr(parent, name, HeldLinear(child, dtype, packed))
+            if isinstance(block, alitok.ARBlock) and type(block.mlp) is alitok.SwiGLU:
+                block.mlp = StackedSwiGLU(block.mlp)
+    if isinstance(model, alitok.Generator) and type(model.output) is nn.Linear:
+        model.output = HeldLinear(model.output, torch.float32, packed)     # the logits stay float32
     return model
 
 

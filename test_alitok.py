@@ -1,6 +1,7 @@
 """Tests for alitok: `make test` runs them on the CPU (tiny configs, a few minutes); `make test-slow` adds
-the full-size checks. Sections follow the files: alitok.py, data.py, perceptual.py, train.py, sample.py,
-bench.py, fid.py.
+the full-size checks. Sections follow the files: alitok.py, speed.py, checkpoints.py, data.py, plumbing.py and
+weights.py, losses.py, train.py and heldout.py, sample.py, fid.py and inception.py, then tools/ (bench,
+memory_plan, demo, ablation).
 Manifests and golden vectors come from reference/ in this repository: nothing is skipped in a plain clone."""
 import builtins
 import contextlib
@@ -44,7 +45,7 @@ import sample as S
 import speed
 import train
 import weights
-from tools import ablation, bench, demo
+from tools import ablation, bench, demo, memory_plan
 from alitok import (ARConfig, Generator, Tokenizer, cfg_schedule, generator_config, rotary_table, sample_token,
                     sample_uniforms, tokenizer_config)
 from checkpoints import checkpoint, load_generator, load_tokenizer
@@ -320,6 +321,9 @@ def test_cached_logits_equal_full_forward(shape, fast):
             steps += [gen.decode_one_token(ids[:, s:s + 1], torch.tensor([s]), T + 1 if static else s + 1)
                       for s in range(2, T)]
             torch.testing.assert_close(torch.stack(steps, 1), full[:, 1:], rtol=1e-4, atol=1e-4)
+    if fast and shape == "B-width" and speed.packing_available():                   # the packed paths ran
+        assert gen.output._copy[1] is not None and gen.blocks[0].attn.qkv._copy[1] is not None
+        assert type(gen.blocks[0].mlp) is speed.StackedSwiGLU and gen.blocks[0].mlp._copy[1] is not None
 
 
 def test_cpu_generation_does_not_import_dynamo():
@@ -2775,55 +2779,6 @@ def test_fid_compares_sizes_only_where_both_hold_images(tmp_path):
 
 
 # ===================================================================================================
-# tools/bench.py: floors, the naive baseline
-# ===================================================================================================
-
-def test_bench_counts_the_weights_and_bytes(models):
-    generator, _ = models
-    linear = sum(m.weight.numel() for m in generator.modules() if isinstance(m, torch.nn.Linear))
-    cfg = generator.config
-    assert bench.matmul_weights(cfg) == linear
-    head = cfg.width * cfg.codebook_size
-    kv = 2 * cfg.layers * 4 * cfg.width * (1 + 2)                    # two tokens: 1, then 2 positions
-    assert bench.generation_bytes(cfg, 4, 2, 2, 4) == 2 * ((linear - head) * 2 + head * 4) + 4 * kv
-    assert bench.generation_flops(cfg, 1, 1) == 2 * linear + 4 * cfg.width * cfg.layers
-
-
-def test_bench_counts_convolution_flops():
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 4, 1, groups=2),
-                              torch.nn.Flatten(), torch.nn.Linear(4 * 10 * 10, 5))
-    assert bench.conv_flops(net, torch.rand(2, 3, 10, 10)) == 2 * (8 * 100 * 27 + 4 * 100 * 4 + 5 * 400)
-
-
-def test_bench_runs_and_prints_a_table(capsys):
-    assert bench.main(["--preset", "tiny", "--batch", "2", "--uncached-tokens", "6", "--device", "cpu",
-                       "--tokenizer-batch", "1", "--inception-batch", "1"]) == 0
-    out = capsys.readouterr().out
-    for words in ("generate(), weights fp32", "generate(), weights bf16", "memory floor fp32", "FLOP floor bf16",
-                  "uncached", "first 6 tokens", "decode", "peak RSS", "load average", "FID Inception",
-                  "plain fp32 (baseline)", "fid.py bf16", "x the baseline"):
-        assert words in out, words
-
-
-def trained_tiny_generator(steps=200):
-    """A small generator (2 layers, 21 tokens) trained on a synthetic task: class c's code at position t is
-    (7c + 3t + 11j) mod K with j = 0, 1, 2, 3 drawn with probabilities 0.4, 0.3, 0.2, 0.1."""
-    torch.manual_seed(0)
-    gen = Generator(generator_config("tiny", layers=2, n_prefix=5, grid=4, dropout=0.0, token_dropout=0.0))
-    opt = torch.optim.AdamW(gen.parameters(), lr=3e-3)
-    K, T = gen.config.codebook_size, gen.config.n_tokens
-    for _ in range(steps):
-        classes = torch.randint(0, 10, (16,))
-        j = torch.multinomial(torch.tensor([0.4, 0.3, 0.2, 0.1]), 16 * T, replacement=True).view(16, T)
-        codes = (7 * classes[:, None] + 3 * torch.arange(T) + 11 * j) % K
-        loss = F.cross_entropy(gen(codes, classes).flatten(0, 1), codes.flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return gen.eval(), loss.item()
-
-
-# ===================================================================================================
 # fid.py and inception.py: metrics, the Inception network, files, CLI
 # ===================================================================================================
 
@@ -3184,6 +3139,122 @@ def test_adm_centre_crop_keeps_a_constant_image():
     constant = Image.new("RGB", (64, 48), (10, 200, 30))  # halves once (48 >= 32), then bicubic to short side 16
     out = np.asarray(D.center_crop_adm(constant, 16))
     assert out.shape == (16, 16, 3) and (out == np.array([10, 200, 30], np.uint8)).all()
+
+
+# ===================================================================================================
+# tools/bench.py: floors, the naive baseline
+# ===================================================================================================
+
+def test_bench_counts_the_weights_and_bytes(models):
+    generator, _ = models
+    linear = sum(m.weight.numel() for m in generator.modules() if isinstance(m, torch.nn.Linear))
+    cfg = generator.config
+    assert bench.matmul_weights(cfg) == linear
+    head = cfg.width * cfg.codebook_size
+    kv = 2 * cfg.layers * 4 * cfg.width * (1 + 2)                    # two tokens: 1, then 2 positions
+    assert bench.generation_bytes(cfg, 4, 2, 2, 4) == 2 * ((linear - head) * 2 + head * 4) + 4 * kv
+    assert bench.generation_flops(cfg, 1, 1) == 2 * linear + 4 * cfg.width * cfg.layers
+
+
+def test_bench_counts_convolution_flops():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 4, 1, groups=2),
+                              torch.nn.Flatten(), torch.nn.Linear(4 * 10 * 10, 5))
+    assert bench.conv_flops(net, torch.rand(2, 3, 10, 10)) == 2 * (8 * 100 * 27 + 4 * 100 * 4 + 5 * 400)
+
+
+def test_bench_runs_and_prints_a_table(capsys):
+    assert bench.main(["--preset", "tiny", "--batch", "2", "--uncached-tokens", "6", "--device", "cpu",
+                       "--tokenizer-batch", "1", "--inception-batch", "1"]) == 0
+    out = capsys.readouterr().out
+    for words in ("generate(), weights fp32", "generate(), weights bf16", "memory floor fp32", "FLOP floor bf16",
+                  "uncached", "first 6 tokens", "decode", "peak RSS", "load average", "FID Inception",
+                  "plain fp32 (baseline)", "fid.py bf16", "x the baseline"):
+        assert words in out, words
+
+
+def trained_tiny_generator(steps=200):
+    """A small generator (2 layers, 21 tokens) trained on a synthetic task: class c's code at position t is
+    (7c + 3t + 11j) mod K with j = 0, 1, 2, 3 drawn with probabilities 0.4, 0.3, 0.2, 0.1."""
+    torch.manual_seed(0)
+    gen = Generator(generator_config("tiny", layers=2, n_prefix=5, grid=4, dropout=0.0, token_dropout=0.0))
+    opt = torch.optim.AdamW(gen.parameters(), lr=3e-3)
+    K, T = gen.config.codebook_size, gen.config.n_tokens
+    for _ in range(steps):
+        classes = torch.randint(0, 10, (16,))
+        j = torch.multinomial(torch.tensor([0.4, 0.3, 0.2, 0.1]), 16 * T, replacement=True).view(16, T)
+        codes = (7 * classes[:, None] + 3 * torch.arange(T) + 11 * j) % K
+        loss = F.cross_entropy(gen(codes, classes).flatten(0, 1), codes.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return gen.eval(), loss.item()
+
+
+# ===================================================================================================
+# tools/memory_plan.py: bytes saved for backward, the fit, the node's --micro-batch, flags
+# ===================================================================================================
+
+@pytest.mark.parametrize("stage,flags", [("1", ["--gan-start", "0"]), ("2", []), ("ar", [])])
+def test_memory_plan_saved_bytes_grow_linearly_with_the_micro_batch(stage, flags):
+    """One real training step of each tiny stage (stage 1 in its GAN phase, the discriminator in the graph) on
+    micro-batches of 1, 2 and 4 samples: the bytes each saves for backward are positive and affine in its size
+    (4 samples = 1 + 3 x the second's increment), and the same with the real kernels as with ZeroKernels;
+    the plan's AdamW bytes are the optimizer state the steps made."""
+    torch.manual_seed(0)
+    stage_obj, _ = memory_plan.build_stage(stage, "tiny", flags)
+    one, two, four = memory_plan.saved_bytes(stage_obj, 0, [1, 2, 4])
+    assert 0 < one < two < four
+    assert abs(four - (one + 3 * (two - one))) <= 0.02 * four, (one, two, four)
+    assert memory_plan.saved_bytes(stage_obj, 0, [2, 1], zero_kernels=False) == [two, one]
+    state = stage_obj.optimizers["model"].state.values()
+    moments = sum(t.numel() * t.element_size() for s in state for k, t in s.items() if k != "step")
+    assert memory_plan.resident_bytes(stage_obj)["adamw"] == moments > 0
+
+
+def test_memory_plan_fit_and_the_node_micro_batch():
+    """(80 GB x 0.9 - fixed) / bytes per sample, rounded down; 0 when the fixed cost alone does not fit; the
+    node's --micro-batch is the largest power of two that fits and divides the per-process share."""
+    fit, GB = memory_plan.largest_micro_batch, 10 ** 9
+    assert fit(GB, 10 * GB, 80 * GB, 0.1) == 62                      # (72 - 10) / 1
+    assert fit(3 * GB, 10 * GB, 80 * GB, 0.1) == 20                  # 62 / 3 = 20.7
+    assert fit(GB, 10 * GB, 141 * GB, 0.0) == 131
+    assert fit(GB, 72 * GB, 80 * GB, 0.1) == 0                       # exactly full: no sample fits
+    assert fit(1, 100 * GB, 80 * GB, 0.1) == 0                       # the fixed cost alone is over
+    assert [memory_plan.node_micro_batch(f, share) for f, share in ((20, 32), (62, 32), (7, 6), (0, 32))] == \
+        [16, 32, 2, 0]
+    assert memory_plan.node_advice(20, 256) == "--micro-batch 16 (256 = 8 x 16 x 2)"
+    assert memory_plan.node_advice(300, 2048) == "--micro-batch 256 (2048 = 8 x 256 x 1)"
+    assert memory_plan.node_advice(0, 256) == "does not fit"
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--margin", "1.5"], "--margin 1.5: expected a number in [0, 1]"),
+    (["--margin", "nan"], "--margin nan: expected a number in [0, 1]"),
+    (["--stages", "1", "--presets", "B"], "--presets B has none of stages 1")])
+def test_memory_plan_cli_refuses_a_bad_flag_in_one_line(flags, words):
+    done = subprocess.run([sys.executable, str(HERE / "tools" / "memory_plan.py"), *flags], cwd=HERE, env=env1(),
+                          capture_output=True, text=True, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and done.stdout == "", done
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], done.stderr
+
+
+def test_memory_plan_counts_a_storage_saved_twice_once():
+    """exp saves its result and b * b saves it twice more: one storage, counted once; two views of one storage
+    count as that storage; an excluded storage (a weight) counts nothing; a backward ends a forward pass."""
+    a = torch.randn(256, requires_grad=True)
+    with memory_plan.SavedBytes() as twice:
+        b = a.exp()
+        (b * b).sum()
+    with memory_plan.SavedBytes() as views:
+        c = a.exp()
+        (c[:128] * c[128:]).sum()
+    with memory_plan.SavedBytes(exclude={a.untyped_storage().data_ptr()}) as excluded:
+        (a * a).sum()
+    with memory_plan.SavedBytes() as passes:
+        for n in (256, 512):
+            torch.randn(n, requires_grad=True).exp().sum().backward()
+    assert twice.bytes == views.bytes == [256 * 4] and excluded.bytes == [0] and passes.bytes == [1024, 2048]
 
 
 # ===================================================================================================
