@@ -2,15 +2,15 @@
 request, a causal stage 1 without prefix or without the aux loss), each through stage 2 and a generator;
 held-out numbers per variant, and AliTok's paired differences with 95% intervals over seeds.
 
-    python ablation.py --data ../shared/datasets/cifar10_subset_32.npz --out runs/ablation
-    python ablation.py --variants bidirectional no_prefix no_aux alitok --seeds 3   # the other baselines too
-    python ablation.py --quick --out runs/ablation_quick --seeds 1    # a few steps per stage: the loop only
-    python ablation.py --report --data ../shared/datasets/cifar10_subset_32.npz --out runs/ablation
+    python tools/ablation.py --data ../shared/datasets/cifar10_subset_32.npz --out runs/ablation
+    python tools/ablation.py --variants bidirectional no_prefix no_aux alitok --seeds 3   # the other baselines too
+    python tools/ablation.py --quick --out runs/ablation_quick --seeds 1    # a few steps per stage: the loop only
+    python tools/ablation.py --report --data ../shared/datasets/cifar10_subset_32.npz --out runs/ablation
 
-The default is 5 seeds of bidirectional and alitok (10 runs); on 2 cores it takes [TO BE MEASURED: see the
-README]. --jobs N trains N (variant, seed) runs at once, each with its share of the CPU threads. `make ablation`
-runs one per core: on 2 cores, two single-thread runs of the tiny stage 1 trained 221 images/s together, one
-run on both threads 180.
+The default is 5 seeds of bidirectional and alitok (10 runs). On 2 cores the 10 runs at half the default steps
+(--steps 750 300 300) took 108 minutes beside other work, so the default takes about 3.5 hours. --jobs N trains N
+(variant, seed) runs at once, each with its share of the CPU threads. `make ablation` runs one per core: on 2
+cores, two single-thread runs of the tiny stage 1 trained 221 images/s together, one run on both threads 180.
 
 Paired seeds. Seed s of every variant trains on the same images in the same order with the same augmentations
 (functions of seed, step and position), is evaluated on the same held-out images, and its generator starts
