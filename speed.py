@@ -39,6 +39,21 @@ def pack(weight):
         return None
 
 
+def packs(module, x):
+    """Whether module (packed=True) multiplies x from a packed copy: on a CPU, without autograd, not compiling."""
+    return (module.packed and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling())
+
+
+def packed_copy(module, *weights):
+    """module._copy's packed copy of weights (stacked by rows), made again when one changed (an optimiser step);
+    None where this CPU has no such kernel."""
+    version = tuple((w.data_ptr(), w._version) for w in weights)
+    if module._copy is None or module._copy[0] != version:
+        module._copy = (version, pack(torch.cat([w.detach() for w in weights])))
+    return module._copy[1]
+
+
 class HeldLinear(nn.Module):
     """An nn.Linear with its weights held in `dtype`: the input is cast to it, the output back to the input's
     dtype. packed: without autograd, on a CPU, multiply from a oneDNN-packed copy, made once per weight version."""
@@ -53,13 +68,8 @@ class HeldLinear(nn.Module):
 
     def forward(self, x):
         w, y = self.weight, x.to(self.weight.dtype)
-        if (self.packed and x.device.type == "cpu" and not torch.is_grad_enabled() and w.numel() >= PACK_MIN
-                and not torch.compiler.is_compiling()):
-            version = (w.data_ptr(), w._version)
-            if self._copy is None or self._copy[0] != version:
-                self._copy = (version, pack(w.detach()))
-            if self._copy[1] is not None:
-                return torch.ops.mkldnn._linear_pointwise(y, self._copy[1], self.bias, "none", [], "").to(x.dtype)
+        if packs(self, x) and w.numel() >= PACK_MIN and packed_copy(self, w) is not None:
+            return torch.ops.mkldnn._linear_pointwise(y, self._copy[1], self.bias, "none", [], "").to(x.dtype)
         return F.linear(y, w, self.bias).to(x.dtype)
 
 
@@ -70,17 +80,12 @@ class StackedSwiGLU(alitok.SwiGLU):
     def __init__(self, mlp):
         nn.Module.__init__(self)
         self.w1, self.w3, self.w2, self.ffn_dropout = mlp.w1, mlp.w3, mlp.w2, mlp.ffn_dropout
+        self.packed = getattr(mlp.w1, "packed", False)     # as its HeldLinear products
         self._copy = None                                  # (weight versions, packed copy of [w1; w3])
 
     def forward(self, x):
-        w1, w3 = self.w1.weight, self.w3.weight
-        if not (self.w1.packed and x.device.type == "cpu" and not torch.is_grad_enabled()
-                and not torch.compiler.is_compiling()):
-            return super().forward(x)
-        version = (w1.data_ptr(), w1._version, w3.data_ptr(), w3._version)
-        if self._copy is None or self._copy[0] != version:
-            self._copy = (version, pack(torch.cat([w1.detach(), w3.detach()])))
-        if self._copy[1] is None:
+        w1 = self.w1.weight
+        if not (packs(self, x) and packed_copy(self, w1, self.w3.weight) is not None):
             return super().forward(x)
         both = torch.ops.mkldnn._linear_pointwise(x.to(w1.dtype), self._copy[1], None, "none", [], "").to(x.dtype)
         gate, up = both.chunk(2, -1)
