@@ -244,21 +244,19 @@ def refuse_or_restart(args, rank, log):
     plumbing.barrier()
 
 
-def save(stage, args, step, path, where, kept):
-    """The whole training state at `step`, written atomically by rank 0 (AdamW moments included); a failed
-    write (a full disk) says that the last good checkpoint (step `kept`) is intact."""
-    rank, world = where
-    rngs = all_rng_states(world)
-    if rank == 0:
-        state = {"stage": args.stage, "step": step, "config": asdict(stage.model.config),
-                 "model": stage.model.state_dict(), "modules": {k: m.state_dict() for k, m in stage.modules.items()},
-                 "optimizers": {k: o.state_dict() for k, o in stage.optimizers.items()},
-                 "rng": rngs, "args": vars(args), **stage.saved}
-        try:
-            plumbing.save_checkpoint(state, path)
-        except OSError as error:
-            raise OSError(f"{error}; the last good checkpoint is {path} at step {kept}" if kept else
-                          f"{error}; no checkpoint was written before") from None
+def save(stage, args, step, path, rngs, kept):
+    """The whole training state at `step` (AdamW moments and every rank's RNG state `rngs` included), written
+    atomically; rank 0 calls it. A failed write (a full disk) says that the last good checkpoint (step `kept`)
+    is intact."""
+    state = {"stage": args.stage, "step": step, "config": asdict(stage.model.config),
+             "model": stage.model.state_dict(), "modules": {k: m.state_dict() for k, m in stage.modules.items()},
+             "optimizers": {k: o.state_dict() for k, o in stage.optimizers.items()},
+             "rng": rngs, "args": vars(args), **stage.saved}
+    try:
+        plumbing.save_checkpoint(state, path)
+    except OSError as error:
+        raise OSError(f"{error}; the last good checkpoint is {path} at step {kept}" if kept else
+                      f"{error}; no checkpoint was written before") from None
 
 
 def resume(stage, ck, path, rank, world, log):

@@ -90,19 +90,6 @@ def rfid_network(args, device, log):
     return {"net": net}
 
 
-def evaluate(stage, rank, step, args, log):
-    """The stage's held-out metrics, by rank 0 in eval mode, every --eval-every steps and at the last step;
-    {} on other ranks and steps."""
-    if rank != 0 or not (step % args.eval_every == 0 or step == args.steps):
-        return {}
-    was = stage.model.training
-    stage.model.eval()
-    held = stage.heldout()
-    stage.model.train(was)
-    log.info(f"step {step} held-out: " + ", ".join(f"{k[8:]} {v:.4g}" for k, v in held.items()))
-    return held
-
-
 def postfix(held):
     """The progress line's held-out entry: PSNR for a tokenizer, next-token loss for the generator."""
     key = next((k for k in ("heldout_psnr", "heldout_loss") if k in held), None)

@@ -3,6 +3,7 @@ processes, the run-folder lock, stop signals, one-line errors, and pictures (ima
 
 Nothing here is the paper's method; it is what keeps a long run from losing work or failing silently.
 """
+import datetime
 import errno
 import fcntl
 import json
@@ -93,8 +94,26 @@ def barrier():
         dist.barrier()
 
 
+DIST_TIMEOUT_ENV = "ALITOK_DIST_TIMEOUT_MIN"   # minutes a collective may wait for the slowest rank
+
+
+def dist_timeout():
+    """How long a collective waits before failing: $ALITOK_DIST_TIMEOUT_MIN minutes, default 60. Rank-0 work
+    between two collectives (merging ImageNet's ten-crop codes, held-out rFID, a checkpoint on a slow disk)
+    takes minutes, past NCCL's 10-minute default."""
+    raw = os.environ.get(DIST_TIMEOUT_ENV, "60")
+    try:
+        minutes = float(raw)
+    except ValueError:
+        minutes = -1.0
+    if not minutes > 0:
+        raise ValueError(f"${DIST_TIMEOUT_ENV}={raw!r}: expected a positive number of minutes (default 60)")
+    return datetime.timedelta(minutes=minutes)
+
+
 def setup_distributed(device=None):
-    """(rank, world, device): init torch.distributed under torchrun (nccl on GPU, gloo on CPU).
+    """(rank, world, device): init torch.distributed under torchrun (nccl on GPU, gloo on CPU), with
+    dist_timeout() and, on CUDA, this process's device bound to the group.
     device: a torch device string; default cuda (this process's LOCAL_RANK) if available, else cpu."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
@@ -103,7 +122,8 @@ def setup_distributed(device=None):
     if use_cuda:
         torch.cuda.set_device(device)
     if world > 1 and not is_distributed():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=dist_timeout(),
+                                **({"device_id": device} if use_cuda else {}))
     return (dist.get_rank() if world > 1 else 0), world, device
 
 
@@ -312,12 +332,9 @@ CURVES = ("loss", "psnr", "acc", "heldout_psnr", "heldout_rfid", "heldout_loss",
 
 
 @torch.no_grad()
-def save_pictures(stage, out, step):
-    """The stage's picture grid (eval mode), as <out>/pictures_<step>.png and <out>/latest.png."""
-    was = stage.model.training
-    stage.model.eval()
-    images, nrow = stage.pictures()
-    stage.model.train(was)
+def save_pictures(images, nrow, out, step):
+    """A training run's picture grid (float [N, 3, H, W] in [0, 1], `nrow` a row) as <out>/pictures_<step>.png
+    and <out>/latest.png, and its curves so far as <out>/metrics.png."""
     for name in (f"pictures_{step:07d}.png", "latest.png"):
         save_grid(images, os.path.join(out, name), nrow=nrow)
     if os.path.exists(os.path.join(out, "metrics.jsonl")):      # the curves so far

@@ -1770,6 +1770,18 @@ def test_two_processes_match_one_process(tmp_path, stages):
     one_and_two_processes(tmp_path, args, [], "global batch 8 = 2 x 1 x 4")
 
 
+def test_stage1_under_torchrun_without_the_rfid_network_does_not_hang(tmp_path):
+    """Rank 0 alone looks for the rFID Inception (held-out evaluation is rank 0's work): with the file absent and
+    downloads forbidden no rank may wait in a collective the others never reach (it hung until killed)."""
+    env = {**env1(), "TORCH_HOME": str(tmp_path / "empty_cache"), "ALITOK_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={free_port()}", str(HERE / "train.py"), "--stage", "1", "--preset", "tiny",
+                          "--steps", "3", "--eval-every", "3", *TINY, "--out", str(tmp_path / "run")],
+                         env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "held-out rFID off" in run.stdout + run.stderr and (tmp_path / "run" / "ckpt.pt").exists()
+
+
 def _cluster_worker(rank, world, port, z, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)

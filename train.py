@@ -648,30 +648,51 @@ def train_loop(stage, args, start, ckpt, where, log, signals):
         seen, done = seen + x.shape[0] * world, step + 1
         signum = plumbing.agreed_signal(signals, signal_group)
         stop = args.stop_after is not None and done - start >= args.stop_after
-        logged, evaluated = done % args.log_every == 0 or done == args.steps, done % args.eval_every == 0
+        logged = done % args.log_every == 0 or done == args.steps
+        evaluated = done % args.eval_every == 0 or done == args.steps
+        pictured = done % args.image_every == 0 or done == args.steps
         saving = done % args.ckpt_every == 0 or done == args.steps or stop or signum
-        if logged or evaluated or saving or done % args.image_every == 0:
+        # collectives first, reached by every rank on the same steps; then rank 0's work, which calls none
+        if logged or evaluated or saving or pictured:
             check_finite(first_bad, world, ckpt, kept)
-        held = heldout.evaluate(stage, rank, done, args, log)
         if logged:
             record = reduce_metrics(sums, seen // args.batch_size, counts, world, done, lr, seen / (time.time() - t0))
+        rngs = checkpoints.all_rng_states(world) if saving else None
+        held = in_eval_mode(stage.model, stage.heldout) if evaluated and rank == 0 else {}
+        if held:
+            log.info(f"step {done} held-out: " + ", ".join(f"{k[8:]} {v:.4g}" for k, v in held.items()))
+        if logged:
             log.metrics({**record, **held})
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{record['img_per_s']:.0f}",
                             **heldout.postfix(held))
-            sums, counts, t0, seen = {}, torch.zeros_like(counts), time.time(), 0
         elif held:
             log.metrics({"step": done, **held})
-        if rank == 0 and (done % args.image_every == 0 or done == args.steps):
-            plumbing.save_pictures(stage, args.out, done)
+        if rank == 0 and pictured:
+            plumbing.save_pictures(*in_eval_mode(stage.model, stage.pictures), args.out, done)
+        if saving and rank == 0:
+            checkpoints.save(stage, args, done, ckpt, rngs, kept)
         if saving:
-            checkpoints.save(stage, args, done, ckpt, (rank, world), kept)
             kept = done
+        if evaluated or pictured or saving:
+            plumbing.barrier()          # the others wait here, not in the next step's gradient all-reduce
+        if logged:
+            sums, counts, t0, seen = {}, torch.zeros_like(counts), time.time(), 0
         if stop and not signum:
             log.info(f"stopped after {args.stop_after} steps at step {done}; continue with --resume")
         if stop or signum:
             break
     bar.close()
     return done, signum
+
+
+def in_eval_mode(model, work):
+    """work() with `model` in eval mode (no dropout), its mode restored after."""
+    was = model.training
+    model.eval()
+    try:
+        return work()
+    finally:
+        model.train(was)
 
 
 def collate(items):

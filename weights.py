@@ -3,6 +3,8 @@ URLs their own libraries use, verified by SHA-256 and cached in the torch hub ca
 torchvision do. An explicit path always wins; --offline or $ALITOK_OFFLINE=1 forbids downloads. The released
 AliTok files are not here: they are paths the user passes.
 """
+import contextlib
+import fcntl
 import hashlib
 import http.client
 import os
@@ -13,7 +15,6 @@ from typing import NamedTuple
 
 import torch
 
-from plumbing import barrier, is_distributed
 
 
 class WeightFile(NamedTuple):
@@ -96,23 +97,34 @@ def _download(name, entry, dest, progress):
 def standard_weights(name, path=None, offline=False, progress=True):
     """Path of standard weight file `name` (a STANDARD_WEIGHTS key): `path` if given (it must exist); else
     its copy in weights_cache() once its SHA-256 checks; else downloaded there first (progress bar), unless
-    `offline` or $ALITOK_OFFLINE. Callers load it with weights_only=True (checkpoints.read_checkpoint). Under
-    torchrun every rank must call it (it waits on the others)."""
+    `offline` or $ALITOK_OFFLINE. Callers load it with weights_only=True (checkpoints.read_checkpoint). It calls no
+    collective: under torchrun any subset of ranks may call it, and the first to come fetches the file."""
     entry = STANDARD_WEIGHTS[name]
     if path is not None:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{os.fspath(path)!r} given for {name} ({entry.use}) is not a file; give its "
                                     f"right path, or none to use the cached standard file (fetched on first use)")
         return os.fspath(path)
-    # Under torchrun each machine's local rank 0 fetches the file while the other ranks wait, then read its copy.
-    first = not is_distributed() or int(os.environ.get("LOCAL_RANK", 0)) == 0
-    if not first:
-        barrier()
-    try:
+    with _fetch_lock(weights_cache()):
         return _cached_or_downloaded(name, entry, offline, progress)
+
+
+@contextlib.contextmanager
+def _fetch_lock(folder):
+    """One process at a time looks up and fetches into the cache `folder`: the others wait on an flock of the
+    folder itself (no lock file left behind), then find the cached copy. No collective: any process may call
+    standard_weights alone (rank 0's rFID network does), and separate jobs sharing one cache are kept apart too."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:                     # a read-only cache: nothing will be written there, so nothing to guard
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
     finally:
-        if first and is_distributed():
-            barrier()
+        os.close(fd)                    # closing drops the lock
 
 
 def _cached_or_downloaded(name, entry, offline, progress):
