@@ -1,14 +1,17 @@
 """AliTok: an aligned tokenizer (bidirectional encoder, causal decoder) and a LlamaGen-style generator.
 
 Read beside "AliTok: Towards Sequence Modeling Alignment between Tokenizer and Autoregressive Model"
-(arXiv 2506.05289). Sections follow the paper: configurations, the tokenizer (encoder, quantizer, the
-causal stage-1 and bidirectional stage-2 decoders), the autoregressive generator with its rotary layout,
-KV-cached sampling with the power-cosine guidance schedule. Loading the released weights is checkpoints.py.
+(arXiv 2506.05289). Sections follow the paper: the tokenizer (encoder, quantizer, the causal stage-1 and
+bidirectional stage-2 decoders), the autoregressive generator with its rotary layout, KV-cached sampling with
+the power-cosine guidance schedule; the configurations, presets and training-stage settings close the file.
+Loading the released weights is checkpoints.py.
 
 This file is the model and nothing else: plain nn.Linear products, the skip connections where the paper has
 them, one KV cache. What makes it fast on some hardware (packed CPU products, weights held in bfloat16,
 compiled decoding) is applied to a built model by speed.py; the tests hold the two equal.
 """
+from __future__ import annotations   # the configs close the file: annotations name them before they exist
+
 import math
 from dataclasses import dataclass, replace
 
@@ -16,133 +19,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-
-
-# ----------------------------------------------------------------------------------------------------
-# Configurations (Sec. 4, implementation details). Every size is a field; derived sizes are properties.
-# ----------------------------------------------------------------------------------------------------
-
-@dataclass
-class TokenizerConfig:
-    image_size: int = 256     # input side in pixels (square images)
-    patch_size: int = 16      # encoder patch and decoder pixel-patch side
-    enc_width: int = 768      # encoder transformer width
-    enc_layers: int = 12
-    enc_heads: int = 12
-    dec_width: int = 1024     # decoder transformer width
-    dec_layers: int = 24
-    dec_heads: int = 16
-    codebook_size: int = 4096  # number of codes K
-    codebook_dim: int = 32    # dimension of each code
-    n_prefix: int = -1        # prefix tokens before the image tokens; -1 means 1 + grid (the released 17)
-    causal: bool = False      # decoder attention: causal (stage 1) or bidirectional (stage 2)
-    n_buffer: int = 32        # learned tokens prepended in the decoder: 1 start token (stage 1), 32 buffers (stage 2)
-    aux_head: bool = False    # stage-1 head that makes the prefix reconstruct the first patch row
-    track_usage: bool = False  # clustering codebook update in training (stage 1), with its `embed_prob` buffer
-
-    def __post_init__(self):
-        if self.n_prefix < 0:
-            self.n_prefix = 1 + self.grid
-        assert self.image_size % self.patch_size == 0, "image_size must be a multiple of patch_size"
-        assert self.enc_width % self.enc_heads == 0 and self.dec_width % self.dec_heads == 0
-        assert not self.aux_head or self.n_prefix == 1 + self.grid, \
-            "the aux head reads the prefix as one patch plus the first patch row: needs n_prefix = 1 + grid"
-
-    @property
-    def grid(self):
-        return self.image_size // self.patch_size
-
-    @property
-    def n_image(self):
-        return self.grid ** 2
-
-    @property
-    def n_tokens(self):
-        return self.n_prefix + self.n_image
-
-
-# Stage settings: stage 1 trains against a causal decoder with one start token, the aux head and the clustering
-# codebook update; stage 2 trains a bidirectional decoder with buffer tokens on the frozen codes, in the layout of
-# the released inference file (the original's stage 2 runs without clustering, so without `embed_prob`).
-STAGES = {
-    1: dict(causal=True, n_buffer=1, aux_head=True, track_usage=True),
-    2: dict(causal=False, aux_head=False, track_usage=False),
-    "inference": dict(causal=False, aux_head=False, track_usage=False),
-}
-
-TOKENIZER_PRESETS = {
-    "alitok": TokenizerConfig(),   # the released ImageNet-256 tokenizer
-    "tiny": TokenizerConfig(image_size=32, patch_size=4, enc_width=128, enc_layers=2, enc_heads=4,
-                            dec_width=128, dec_layers=2, dec_heads=4, codebook_size=256, codebook_dim=16,
-                            n_buffer=4),
-}
-
-
-def tokenizer_config(preset="alitok", stage="inference", **overrides):
-    """The config of a preset tokenizer at a stage (1, 2 or "inference"), with field overrides."""
-    kw = {**STAGES[stage], **overrides}
-    if kw.get("n_prefix", TOKENIZER_PRESETS[preset].n_prefix) == 0:
-        kw["aux_head"] = False          # the "no prefix" ablation has nothing for the aux head to read
-    return replace(TOKENIZER_PRESETS[preset], **kw)
-
-
-def ffn_hidden(width):
-    """SwiGLU hidden size: int(2 * 4 * width / 3) rounded up to a multiple of 256 (LlamaGen)."""
-    hidden = int(2 * 4 * width / 3)
-    return 256 * math.ceil(hidden / 256)
-
-
-@dataclass
-class ARConfig:
-    width: int = 768
-    layers: int = 24
-    heads: int = 16
-    codebook_size: int = 4096   # code vocabulary (must equal the tokenizer's)
-    num_classes: int = 1000
-    n_prefix: int = 17          # tokenizer prefix tokens: 1-D rotary positions
-    grid: int = 16              # tokenizer grid side: 2-D rotary positions
-    rope_base: float = 10000.0
-    dropout: float = 0.1        # attention, residual and FFN dropout in training
-    token_dropout: float = 0.1  # dropout on the input embeddings in training
-    class_dropout: float = 0.1  # probability of replacing the class by the null class in training
-    cfg_scale: float = 16.0     # released guidance scale g for this size
-    cfg_power: float = 1.8      # released guidance power p for this size
-
-    def __post_init__(self):
-        assert self.width % self.heads == 0 and self.head_dim % 4 == 0, "2-D rotary needs head_dim % 4 == 0"
-
-    @property
-    def head_dim(self):
-        return self.width // self.heads
-
-    @property
-    def n_tokens(self):
-        return self.n_prefix + self.grid ** 2
-
-    @property
-    def vocab_size(self):
-        return self.codebook_size + 1 + self.num_classes + 1   # codes, one unused id, classes, null class
-
-    @property
-    def null_class(self):
-        return self.codebook_size + 1 + self.num_classes
-
-
-GENERATOR_PRESETS = {
-    "B": ARConfig(width=768, layers=24, heads=16, cfg_scale=16.0, cfg_power=1.8),
-    "L": ARConfig(width=1024, layers=24, heads=16, cfg_scale=6.0, cfg_power=0.7),
-    "XL": ARConfig(width=1280, layers=32, heads=16, cfg_scale=13.0, cfg_power=1.4),
-    "tiny": ARConfig(width=128, layers=4, heads=4, codebook_size=256, num_classes=10, n_prefix=9, grid=8,
-                     cfg_scale=3.0, cfg_power=1.0),
-}
-
-
-def generator_config(preset="B", tokenizer=None, **overrides):
-    """The config of a preset generator, sized to a tokenizer config's tokens if one is given."""
-    if tokenizer is not None:
-        overrides = dict(codebook_size=tokenizer.codebook_size, n_prefix=tokenizer.n_prefix,
-                         grid=tokenizer.grid, **overrides)
-    return replace(GENERATOR_PRESETS[preset], **overrides)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -265,7 +141,7 @@ class VectorQuantizer(nn.Module):
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
         self.embedding = nn.Embedding(cfg.codebook_size, cfg.codebook_dim)
-        if cfg.track_usage:
+        if cfg.cluster_codebook:
             self.register_buffer("embed_prob", torch.zeros(cfg.codebook_size))
 
     def forward(self, z):
@@ -308,10 +184,11 @@ class Decoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         W, out = cfg.dec_width, cfg.patch_size ** 2 * 3
-        # The released name for the prepended learned tokens (start token or buffer tokens).
-        self.class_embedding = nn.Parameter(torch.randn(cfg.n_buffer, W) * W ** -0.5)
+        # The learned tokens before the latents: stage 1's start token or stage 2's buffer tokens. Weight
+        # compatibility: registered under the name of the released files and of the original's parameters.
+        self.class_embedding = nn.Parameter(torch.randn(cfg.n_leading, W) * W ** -0.5)
         self.latent_token_positional_embedding = nn.Parameter(
-            torch.randn(cfg.n_buffer + cfg.n_tokens, W) * W ** -0.5)
+            torch.randn(cfg.n_leading + cfg.n_tokens, W) * W ** -0.5)
         self.decoder_embed = nn.Linear(cfg.codebook_dim, W)
         self.ln_pre = nn.LayerNorm(W)
         self.transformer = nn.ModuleList(Block(W, cfg.dec_heads) for _ in range(cfg.dec_layers))
@@ -330,7 +207,7 @@ class Decoder(nn.Module):
         x = self.ln_pre(x + self.latent_token_positional_embedding)
         for block in self.transformer:
             x = block(x, causal=cfg.causal)
-        x = self.ln_post(x[:, cfg.n_buffer:])               # B, T, W: one output per latent token
+        x = self.ln_post(x[:, cfg.n_leading:])              # B, T, W: one output per latent token
         image = self.pixels(x[:, cfg.n_prefix:], self.ffn, self.conv_out, cfg.grid, cfg.grid)
         aux = None
         if cfg.aux_head:                                    # the prefix outputs as a 1 x (1 + grid) patch strip
@@ -344,7 +221,8 @@ class Decoder(nn.Module):
 
 
 def aux_target(images, patch_size):
-    """The aux strip's target: the top-left patch beside the whole first patch row, [B, 3, P, P + W]."""
+    """The aux strip's target: the top-left patch beside the whole first patch row of images [B, 3, H, image_width]
+    -> [B, 3, P, P + image_width]."""
     top = images[:, :, :patch_size]
     return torch.cat([top[..., :patch_size], top], dim=-1)
 
@@ -469,6 +347,14 @@ class SelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.cache = None
 
+    def setup_cache(self, batch, max_len, dtype=None):
+        """This layer's KV cache for `batch` sequences of max_len positions in dtype (default: the dtype of its
+        products' weights), kept where one of that shape and dtype is there."""
+        w = self.qkv.weight
+        shape, dtype = (batch, self.heads, max_len, self.head_dim), dtype or w.dtype
+        if self.cache is None or self.cache.k.shape != shape or self.cache.k.dtype != dtype:
+            self.cache = KVCache(*shape, dtype, w.device)
+
     def forward(self, x, rope, pos=None, mask=None):
         """x [B, T, C]; rope: the rotary table rows of the T positions. pos None: causal over x. Else x's T cache
         positions, and mask [T, n] (True where a token may attend) over the first n cache positions."""
@@ -483,6 +369,12 @@ class SelfAttention(nn.Module):
             k, v = self.cache.update(pos, k, v, mask.shape[-1])
             y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask)
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C).to(x.dtype)))
+
+
+def ffn_hidden(width):
+    """SwiGLU hidden size: int(2 * 4 * width / 3) rounded up to a multiple of 256 (LlamaGen)."""
+    hidden = int(2 * 4 * width / 3)
+    return 256 * math.ceil(hidden / 256)
 
 
 class SwiGLU(nn.Module):
@@ -518,7 +410,9 @@ class Generator(nn.Module):
         self.blocks = nn.ModuleList(ARBlock(cfg) for _ in range(cfg.layers))
         self.norm = RMSNorm(cfg.width)
         self.output = nn.Linear(cfg.width, cfg.codebook_size)
-        self.register_buffer("rope", rotary_table(cfg), persistent=False)
+        # A plain float32 tensor, not a buffer, so that .to(dtype) leaves it float32 (the angles need its
+        # precision); logits() moves it to the device of the ids, as LlamaGen does with freqs_cis.
+        self.rope = rotary_table(cfg)
         self.apply(self._init)
         nn.init.zeros_(self.output.weight)
 
@@ -529,19 +423,16 @@ class Generator(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def _apply(self, fn, recurse=True):
-        """.to(), .half(), .cuda() as for any module, but the rotary table stays float32 (angles need its precision)."""
-        super()._apply(fn, recurse)
-        self.rope = rotary_table(self.config).to(self.rope.device)
-        return self
-
     def class_ids(self, classes):
         """Class indices [B] in [0, num_classes) (or -1 for the null class) -> vocabulary ids."""
         return torch.where(classes < 0, self.config.null_class, classes + self.config.codebook_size + 1)
 
-    def run(self, ids, pos=None, length=None):
-        """Token ids [B, T] -> logits [B, T, codebook] in float32. pos None: positions 0..T-1, causal, no cache.
-        Else the T cache positions of ids; each token sees the cache up to itself within its first `length`."""
+    def logits(self, ids, pos=None, length=None):
+        """The forward pass over token ids [B, T] -> logits [B, T, codebook] in float32. pos None: positions 0..T-1,
+        causal, no cache. Else the T cache positions of ids; each token sees the cache up to itself within its
+        first `length`."""
+        if self.rope.device != ids.device:
+            self.rope = self.rope.to(ids.device)
         x = self.token_dropout(self.embeddings(ids))
         rope, mask = self.rope[:ids.shape[1]], None
         if pos is not None:
@@ -556,19 +447,14 @@ class Generator(nn.Module):
         if self.training and self.config.class_dropout > 0:
             drop = torch.rand(cls.shape, device=cls.device) < self.config.class_dropout
             cls = torch.where(drop, self.config.null_class, cls)
-        return self.run(torch.cat([cls[:, None], codes[:, :-1]], dim=1))
+        return self.logits(torch.cat([cls[:, None], codes[:, :-1]], dim=1))
 
     # ---------------- KV-cached sampling (Sec. 4, sampling with the power-cosine schedule) ----------------
 
-    def setup_cache(self, batch, dtype=None):
-        """Allocate every layer's KV cache for `batch` sequences of 1 + n_tokens positions (kept if one of that
-        shape and dtype is there). dtype: default the dtype of the key and value products' weights."""
-        w = self.blocks[0].attn.qkv.weight
-        shape = (batch, self.config.heads, self.config.n_tokens + 1, self.config.head_dim)
+    def setup_cache(self, batch):
+        """Allocate every layer's KV cache for `batch` sequences of 1 + n_tokens positions."""
         for block in self.blocks:
-            cache = block.attn.cache
-            if cache is None or cache.k.dtype != (dtype or w.dtype) or cache.k.shape != shape:
-                block.attn.cache = KVCache(*shape, dtype or w.dtype, w.device)
+            block.attn.setup_cache(batch, self.config.n_tokens + 1)
 
     def free_cache(self):
         """Drop every layer's KV cache."""
@@ -577,22 +463,18 @@ class Generator(nn.Module):
 
     def prefill(self, ids):
         """Run the first tokens [B, T0] into the caches at positions 0..T0-1; logits [B, codebook] of the last."""
-        return self.run(ids, torch.arange(ids.shape[1], device=ids.device), ids.shape[1])[:, -1]
+        return self.logits(ids, torch.arange(ids.shape[1], device=ids.device), ids.shape[1])[:, -1]
 
     def decode_one_token(self, ids, pos, length):
         """One new token [B, 1] at cache position pos (a 1-element long tensor), attending over the first
         `length` > pos cache positions -> logits [B, codebook]."""
-        return self.run(ids, pos, length)[:, -1]
-
-    def decode_step(self, ids, pos, length, scale, u, temperature=1.0, top_k=0, top_p=1.0):
-        """One sampling step: decode_one_token, the guidance blend at `scale` (a 0-d tensor) when ids holds the
-        conditional and unconditional halves, then sample_token at uniforms u [B]. (codes [B], all logits finite)."""
-        return next_code(self.decode_one_token(ids, pos, length), scale, u, temperature, top_k, top_p)
+        return self.logits(ids, pos, length)[:, -1]
 
     @torch.no_grad()
     def generate(self, classes, cfg_scale=None, cfg_power=None, temperature=1.0, top_k=0, top_p=1.0,
-                 generator=None, seeds=None):
-        """Sample codes [B, n_tokens] for class indices [B]: prefill the class token, then one decode step per code.
+                 generator=None, seeds=None, step=None):
+        """Sample codes [B, n_tokens] for class indices [B]: prefill the class token, then one `step` per code
+        (default decode_step; speed.compile_step gives it compiled).
 
         Guidance follows the power-cosine schedule (cfg_schedule): the conditional and unconditional sequences
         run as one doubled batch; scale 1 runs no unconditional half. Randomness: one uniform per sample and
@@ -600,7 +482,7 @@ class Generator(nn.Module):
         from `generator`. temperature 0 means argmax. The KV caches stay allocated for the next call
         (free_cache() releases them). Non-finite logits raise FloatingPointError naming the first such step.
         """
-        cfg, device = self.config, self.output.weight.device
+        cfg, device, step = self.config, self.output.weight.device, step or decode_step
         g = cfg.cfg_scale if cfg_scale is None else cfg_scale
         p = cfg.cfg_power if cfg_power is None else cfg_power
         classes = torch.as_tensor(classes).long()
@@ -619,10 +501,10 @@ class Generator(nn.Module):
         codes[:, 0], finite[0] = next_code(self.prefill(ids), scales[0], u[:, 0], *sampling)
         for s in range(1, T):                                  # code s - 1 enters the cache at position s
             token = codes[:, s - 1:s].repeat(len(ids) // B, 1)
-            codes[:, s], finite[s] = self.decode_step(token, positions[s:s + 1], s + 1, scales[s], u[:, s], *sampling)
+            codes[:, s], finite[s] = step(self, token, positions[s:s + 1], s + 1, scales[s], u[:, s], *sampling)
         if not bool(finite.all()):                             # one host sync per call, after the loop
-            step = int((~finite).nonzero()[0])
-            raise FloatingPointError(f"non-finite logits at sampling step {step} of {T} (guidance scale {g}, power "
+            first = int((~finite).nonzero()[0])
+            raise FloatingPointError(f"non-finite logits at sampling step {first} of {T} (guidance scale {g}, power "
                                      f"{p}): the generator's weights or the guidance settings are broken")
         return codes
 
@@ -634,6 +516,13 @@ class Generator(nn.Module):
 def cfg_schedule(step, n_steps, scale, power):
     """Guidance scale at step in [0, n_steps): 1 + (scale - 1) * (1 - cos(pi * (step / n_steps) ** power)) / 2."""
     return 1 + (scale - 1) * (1 - math.cos(math.pi * (step / n_steps) ** power)) / 2
+
+
+def decode_step(generator, ids, pos, length, scale, u, temperature=1.0, top_k=0, top_p=1.0):
+    """One sampling step of generate(): the generator's decode_one_token, the guidance blend at `scale` (a 0-d
+    tensor) when ids holds the conditional and unconditional halves, then sample_token at uniforms u [B].
+    (codes [B], whether all logits are finite)."""
+    return next_code(generator.decode_one_token(ids, pos, length), scale, u, temperature, top_k, top_p)
 
 
 def next_code(logits, scale, u, temperature=1.0, top_k=0, top_p=1.0):
@@ -678,3 +567,130 @@ def check_classes(classes, num_classes, allow_null=False):
     if bad:
         raise ValueError(f"class indices must lie in [0, {num_classes}) for this generator"
                          f"{' (-1 = unconditional)' if allow_null else ''}; got {bad[:8]}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configurations (Sec. 4, implementation details). Every size is a field; derived sizes are properties.
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class TokenizerConfig:
+    image_size: int = 256     # input side in pixels (square images)
+    patch_size: int = 16      # encoder patch and decoder pixel-patch side
+    enc_width: int = 768      # encoder transformer width
+    enc_layers: int = 12
+    enc_heads: int = 12
+    dec_width: int = 1024     # decoder transformer width
+    dec_layers: int = 24
+    dec_heads: int = 16
+    codebook_size: int = 4096  # number of codes K
+    codebook_dim: int = 32    # dimension of each code
+    n_prefix: int = -1        # prefix tokens before the image tokens; -1 means 1 + grid (the released 17)
+    causal: bool = False      # decoder attention: causal (stage 1) or bidirectional (stage 2)
+    start_token: bool = False  # stage 1: one learned token before the latents in the decoder
+    n_buffer: int = 32        # stage 2: learned buffer tokens before the latents in the decoder
+    aux_head: bool = False    # stage-1 head that makes the prefix reconstruct the first patch row
+    cluster_codebook: bool = False  # stage 1: the clustering codebook update in training, with its `embed_prob` buffer
+
+    def __post_init__(self):
+        if self.n_prefix < 0:
+            self.n_prefix = 1 + self.grid
+        assert self.image_size % self.patch_size == 0, "image_size must be a multiple of patch_size"
+        assert self.enc_width % self.enc_heads == 0 and self.dec_width % self.dec_heads == 0
+        assert not self.aux_head or self.n_prefix == 1 + self.grid, \
+            "the aux head reads the prefix as one patch plus the first patch row: needs n_prefix = 1 + grid"
+
+    @property
+    def grid(self):
+        return self.image_size // self.patch_size
+
+    @property
+    def n_image(self):
+        return self.grid ** 2
+
+    @property
+    def n_tokens(self):
+        return self.n_prefix + self.n_image
+
+    @property
+    def n_leading(self):
+        """Learned tokens the decoder puts before the latents: the start token and the buffer tokens."""
+        return int(self.start_token) + self.n_buffer
+
+
+# Stage settings: stage 1 trains against a causal decoder with one start token, the aux head and the clustering
+# codebook update; stage 2 trains a bidirectional decoder with the preset's buffer tokens on the frozen codes, in
+# the layout of the released inference file (the original's stage 2 runs without clustering: no `embed_prob`).
+STAGES = {
+    1: dict(causal=True, start_token=True, n_buffer=0, aux_head=True, cluster_codebook=True),
+    2: dict(causal=False, start_token=False, aux_head=False, cluster_codebook=False),
+}
+
+TOKENIZER_PRESETS = {
+    "alitok": TokenizerConfig(),   # the released ImageNet-256 tokenizer
+    "tiny": TokenizerConfig(image_size=32, patch_size=4, enc_width=128, enc_layers=2, enc_heads=4,
+                            dec_width=128, dec_layers=2, dec_heads=4, codebook_size=256, codebook_dim=16,
+                            n_buffer=4),
+}
+
+
+def tokenizer_config(preset="alitok", stage=2, **overrides):
+    """The config of a preset tokenizer at a training stage (1, or 2 = "inference": the released file is stage
+    2's), with field overrides."""
+    kw = {**STAGES[2 if stage == "inference" else stage], **overrides}
+    if kw.get("n_prefix", TOKENIZER_PRESETS[preset].n_prefix) == 0:
+        kw["aux_head"] = False          # the "no prefix" ablation has nothing for the aux head to read
+    return replace(TOKENIZER_PRESETS[preset], **kw)
+
+
+@dataclass
+class ARConfig:
+    width: int = 768
+    layers: int = 24
+    heads: int = 16
+    codebook_size: int = 4096   # code vocabulary (must equal the tokenizer's)
+    num_classes: int = 1000
+    n_prefix: int = 17          # tokenizer prefix tokens: 1-D rotary positions
+    grid: int = 16              # tokenizer grid side: 2-D rotary positions
+    rope_base: float = 10000.0
+    dropout: float = 0.1        # attention, residual and FFN dropout in training
+    token_dropout: float = 0.1  # dropout on the input embeddings in training
+    class_dropout: float = 0.1  # probability of replacing the class by the null class in training
+    cfg_scale: float = 16.0     # released guidance scale g for this size
+    cfg_power: float = 1.8      # released guidance power p for this size
+
+    def __post_init__(self):
+        assert self.width % self.heads == 0 and self.head_dim % 4 == 0, "2-D rotary needs head_dim % 4 == 0"
+
+    @property
+    def head_dim(self):
+        return self.width // self.heads
+
+    @property
+    def n_tokens(self):
+        return self.n_prefix + self.grid ** 2
+
+    @property
+    def vocab_size(self):
+        return self.codebook_size + 1 + self.num_classes + 1   # codes, one unused id, classes, null class
+
+    @property
+    def null_class(self):
+        return self.codebook_size + 1 + self.num_classes
+
+
+GENERATOR_PRESETS = {
+    "B": ARConfig(width=768, layers=24, heads=16, cfg_scale=16.0, cfg_power=1.8),
+    "L": ARConfig(width=1024, layers=24, heads=16, cfg_scale=6.0, cfg_power=0.7),
+    "XL": ARConfig(width=1280, layers=32, heads=16, cfg_scale=13.0, cfg_power=1.4),
+    "tiny": ARConfig(width=128, layers=4, heads=4, codebook_size=256, num_classes=10, n_prefix=9, grid=8,
+                     cfg_scale=3.0, cfg_power=1.0),
+}
+
+
+def generator_config(preset="B", tokenizer=None, **overrides):
+    """The config of a preset generator, sized to a tokenizer config's tokens if one is given."""
+    if tokenizer is not None:
+        overrides = dict(codebook_size=tokenizer.codebook_size, n_prefix=tokenizer.n_prefix,
+                         grid=tokenizer.grid, **overrides)
+    return replace(GENERATOR_PRESETS[preset], **overrides)

@@ -67,22 +67,41 @@ def load_strict(model, state, fits=None, source=None, assign=False):
     return model
 
 
+def tokenizer_widths(state):
+    """(encoder width, decoder width) of a tokenizer state dict."""
+    return state["latent_tokens"].shape[1], state["decoder.decoder_embed.weight"].shape[0]
+
+
+def preset_heads(enc_width, dec_width):
+    """(enc_heads, dec_heads) of the tokenizer preset with these widths, or None: no tensor's shape holds them."""
+    return next(((p.enc_heads, p.dec_heads) for p in TOKENIZER_PRESETS.values()
+                 if (p.enc_width, p.dec_width) == (enc_width, dec_width)), None)
+
+
 def infer_tokenizer_config(state):
-    """The TokenizerConfig implied by a tokenizer state dict's names and shapes (heads: head_dim 64)."""
+    """The TokenizerConfig of a bare tokenizer state dict: every size from its tensors' shapes, the stage settings
+    from its layout (the start token, aux head and `embed_prob` of stage 1's causal decoder, or stage 2's buffer
+    tokens), the head counts from the preset of the same widths; ValueError naming the config to pass where no
+    preset has those widths (head counts change no shape)."""
     n_layers = lambda p: len({k.split(".")[2] for k in state if k.startswith(p + ".transformer.")})
-    enc_w = state["latent_tokens"].shape[1]
-    dec_w = state["decoder.decoder_embed.weight"].shape[0]
+    enc_w, dec_w = tokenizer_widths(state)
+    heads = preset_heads(enc_w, dec_w)
+    if heads is None:
+        raise ValueError(f"a bare tokenizer state dict of widths {enc_w} (encoder) and {dec_w} (decoder), which no "
+                         f"preset has: its head counts cannot be read from shapes; pass its config "
+                         f"(load_tokenizer(path, config=TokenizerConfig(...))) or save it with "
+                         f"checkpoints.checkpoint(model), which keeps the config")
     patch = state["encoder.patch_embed.weight"].shape[-1]
     grid = math.isqrt(state["encoder.positional_embedding"].shape[0])
     n_tokens = state["latent_tokens"].shape[0]
-    aux = "decoder.ffn_aux.0.weight" in state
+    stage1 = "decoder.ffn_aux.0.weight" in state
     return TokenizerConfig(
         image_size=grid * patch, patch_size=patch, enc_width=enc_w, enc_layers=n_layers("encoder"),
-        enc_heads=max(1, enc_w // 64), dec_width=dec_w, dec_layers=n_layers("decoder"),
-        dec_heads=max(1, dec_w // 64), codebook_size=state["quantize.embedding.weight"].shape[0],
-        codebook_dim=state["quantize.embedding.weight"].shape[1], n_prefix=n_tokens - grid * grid,
-        causal=aux, n_buffer=state["decoder.class_embedding"].shape[0], aux_head=aux,
-        track_usage="quantize.embed_prob" in state)
+        enc_heads=heads[0], dec_width=dec_w, dec_layers=n_layers("decoder"), dec_heads=heads[1],
+        codebook_size=state["quantize.embedding.weight"].shape[0],
+        codebook_dim=state["quantize.embedding.weight"].shape[1], n_prefix=n_tokens - grid * grid, causal=stage1,
+        start_token=stage1, n_buffer=state["decoder.class_embedding"].shape[0] - stage1, aux_head=stage1,
+        cluster_codebook="quantize.embed_prob" in state)
 
 
 def infer_generator_config(state, **overrides):
@@ -101,20 +120,18 @@ def _config_from(cls, saved):
     return cls(**{k: v for k, v in saved.items() if k in names})
 
 
-def load_tokenizer(path_or_state_dict, map_location="cpu"):
-    """A Tokenizer (eval mode) from the released AliTok.pth, a stage-1/2 training state or our checkpoint."""
+def load_tokenizer(path_or_state_dict, map_location="cpu", config=None):
+    """A Tokenizer (eval mode) from the released AliTok.pth, a stage-1/2 training state or our checkpoint; config:
+    the TokenizerConfig of a bare state dict whose widths no preset has (else inferred from it)."""
     state, saved = _state_dict_of(path_or_state_dict)
     if saved is None and "tokenizer" in state and isinstance(state["tokenizer"], dict):
         state, saved = state["tokenizer"], state.get("tokenizer_config")
-    inferred = infer_tokenizer_config(state) if "latent_tokens" in state else None
-    cfg = _config_from(TokenizerConfig, saved) if saved else inferred
-    if cfg is None:
+    known = "latent_tokens" in state and preset_heads(*tokenizer_widths(state)) is not None
+    inferred = infer_tokenizer_config(state) if known else None     # the sizes the file has, for messages
+    cfg = config or (_config_from(TokenizerConfig, saved) if saved else None)
+    if cfg is None and "latent_tokens" not in state:
         raise ValueError("not a tokenizer checkpoint: no `latent_tokens` tensor and no saved config")
-    if saved is None:
-        preset = TOKENIZER_PRESETS["alitok"]            # the released shapes: take the released head counts
-        if (cfg.enc_width, cfg.dec_width) == (preset.enc_width, preset.dec_width):
-            cfg = replace(cfg, enc_heads=preset.enc_heads, dec_heads=preset.dec_heads)
-    model = load_strict(Tokenizer(cfg), state, fits=inferred)
+    model = load_strict(Tokenizer(cfg or infer_tokenizer_config(state)), state, fits=inferred)
     return model.to(map_location).eval()
 
 

@@ -68,11 +68,11 @@ def read_weights(path, what):
     return read_checkpoint(path, what)
 
 
-def load_models(gen_path, tok_path=None, device="cpu", precision="fp32", compile=False, accept_tokenizer=False):
+def load_models(gen_path, tok_path=None, device="cpu", precision="fp32", accept_tokenizer=False):
     """(generator, tokenizer, tokenizer source) on device, eval mode, through speed.for_inference (bf16: both
-    models' block weights held in bfloat16; compile: the generator's sampling step compiled). The tokenizer:
-    tok_path, else the one the generator checkpoint carries (train.py writes its path). A tokenizer whose codebook
-    is not the one the checkpoint's fingerprint names is refused (accept_tokenizer: used, with a warning)."""
+    models' block weights held in bfloat16). The tokenizer: tok_path, else the one the generator checkpoint carries
+    (train.py writes its path). A tokenizer whose codebook is not the one the checkpoint's fingerprint names is
+    refused (accept_tokenizer: used, with a warning)."""
     ckpt = read_weights(gen_path, "generator checkpoint")
     generator = load_generator(ckpt)
     source = tok_path or (ckpt.get("tokenizer") if isinstance(ckpt, dict) else None)
@@ -93,7 +93,7 @@ def load_models(gen_path, tok_path=None, device="cpu", precision="fp32", compile
                          f"tokens from {g.codebook_size} codes, the tokenizer decodes {t.n_prefix} + {t.grid}^2 "
                          f"from {t.codebook_size}")
     check_fingerprint(ckpt, gen_path, tokenizer, source, accept_tokenizer)
-    generator = speed.for_inference(generator.to(device), precision, compile)
+    generator = speed.for_inference(generator.to(device), precision)
     return generator, speed.for_inference(tokenizer.to(device), precision), source
 
 
@@ -317,7 +317,7 @@ def main(argv=None):
     rank, world, device = plumbing.setup_distributed(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as the paper's evaluation ran
     args.compile = device.type == "cuda" if args.compile is None else args.compile
-    generator, tokenizer, tok_source = load_models(args.ckpt, args.tokenizer, device, args.precision, args.compile,
+    generator, tokenizer, tok_source = load_models(args.ckpt, args.tokenizer, device, args.precision,
                                                    args.accept_tokenizer)
     cfg = generator.config
     args.batch_size = args.batch_size or default_batch(cfg, device, args.precision)
@@ -336,6 +336,8 @@ def main(argv=None):
     if rank == 0:
         print("sampling with", json.dumps(dict(settings, classes=classes if args.classes else f"{len(classes)}")))
     opts = {k: settings[k] for k in ("cfg_scale", "cfg_power", "temperature", "top_k", "top_p")}
+    if args.compile:
+        opts["step"] = speed.compile_step(generator)
     start = time.perf_counter()
     if args.npz:
         made = sample_npz(generator, tokenizer, args.out, args.npz, classes, opts, keys, args.seed,

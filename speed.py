@@ -1,16 +1,20 @@
-"""Speed for a built model, applied beside it, never inside it (gpt-fast's quantize.py swaps modules in place and
-its generate.py compiles the decode step; this file does both for AliTok).
+"""Speed for a built model, applied beside it, never inside it: gpt-fast's quantize.py swaps modules in place and
+its generate.py compiles decode_one_token and hands it to the loop; this file does both for AliTok.
 
-    model = speed.for_inference(checkpoints.load_generator(path), precision="bf16", compile=True)
+    generator = speed.for_inference(checkpoints.load_generator(path), precision="bf16")
+    codes = generator.generate(classes, step=speed.compile_step(generator))
 
 - hold_weights: every product of the transformer blocks (both models) runs from weights held in float32 or
   bfloat16, cast once; on a CPU, without autograd, from a copy in oneDNN's blocked layout, which multiplies the
   few rows of a decode step about twice as fast as the plain layout (MKL re-packs it at every call); the
   generator's SwiGLU input products as one, and its output head packed in float32. The residual stream, norms,
   embeddings, output head, logits, guidance and sampling stay float32.
-- compile_decode: torch.compile of the whole sampling step (the model's one-token forward, the guidance blend
-  and the sampling), static shapes and no host sync; on a GPU every step replays a captured CUDA graph.
-- On a CPU, one-position KV-cache writes are plain copies (index_copy_ costs about 1.3 ms of a B step).
+- cpu_caches: on a CPU the generator's KV caches are float32 whatever its weights (a CPU's bfloat16 attention is
+  slower than its float32 one) and their one-position writes plain copies (index_copy_ costs about 1.3 ms of a
+  B step). The plain model keeps its caches in its weights' dtype.
+- compile_step: torch.compile of the whole sampling step (alitok.decode_step: the one-token forward, the guidance
+  blend and the sampling), static shapes and no host sync, for generate(step=...); on a GPU every step replays a
+  captured CUDA graph.
 
 Each is held equal to the plain model by the tests (cached = full forward, packed = plain products, compiled =
 eager codes, the golden greedy generation).
@@ -103,6 +107,24 @@ class CopyCache(alitok.KVCache):
         return self.k[:, :, :length], self.v[:, :, :length]
 
 
+class CPUCacheAttention(alitok.SelfAttention):
+    """alitok.SelfAttention (same parameters, same names) whose KV cache on a CPU is a float32 CopyCache whatever
+    the weights' dtype: bfloat16 attention is slower there (B bf16 generate(): 15.8 s with a float32 cache against
+    21.7 s with a bfloat16 one on a CPU with AVX-512 BF16 units). Elsewhere the cache is alitok's."""
+
+    def __init__(self, attn):
+        nn.Module.__init__(self)
+        self.heads, self.head_dim, self.dropout, self.cache = attn.heads, attn.head_dim, attn.dropout, attn.cache
+        self.qkv, self.q_norm, self.k_norm, self.proj = attn.qkv, attn.q_norm, attn.k_norm, attn.proj
+        self.resid_dropout = attn.resid_dropout
+
+    def setup_cache(self, batch, max_len, dtype=None):
+        cpu = self.qkv.weight.device.type == "cpu"
+        super().setup_cache(batch, max_len, torch.float32 if cpu else dtype)
+        if cpu and type(self.cache) is not CopyCache:
+            self.cache = CopyCache(*self.cache.k.shape, self.cache.k.dtype, self.cache.k.device)
+
+
 def hold_weights(model, dtype=torch.float32, packed=None):
     """Swap every nn.Linear of the transformer blocks (Tokenizer and Generator) for a HeldLinear in dtype, in
     place, the generator's SwiGLU for a StackedSwiGLU and its output head for a float32 HeldLinear; packed
@@ -121,53 +143,44 @@ def hold_weights(model, dtype=torch.float32, packed=None):
     return model
 
 
-def copy_cache_writes(generator):
-    """KV caches with plain-copy one-position writes (CopyCache) from the next setup_cache on. Returns the model."""
-    plain_setup = generator.setup_cache
-
-    def setup_cache(batch, dtype=None):
-        plain_setup(batch, dtype)
-        for block in generator.blocks:
-            cache = block.attn.cache
-            if type(cache) is not CopyCache:
-                block.attn.cache = CopyCache(*cache.k.shape, cache.k.dtype, cache.k.device)
-    generator.setup_cache = setup_cache
+def cpu_caches(generator):
+    """Swap every SelfAttention of the generator for a CPUCacheAttention, in place. Returns the model."""
+    for block in generator.blocks:
+        if type(block.attn) is alitok.SelfAttention:
+            block.attn = CPUCacheAttention(block.attn)
     return generator
 
 
-def compile_decode(generator, block=None):
-    """torch.compile the whole sampling step (Generator.decode_step: one-token forward, guidance blend, sampling)
-    with static shapes; on a GPU each step replays a captured CUDA graph. Steps attend over the whole cache with
-    the mask hiding what is not written yet, or (block) over the filled part rounded up to a multiple of block
-    positions: less to read, one graph per shape. Callers pad batches to one size. Returns the model."""
+def compile_step(generator, block=None):
+    """alitok.decode_step (one-token forward, guidance blend, sampling) compiled with static shapes, as a step for
+    the generator's generate(step=...); on a GPU each step replays a captured CUDA graph. Steps attend over the
+    whole cache with the mask hiding what is not written yet, or (block) over the filled part rounded up to a
+    multiple of block positions: less to read, one graph per shape. Callers pad batches to one size."""
     cuda = generator.output.weight.device.type == "cuda"
-    step = torch.compile(generator.decode_step, mode="reduce-overhead" if cuda else None, fullgraph=True,
-                         dynamic=False if block is None else None)
-    full, plain_setup = generator.config.n_tokens + 1, generator.setup_cache
+    compiled = torch.compile(alitok.decode_step, mode="reduce-overhead" if cuda else None, fullgraph=True,
+                             dynamic=False if block is None else None)
+    marked = []                                            # the caches whose addresses the graphs may keep
 
-    def setup_cache(batch, dtype=None):
-        plain_setup(batch, dtype)
-        for layer in generator.blocks if cuda else ():     # captured graphs write the caches in place
-            torch._dynamo.mark_static_address(layer.attn.cache.k)
-            torch._dynamo.mark_static_address(layer.attn.cache.v)
-
-    def decode_step(ids, pos, length, *args):
+    def step(generator, ids, pos, length, *sampling):
+        if cuda and [layer.attn.cache for layer in generator.blocks] != marked:   # graphs write them in place
+            marked[:] = [layer.attn.cache for layer in generator.blocks]
+            for cache in marked:
+                torch._dynamo.mark_static_address(cache.k)
+                torch._dynamo.mark_static_address(cache.v)
+        full = generator.config.n_tokens + 1
         torch.compiler.cudagraph_mark_step_begin()         # the last step's outputs are used: buffers may be reused
-        return step(ids, pos, full if block is None else min(-(-length // block) * block, full), *args)
-    generator.setup_cache, generator.decode_step = setup_cache, decode_step
-    return generator
+        return compiled(generator, ids, pos, full if block is None else min(-(-length // block) * block, full),
+                        *sampling)
+    return step
 
 
-def for_inference(model, precision="fp32", compile=False, block=None):
-    """The one call of sample.py and bench.py: weights held in precision ("fp32" or "bf16"; packed on a CPU),
-    plain-copy cache writes on a CPU, and (generators, compile=True) the compiled sampling step. Returns the
-    model, in eval mode, on the device it was on."""
+def for_inference(model, precision="fp32"):
+    """The one call of sample.py and bench.py: weights held in precision ("fp32" or "bf16"; packed on a CPU) and,
+    for a generator, the KV-cache rules of a CPU (cpu_caches). Returns the model, in eval mode, on the device it
+    was on; speed.compile_step(model) gives its compiled sampling step."""
     cpu = next(model.parameters()).device.type == "cpu"
     if cpu or precision != "fp32":
         hold_weights(model, DTYPES[precision], packed=cpu and packing_available())
     if isinstance(model, alitok.Generator):
-        if cpu and not compile:
-            copy_cache_writes(model)
-        if compile:
-            compile_decode(model, block)
+        cpu_caches(model)
     return model.eval()

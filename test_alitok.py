@@ -145,8 +145,8 @@ def tiny_generator(**kw):
 LAYOUTS = [("tokenizer_inference.txt", lambda: Tokenizer(tokenizer_config("alitok", "inference"))),
            ("tokenizer_stage1.txt", lambda: Tokenizer(tokenizer_config("alitok", 1))),
            # The stage-2 manifest was made with clustering on; the original's stage-2 run has it off (the
-           # inference layout, golden README), so `embed_prob` only with track_usage.
-           ("tokenizer_stage2.txt", lambda: Tokenizer(tokenizer_config("alitok", 2, track_usage=True))),
+           # inference layout, golden README), so `embed_prob` only with cluster_codebook.
+           ("tokenizer_stage2.txt", lambda: Tokenizer(tokenizer_config("alitok", 2, cluster_codebook=True))),
            ("ar_b.txt", lambda: Generator(generator_config("B"))),
            ("ar_l.txt", lambda: Generator(generator_config("L"))),
            ("ar_xl.txt", lambda: Generator(generator_config("XL")))]
@@ -313,7 +313,7 @@ def test_cached_logits_equal_full_forward(shape, fast):
     ids = torch.cat([gen.class_ids(classes)[:, None], codes[:, :-1]], 1)
     ids = torch.cat([ids, ids.clone().index_fill_(1, torch.tensor([0]), cfg.null_class)])  # CFG pair
     with torch.no_grad():
-        full = gen.run(ids)
+        full = gen.logits(ids)
         for static in (False, True):
             gen.free_cache()
             gen.setup_cache(6)
@@ -352,10 +352,8 @@ def test_generate_equals_recomputing_the_prefix():
     for s in range(T):
         logits = uncond[:, s] + cfg_schedule(s, T, 3.0, 1.0) * (cond[:, s] - uncond[:, s])
         assert torch.equal(sample_token(logits, u[:, s]), got[:, s]), f"step {s}"
-    plain_step = gen.decode_step
-    gen.decode_step = lambda ids, pos, length, *rest: plain_step(ids, pos, T + 1, *rest)
-    assert torch.equal(gen.generate(classes, cfg_scale=3.0, cfg_power=1.0, seeds=seeds), got)
-    del gen.decode_step
+    whole = lambda g, ids, pos, length, *rest: alitok.decode_step(g, ids, pos, T + 1, *rest)
+    assert torch.equal(gen.generate(classes, cfg_scale=3.0, cfg_power=1.0, seeds=seeds, step=whole), got)
     c = gen.generate(classes, generator=torch.Generator().manual_seed(0), cfg_scale=3.0)
     d = gen.generate(classes, generator=torch.Generator().manual_seed(0), cfg_scale=3.0)
     assert torch.equal(c, d) and got.shape == (2, T)
@@ -429,10 +427,25 @@ def test_models_run_in_any_dtype_with_the_rotary_table_in_float32(dtype):
     assert g.rope.dtype == torch.float32 and g.blocks[0].attn.qkv.weight.dtype == dtype
     torch.testing.assert_close(g.rope, rotary_table(g.config))
     codes = g.generate(torch.tensor([1, 2]), cfg_scale=2.0, temperature=0)
-    assert codes.shape == (2, 73) and g.run(codes[:, :5]).dtype == torch.float32
+    assert codes.shape == (2, 73) and g.logits(codes[:, :5]).dtype == torch.float32
     assert (codes == gen.generate(torch.tensor([1, 2]), cfg_scale=2.0, temperature=0)).float().mean() > 0.5
     images = t.decode(t.encode(torch.rand(2, 3, 32, 32)))
     assert images.dtype == dtype and images.shape == (2, 3, 32, 32) and torch.isfinite(images.float()).all()
+
+
+def test_rotary_table_is_a_plain_float32_tensor_moved_where_used():
+    """No nn.Module hook is overridden: the rotary table is a plain float32 tensor (not a buffer, not in the state
+    dict), .to(dtype) leaves it alone, and the forward pass moves it to the device of the ids (LlamaGen's
+    freqs_cis)."""
+    gen = tiny_generator()
+    assert "_apply" not in vars(Generator) and "rope" not in dict(gen.named_buffers())
+    assert "rope" not in gen.state_dict() and gen.rope.dtype == torch.float32
+    moved = copy.deepcopy(gen).to("meta")                      # the meta device stands in for a GPU
+    assert moved.rope.device.type == "cpu"
+    with torch.no_grad():
+        logits = moved.logits(torch.tensor([[260, 3, 4]], device="meta"))
+    assert moved.rope.device.type == "meta" and moved.rope.dtype == torch.float32 and logits.shape == (1, 3, 256)
+    torch.testing.assert_close(gen.rope, rotary_table(gen.config))
 
 
 def test_tokenizer_attention_runs_in_float32_and_in_the_autocast_dtype_under_autocast(monkeypatch):
@@ -466,13 +479,17 @@ def test_non_finite_logits_refuse_naming_the_step():
 # ===================================================================================================
 
 def test_compiled_sampling_step_gives_the_eager_codes():
-    """speed.compile_decode compiles the whole sampling step (one-token forward, guidance blend, sampling) with
-    static shapes, attending over the whole cache: on the CPU it gives the eager step's codes."""
+    """speed.compile_step compiles the whole sampling step (one-token forward, guidance blend, sampling) with
+    static shapes, attending over the whole cache: on the CPU it gives the eager step's codes, and neither it nor
+    for_inference puts a method on the model instance (what runs is the code alitok.py shows)."""
     gen = tiny_generator(layers=2, n_prefix=5, grid=4)
     eager = gen.generate(torch.tensor([1, 7]), cfg_scale=3.0, cfg_power=1.0, seeds=[5, 6])
-    compiled = speed.compile_decode(copy.deepcopy(gen))
-    assert torch.equal(compiled.generate(torch.tensor([1, 7]), cfg_scale=3.0, cfg_power=1.0, seeds=[5, 6]), eager)
-    assert torch.equal(compiled.generate(torch.tensor([1, 7]), cfg_scale=3.0, cfg_power=1.0, seeds=[5, 6]), eager)
+    fast = speed.for_inference(copy.deepcopy(gen))
+    step = speed.compile_step(fast)
+    for _ in range(2):
+        assert torch.equal(fast.generate(torch.tensor([1, 7]), cfg_scale=3.0, cfg_power=1.0, seeds=[5, 6],
+                                         step=step), eager)
+    assert [k for k, v in vars(fast).items() if callable(v)] == []
 
 
 def test_bf16_weights_are_held_once_and_cast_nothing_else():
@@ -482,11 +499,28 @@ def test_bf16_weights_are_held_once_and_cast_nothing_else():
     assert all(d == torch.float32 for n, d in dtypes.items() if "norm" in n or n.startswith(("embeddings", "output")))
     assert gen.rope.dtype == torch.float32
     with torch.no_grad():
-        logits = gen.run(torch.tensor([[260, 3, 4]]))
+        logits = gen.logits(torch.tensor([[260, 3, 4]]))
     assert logits.dtype == torch.float32
     tok = speed.hold_weights(Tokenizer(tokenizer_config("tiny", "inference")), torch.bfloat16)
     assert tok.decoder.transformer[0].attn.in_proj.weight.dtype == torch.bfloat16
     assert tok.decoder.ffn[0].weight.dtype == tok.quantize.embedding.weight.dtype == torch.float32
+
+
+def test_kv_cache_float32_on_a_cpu_for_bf16_weights_by_speed_only():
+    """speed.for_inference's caches on a CPU are float32 plain-copy caches whatever the weights' dtype (bfloat16
+    attention is slower there); the plain model keeps its caches in its weights' dtype; both give float32's
+    greedy codes at most positions."""
+    plain = copy.deepcopy(tiny_generator()).to(torch.bfloat16)
+    plain.setup_cache(2)
+    assert {type(b.attn.cache) for b in plain.blocks} == {alitok.KVCache}
+    assert {b.attn.cache.k.dtype for b in plain.blocks} == {torch.bfloat16}
+    fast = speed.for_inference(tiny_generator(), "bf16")
+    codes = fast.generate(torch.tensor([1, 2]), cfg_scale=2.0, temperature=0)
+    assert {type(b.attn.cache) for b in fast.blocks} == {speed.CopyCache}
+    assert {(b.attn.cache.k.dtype, b.attn.cache.v.dtype) for b in fast.blocks} == {(torch.float32, torch.float32)}
+    assert fast.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    reference = tiny_generator().generate(torch.tensor([1, 2]), cfg_scale=2.0, temperature=0)
+    assert (codes == reference).float().mean() > 0.5
 
 
 def test_packed_cpu_weights_follow_weight_changes():
@@ -533,7 +567,7 @@ def test_bf16_samples_match_float32_in_distribution():
         bf16.setup_cache(len(ids))
         steps = [bf16.prefill(ids[:, :1])]
         steps += [bf16.decode_one_token(ids[:, s:s + 1], torch.tensor([s]), s + 1) for s in range(1, ids.shape[1])]
-        p, q = fp32.run(ids).log_softmax(-1), torch.stack(steps, 1).log_softmax(-1)
+        p, q = fp32.logits(ids).log_softmax(-1), torch.stack(steps, 1).log_softmax(-1)
     kl = (p.exp() * (p - q)).sum(-1).mean().item()
     assert kl < 1e-3, kl
 
@@ -568,7 +602,7 @@ def test_checkpoint_round_trip_is_strict_and_exact(tmp_path):
     assert torch.equal(gen2(codes, torch.tensor([1, 2])), gen(codes, torch.tensor([1, 2])))
     # A bare state dict (as the released files are) also loads, with its config inferred from shapes.
     tok3 = load_tokenizer(tok.state_dict())
-    assert tok3.config.n_prefix == 9 and tok3.config.aux_head and tok3.config.track_usage
+    assert tok3.config.n_prefix == 9 and tok3.config.aux_head and tok3.config.cluster_codebook
 
 
 def test_mismatched_checkpoint_names_tensors_and_fitting_config():
@@ -585,6 +619,22 @@ def test_mismatched_checkpoint_names_tensors_and_fitting_config():
         load_tokenizer(state)
     with pytest.raises(ValueError, match="not a tokenizer checkpoint"):
         load_tokenizer(tiny_generator().state_dict())
+
+
+def test_bare_tokenizer_state_dict_takes_preset_heads_or_is_refused():
+    """A bare state dict carries no head counts: the tiny tokenizer's loads with the tiny preset's (4, not
+    width // 64 = 2); widths no preset has are refused with one line naming the config to pass, and load with it."""
+    for stage in (1, 2):
+        tok = tiny_tokenizer(stage)
+        loaded = load_tokenizer(tok.state_dict())
+        assert loaded.config == tok.config and (loaded.config.enc_heads, loaded.config.dec_heads) == (4, 4)
+        x = torch.rand(2, 3, 32, 32)
+        assert torch.equal(loaded(x)["recon"], tok(x)["recon"])
+    odd = tiny_tokenizer(2, dec_width=96, dec_heads=3)
+    with pytest.raises(ValueError, match=r"widths 128 \(encoder\) and 96 \(decoder\).*pass its config") as e:
+        load_tokenizer(odd.state_dict())
+    assert "\n" not in str(e.value)
+    assert load_tokenizer(odd.state_dict(), config=odd.config).config.dec_heads == 3
 
 
 @pytest.mark.slow

@@ -61,7 +61,7 @@ def generation_bytes(cfg, sequences, n_tokens, weight_bytes, cache_bytes):
 def tokenizer_flops(cfg, part):
     """FLOPs of one image through the tokenizer's encoder or decoder: its block matmuls and attention."""
     width, layers = (cfg.enc_width, cfg.enc_layers) if part == "encode" else (cfg.dec_width, cfg.dec_layers)
-    tokens = cfg.n_image + cfg.n_tokens if part == "encode" else cfg.n_buffer + cfg.n_tokens
+    tokens = cfg.n_image + cfg.n_tokens if part == "encode" else cfg.n_leading + cfg.n_tokens
     return layers * (2 * 12 * width * width * tokens + 4 * width * tokens ** 2)
 
 
@@ -112,24 +112,25 @@ def peak_memory(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
-def random_generator(preset, device, precision, compile=False, block=None):
+def random_generator(preset, device, precision):
     """A generator of a preset shape with random weights (its zero-initialised head randomised too), through
     speed.for_inference as sample.py runs it."""
     torch.manual_seed(0)
     generator = Generator(generator_config(preset)).eval()
     torch.nn.init.normal_(generator.output.weight, std=0.02)
-    return speed.for_inference(generator.to(device), precision, compile, block)
+    return speed.for_inference(generator.to(device), precision)
 
 
 # --- The rows ----------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def generate_row(generator, batch, device, repeat=1):
-    """Seconds and peak memory of generate() for batch classes (all tokens, guidance on), best of repeat."""
+def generate_row(generator, batch, device, repeat=1, step=None):
+    """Seconds and peak memory of generate() for batch classes (all tokens, guidance on), best of repeat; step:
+    generate()'s (a compiled one from speed.compile_step)."""
     classes = list(range(batch))
-    generator.generate(classes, seeds=classes)       # warm-up: packed weight copies, compilation, CUDA graphs
+    generator.generate(classes, seeds=classes, step=step)  # warm-up: packed copies, compilation, CUDA graphs
     reset_peak(device)
-    seconds = min(timed(lambda: generator.generate(classes, seeds=classes), device) for _ in range(repeat))
+    seconds = min(timed(lambda: generator.generate(classes, seeds=classes, step=step), device) for _ in range(repeat))
     return dict(seconds=seconds, peak=peak_memory(device))
 
 
@@ -148,7 +149,7 @@ def forward_passes(generator, sequences, n_tokens, cached, device):
             generator.free_cache()
         else:
             for s in range(1, n_tokens + 1):
-                generator.run(ids[:, :s])
+                generator.logits(ids[:, :s])
     return timed(work, device)
 
 
@@ -212,7 +213,7 @@ def inception_rows(device, precisions, batch):
 def floor_rows(cfg, batch, precision, device):
     """{memory floor, FLOP floor: seconds} of one cached generation, from the measured bandwidth and matmul rate."""
     sequences, n, dtype = 2 * batch, cfg.n_tokens, DTYPES[precision]
-    cache_bytes = dtype.itemsize                           # setup_cache's default: the weights' dtype
+    cache_bytes = 4 if device.type == "cpu" else dtype.itemsize   # speed.cpu_caches: float32 on a CPU
     nbytes = generation_bytes(cfg, sequences, n, dtype.itemsize, cache_bytes)
     flops, bandwidth, rate = generation_flops(cfg, sequences, n), read_bandwidth(device), matmul_rate(device, dtype)
     return {"memory floor": dict(seconds=nbytes / bandwidth,
@@ -293,8 +294,8 @@ def gpu_section(args, device):
             continue
         began, generator = time.perf_counter(), None
         try:
-            generator = random_generator(preset, device, precision, compile=True, block=block)
-            row = generate_row(generator, n, device, repeat=2)
+            generator = random_generator(preset, device, precision)
+            row = generate_row(generator, n, device, repeat=2, step=speed.compile_step(generator, block))
         except Exception as error:  # one failing shape should not lose the others' numbers
             print(f"  {preset} {precision}: failed: {type(error).__name__}: {str(error)[:400]}", flush=True)
             continue
