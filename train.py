@@ -4,10 +4,11 @@
     python train.py --stage 2           # stage 2 from the stage-1 checkpoint (the decoder carries over)
     python train.py --stage ar          # tiny generator on ten-crop pre-tokenized codes
     torchrun --nproc_per_node=8 train.py --stage ar --preset L --micro-batch 64 --data /imagenet/train ...
-    python train.py --stage 1 --preset alitok --help    # every flag with the paper's value
+    python train.py --stage 1 --preset alitok --help    # every flag beside the paper's value
 
-Read top to bottom: the recipes, then one function per stage that builds its models, optimizers and losses
-(stage1, stage2, generator_stage), the two kinds of step, and the loop they share.
+Read top to bottom: the recipes, the command line, the schedule and optimizers, then one function per stage that
+builds its models, optimizers and losses (stage1, stage2, generator_stage), the two kinds of step, and the loop
+they share.
 Each step computes what the original training code computes (reference/golden/train_*.npz). --batch-size is the
 global batch; --micro-batch splits each process's share into accumulation steps. One file holds model,
 optimizers, discriminator, step, RNG states and config; it is written atomically, and --resume continues bit
