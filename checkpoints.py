@@ -173,6 +173,7 @@ def rng_state():
 
 
 def set_rng_state(state):
+    """Restore the torch RNG states that rng_state() returned (the CUDA ones where there is CUDA)."""
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -277,7 +278,8 @@ def save(stage, args, step, path, rngs, kept):
 
 
 def resume(stage, ck, path, rank, world, log):
-    """Load the training state `ck` (read from `path`) into the stage; the step to continue from."""
+    """Load the training state `ck` (read from `path`) into the stage, refused (check_same_run) when made with
+    other settings: model, modules, optimizers and this rank's RNG state; the step to continue from."""
     check_same_run(stage, ck, path)
     load_strict(stage.model, ck["model"], source=path)
     for name, module in stage.modules.items():

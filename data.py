@@ -25,7 +25,7 @@ from tqdm import tqdm
 from plumbing import is_distributed, save_npz
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")  # matched case-insensitively
-TEN_CROP_SCALE = 1.1  # paper recipe: ADM crop to int(256 * 1.1) = 281 px before the 256 px crops
+TEN_CROP_SCALE = 1.1  # ALITOK_SPEC.md 2, "Training recipe": "ADM centre crop to 281 px (int(256 * 1.1))"
 TEN_CROP_ORDER = ("top_left", "top_right", "bottom_left", "bottom_right", "centre",
                   "top_left_flipped", "top_right_flipped", "bottom_left_flipped", "bottom_right_flipped",
                   "centre_flipped")
@@ -87,7 +87,8 @@ def ten_crop(pil_image, size):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The tokenizer's training view (the original's augmentation); randomness from a key, not from a global RNG
+# The tokenizer's training view, ALITOK_SPEC.md 1, "Training, as the original code does it": "short side resized
+# to 256 (bilinear), random 256 crop, random flip"; randomness from a key, not from a global RNG
 # ----------------------------------------------------------------------------------------------------
 
 def resize_short_side(pil_image, size):
@@ -523,14 +524,17 @@ def heldout_split(source, image_size, seed=0, n_images=None, n_heldout=None, max
     else heldout_indices() of the source removed from training. n_images: training images kept (evenly
     spaced), n_heldout: held-out images kept; items as build_dataset."""
     own = _own_heldout(source)
-    build = functools.partial(build_dataset, image_size=image_size, seed=seed, max_bad_fraction=max_bad_fraction)
+    common = dict(image_size=image_size, seed=seed, max_bad_fraction=max_bad_fraction)
     if own is not None:
         kind, where = own
-        train = build(source, n_images=n_images)
-        heldout = (build(where, n_images=n_heldout) if kind == "folder" else
-                   build(source, split=where, n_images=n_heldout or (HELDOUT_MAX if kind == "shapes" else None)))
+        train = build_dataset(source, n_images=n_images, **common)
+        if kind == "folder":
+            heldout = build_dataset(where, n_images=n_heldout, **common)
+        else:
+            n_kept = n_heldout or (HELDOUT_MAX if kind == "shapes" else None)
+            heldout = build_dataset(source, split=where, n_images=n_kept, **common)
         return train, heldout
-    full = build(source)
+    full = build_dataset(source, **common)
     held = heldout_indices(len(full))
     rest = np.setdiff1d(np.arange(len(full)), held)
     return (IndexSubset(full, rest[_spaced_indices(len(rest), n_images)]),

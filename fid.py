@@ -1,8 +1,9 @@
 """ImageNet generation metrics (IS, FID, sFID, Precision, Recall): a pure-PyTorch ADM evaluator.
 
 Reproduces OpenAI's ADM evaluator (guided-diffusion/evaluations/evaluator.py, TensorFlow), which produced
-AliTok's numbers and those of the papers it is compared with. Sections follow the evaluator spec: Inception
-network, preprocessing, feature extraction, metrics, file loading, command line.
+AliTok's numbers and those of the papers it is compared with. The Inception network and its preprocessing are
+inception.py; the sections here follow the rest of the evaluator spec (reference/EVALUATOR_SPEC.md): feature
+extraction, metrics, file loading, evaluation and the command line.
 
   python fid.py VIRTUAL_imagenet256_labeled.npz samples.npz
   python fid.py imagenet_val/ --save-stats val_stats.npz      (cache statistics only)
@@ -519,7 +520,7 @@ def run(argv=None):
 
 
 def main(argv=None):
-    """Run the command line; 0 on success (bad input raises; data.cli turns it into a message and status 2)."""
+    """Run the command line; 0 on success (bad input raises; plumbing.cli turns it into a message and status 2)."""
     run(argv)
     return 0
 

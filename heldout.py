@@ -23,7 +23,8 @@ def codebook_metrics(counts):
 def tokenizer_heldout(model, images, autocast, inception=None, batch_size=64):
     """Held-out reconstruction of uint8 images [N, 3, S, S]: PSNR in dB (mean over images, the reconstruction
     rounded to uint8 as a saved picture), usage (0..1) and perplexity of the held-out codes; with `inception`
-    ({"net": FID Inception}, where the originals' statistics are kept) also rFID of the reconstructions."""
+    ({"net": FID Inception}, where the originals' statistics are kept) also rFID of the reconstructions. The
+    caller puts the model in eval mode (a train-mode forward would update the codebook)."""
     device = model.latent_tokens.device
     counts, psnr, recons = torch.zeros(model.config.codebook_size, device=device), [], []
     for x in images.split(batch_size):
@@ -60,7 +61,8 @@ def heldout_codes(tok, args, device, batch_size=64):
 @torch.no_grad()
 def generator_heldout(model, codes, labels, autocast, batch_size=64):
     """Held-out next-token cross-entropy (nats per token) and accuracy (0..1) by teacher forcing on codes
-    [N, T] with their classes (eval mode: no dropout): over all tokens, the prefix tokens and the image tokens."""
+    [N, T] with their classes: over all tokens, the prefix tokens and the image tokens. The caller puts the model
+    in eval mode (no dropout)."""
     device, n_prefix = model.output.weight.device, model.config.n_prefix
     nll, hit = [], []
     for c, y in zip(codes.split(batch_size), labels.split(batch_size)):

@@ -202,7 +202,7 @@ def fold_batchnorm(model, precision="fp32", device="cpu"):
 
 def load_inception(path=None, offline=False, precision="fp32", device="cpu"):
     """The FID Inception in inference form (fold_batchnorm) from a pytorch-fid weight file: `path`, or the
-    standard file from the torch hub cache, downloaded on first use (data.standard_weights)."""
+    standard file from the torch hub cache, downloaded on first use (weights.standard_weights)."""
     path = weights.standard_weights(weights.INCEPTION_WEIGHTS, path, offline)
     state = checkpoints.read_checkpoint(path, f"FID Inception weights ({weights.INCEPTION_WEIGHTS})")
     with torch.device("meta"):  # no random init: every tensor comes from the file

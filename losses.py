@@ -10,6 +10,7 @@ on first use (weights.py) unless a path is given. Images are NCHW float in [0, 1
 """
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -182,8 +183,8 @@ def _read_weights(path, source, loss_name):
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"weight file not found: '{path}'. It should be {source}. Download it on a machine with "
-            f"network access and pass its path. Without it, train with the {loss_name} loss switched off "
-            f"(weight 0); everything else works.")
+            f"network access and pass its path. Without it, train with the {loss_name} loss switched off; "
+            f"everything else works.")
     return checkpoints.read_checkpoint(path, f"{loss_name} weight file ({source})")
 
 
@@ -284,7 +285,7 @@ EARLY, LATE = dict(lpips=1.0, convnext=0.1), dict(lpips=0.0, convnext=1.0)
 
 
 def loss_weights(args, step, have_lpips):
-    """The phase's loss weights: EARLY before --lpips-until (LATE throughout without the LPIPS file), the
+    """The phase's loss weights: EARLY before --lpips-until (LATE throughout without the LPIPS network), the
     adversarial term from --gan-start."""
     weights = dict(EARLY if step < args.lpips_until and have_lpips else LATE)
     return dict(weights, gan=args.gan_weight if 0 <= args.gan_start <= step else 0.0)
@@ -292,7 +293,8 @@ def loss_weights(args, step, have_lpips):
 
 def tokenizer_losses(out, images, nets, disc, weights, cfg, aux_weight):
     """The original's criterion, in float32 with autocast off: reconstruction (+ aux), perceptual (LPIPS
-    and ConvNeXt at the phase's weights), quantizer (stage 1) and adversarial terms; their sum is "loss"."""
+    and ConvNeXt at the phase's weights; nets: LossNetworks), quantizer (stage 1) and adversarial terms; their
+    sum is "loss"."""
     convnext, lpips_net = nets
     with torch.autocast(images.device.type, enabled=False):
         recon = out["recon"].float()
@@ -326,23 +328,29 @@ def discriminator_loss(disc, images, fake, weight):
 # A run's loss networks: switched on by flags, their standard weight files fetched on first use
 # --------------------------------------------------------------------------------------------------
 
+class LossNetworks(NamedTuple):
+    """The frozen networks of the perceptual terms; None where that loss is off."""
+    convnext: nn.Module    # ConvNeXt-S of the perceptual loss, or None
+    lpips: nn.Module       # LPIPS (VGG16 and the v0.1 heads), or None
+
+
 def loss_networks(args, device, log):
-    """ConvNeXt-S and LPIPS, each on by --perceptual-loss / --lpips-loss (default: on, except for the tiny
-    preset, which needs no download; a weights path given switches it on), frozen."""
+    """LossNetworks: ConvNeXt-S and LPIPS, each on by --perceptual-loss / --lpips-loss (default: on, except for
+    the tiny preset, which needs no download; a weights path given switches it on), frozen."""
     wanted = lambda switch, path: switch if switch is not None else path is not None or args.preset != "tiny"
-    convnext = lp = None
+    convnext = lpips_net = None
     if wanted(args.perceptual_loss, args.perceptual_weights):
         path = loss_file(weights.CONVNEXT_WEIGHTS, args.perceptual_weights, args, "--no-perceptual-loss")
         convnext = load_convnext(path).to(device)
     if wanted(args.lpips_loss, args.lpips_weights):
         vgg, lin = args.lpips_weights or (None, None)
-        lp = load_lpips(loss_file(weights.VGG16_WEIGHTS, vgg, args, "--no-lpips-loss"),
-                                   loss_file(weights.LPIPS_WEIGHTS, lin, args, "--no-lpips-loss")).to(device)
-    off = [name for name, net in (("ConvNeXt-S perceptual", convnext), ("LPIPS", lp)) if net is None]
+        lpips_net = load_lpips(loss_file(weights.VGG16_WEIGHTS, vgg, args, "--no-lpips-loss"),
+                               loss_file(weights.LPIPS_WEIGHTS, lin, args, "--no-lpips-loss")).to(device)
+    off = [name for name, net in (("ConvNeXt-S perceptual", convnext), ("LPIPS", lpips_net)) if net is None]
     if off:
         log.info(f"{' and '.join(off)} loss off: pass --perceptual-loss / --lpips-loss to use them (their "
                  f"standard weights are downloaded on first use into {weights.weights_cache()})")
-    return convnext, lp
+    return LossNetworks(convnext, lpips_net)
 
 
 def loss_file(name, path, args, switch_off):

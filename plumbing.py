@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import sys
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -111,9 +112,16 @@ def dist_timeout():
     return datetime.timedelta(minutes=minutes)
 
 
+class Process(NamedTuple):
+    """This process under torchrun (or alone): its rank, the number of processes, its torch device."""
+    rank: int
+    world: int
+    device: torch.device
+
+
 def setup_distributed(device=None):
-    """(rank, world, device): init torch.distributed under torchrun (nccl on GPU, gloo on CPU), with
-    dist_timeout() and, on CUDA, this process's device bound to the group.
+    """This Process: init torch.distributed under torchrun (nccl on GPU, gloo on CPU), with dist_timeout() and,
+    on CUDA, this process's device bound to the group.
     device: a torch device string; default cuda (this process's LOCAL_RANK) if available, else cpu."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
@@ -124,7 +132,7 @@ def setup_distributed(device=None):
     if world > 1 and not is_distributed():
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=dist_timeout(),
                                 **({"device_id": device} if use_cuda else {}))
-    return (dist.get_rank() if world > 1 else 0), world, device
+    return Process(rank=dist.get_rank() if world > 1 else 0, world=world, device=device)
 
 
 def autocast(device, precision):
@@ -254,10 +262,12 @@ class Logger:
         self.rank, self.path = rank, os.path.join(out, "metrics.jsonl")
 
     def info(self, msg):
+        """Print a message line (rank 0), above the progress bar."""
         if self.rank == 0:
             tqdm.write(msg)
 
     def metrics(self, record):
+        """Append a JSON-ready dict as one line of <out>/metrics.jsonl (rank 0)."""
         if self.rank == 0:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")

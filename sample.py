@@ -286,8 +286,8 @@ def build_parser():
 
 
 def check_args(p, args, world):
-    """parser.error on combinations of arguments that cannot work, before any model is loaded (ranges:
-    FLAG_RULES)."""
+    """parser.error on combinations of arguments that cannot work, before any model is loaded (each flag's range,
+    FLAG_RULES, is checked before this)."""
     if world > 1 and not args.npz:
         p.error("torchrun (WORLD_SIZE > 1) is for --npz only")
     if args.npz and args.out and not args.out.endswith(".npz"):

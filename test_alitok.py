@@ -1980,6 +1980,7 @@ def test_recipes_are_the_papers_and_help_shows_them(capsys):
         train.parse_args(["--stage", "1", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "default 1500; paper 350000" in text and "default 0.001; paper 0.0001" in text
+    assert "default 32; paper: not given, alitok recipe 256" in text       # the spec gives no tokenizer batch
     assert "--no-aux" in text and "--fresh-decoder" not in text and "--token-dropout" not in text
 
 

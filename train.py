@@ -4,10 +4,11 @@
     python train.py --stage 2           # stage 2 from the stage-1 checkpoint (the decoder carries over)
     python train.py --stage ar          # tiny generator on ten-crop pre-tokenized codes
     torchrun --nproc_per_node=8 train.py --stage ar --preset L --micro-batch 64 --data /imagenet/train ...
-    python train.py --stage 1 --preset alitok --help    # every flag with the paper's value
+    python train.py --stage 1 --preset alitok --help    # every flag beside the paper's value
 
-Read top to bottom: the recipes, then one function per stage that builds its models, optimizers and losses
-(stage1, stage2, generator_stage), the two kinds of step, and the loop they share.
+Read top to bottom: the recipes, the command line, the schedule and optimizers, then one function per stage that
+builds its models, optimizers and losses (stage1, stage2, generator_stage), the two kinds of step, and the loop
+they share.
 Each step computes what the original training code computes (reference/golden/train_*.npz). --batch-size is the
 global batch; --micro-batch splits each process's share into accumulation steps. One file holds model,
 optimizers, discriminator, step, RNG states and config; it is written atomically, and --resume continues bit
@@ -38,14 +39,16 @@ import plumbing
 import weights
 
 # ----------------------------------------------------------------------------------------------------
-# Recipes: the paper's settings (reference/ALITOK_SPEC.md, "Training, as the original code does it") and ours
+# Recipes: the paper's settings, quoted from reference/ALITOK_SPEC.md ("spec" below, by section), and ours
 # ----------------------------------------------------------------------------------------------------
 
-# Tokenizer: AdamW 1e-4 with torch's defaults (betas 0.9/0.999, weight decay 0.01), no clipping, 10k warm-up.
-# Stage 1: ~50k steps LPIPS 1.0 + ConvNeXt 0.1, ~200k ConvNeXt 1.0, ~100k with the GAN; stage 2 the same with
-# 50k + 150k + 100k and no new warm-up. The original lowered the rate by hand (1e-4 -> 2e-5 -> 2e-6 over the
-# last two phases); one cosine from the end of the LPIPS phase to 2e-6 approximates it (2.6e-5 at the GAN
-# start of stage 1). The released run's batch is not given; 256 is ours.
+# Tokenizer. Spec 1, "Losses of the released recipe": "AdamW lr 1e-4 with 10k warm-up steps, decayed by hand to
+# 2e-6". Spec 1, "Training, as the original code does it": "tokenizer and discriminator each AdamW with torch
+# defaults and only the rate given (betas 0.9/0.999, eps 1e-8, weight decay 0.01 on every trainable tensor), no
+# gradient clipping"; "stage 1 about 50k steps with LPIPS 1.0 + perceptual 0.1, about 200k with perceptual 1.0
+# while the rate goes 1e-4 -> 2e-5, about 100k with the GAN while it goes 2e-5 -> 2e-6; stage 2 about 50k + 150k
+# + 100k the same way, without a new warm-up". One cosine from the end of the LPIPS phase to 2e-6 stands for the
+# hand-made decay (2.6e-5 at the GAN start of stage 1). The spec gives no batch size; 256 is ours.
 TOKENIZER = dict(batch_size=256, lr=1e-4, lr_min=2e-6, weight_decay=0.01, grad_clip=0.0, lpips_until=50_000,
                  decay_start=50_000, weight_init="original", log_every=100, image_every=5_000, ckpt_every=5_000,
                  eval_every=5_000)
@@ -55,8 +58,10 @@ TOKENIZER = dict(batch_size=256, lr=1e-4, lr_min=2e-6, weight_decay=0.01, grad_c
 TINY_TOKENIZER = dict(batch_size=32, steps=1500, lr=1e-3, lr_min=1e-4, warmup=100, decay_start=100,
                       weight_decay=0.01, grad_clip=0.0, weight_init="torch", lpips_until=0, gan_start=-1,
                       log_every=25, image_every=250, ckpt_every=250, eval_every=250)
-# Generator: AdamW 4e-4, betas (0.9, 0.96), decay 0.03 on matrices, clip 1.0, global batch 2048, 62.5k warm-up
-# from 0, then cosine to 1e-5.
+# Generator. Spec 2, "Training recipe": "AdamW lr 4e-4, betas (0.9, 0.96), weight decay 0.03 except on
+# parameters with fewer than 2 dims, norms, biases and embeddings; global batch 2048; linear warm-up 62,500
+# steps (100 epochs) then cosine to 1e-5; 500k steps (800 epochs) for B and L, 250k (400 epochs) for XL;
+# gradient clip 1.0".
 GENERATOR = dict(batch_size=2048, lr=4e-4, lr_min=1e-5, warmup=62_500, decay_start=62_500, weight_decay=0.03,
                  grad_clip=1.0, log_every=100, image_every=10_000, ckpt_every=5_000, eval_every=10_000)
 RECIPES = {
@@ -70,8 +75,16 @@ RECIPES = {
                         eval_every=300)},
 }
 PAPER = {"1": "alitok", "2": "alitok", "ar": "B"}   # the recipe --help quotes beside a tiny default
+# Settings of those recipes that the spec does not give (--help says so): how often to log, draw, save and
+# evaluate, and the tokenizer's batch and the start of its cosine.
+BOOKKEEPING = ("log_every", "image_every", "ckpt_every", "eval_every")
+NOT_IN_SPEC = {stage: ("batch_size", "decay_start", *BOOKKEEPING) for stage in ("1", "2")} | {"ar": BOOKKEEPING}
 DISCRIMINATORS = {"alitok": {}, "tiny": dict(base_channels=16, pool_size=4)}
-FROZEN = ("encoder", "quantize", "latent_tokens")    # stage 2 freezes by name substring, as the original
+# Spec 1, "Stage-2 decoder": "Training stage 2 freezes the encoder, the quantizer and `latent_tokens` (the codes
+# do not change)"; by name substring, as the original.
+FROZEN = ("encoder", "quantize", "latent_tokens")
+# The generator's "norms, biases and embeddings" (spec 2, "Training recipe"), by the original's name substrings
+# (reference/golden/train_optimizers.txt lists the tensors each group gets).
 NO_WEIGHT_DECAY = ("ln", "bias", "latent_tokens", "mask_token", "embedding", "norm", "gamma", "embed")
 
 SCHEDULE = [  # (flag, type, help)
@@ -116,90 +129,103 @@ def parse_args(argv=None):
     known, _ = first.parse_known_args(argv)
     stage = known.stage or "1"
     recipe = RECIPES[stage].get(known.preset, RECIPES[stage]["tiny"])
-    paper = RECIPES[stage][known.preset if known.preset in RECIPES[stage] and known.preset != "tiny"
-                           else PAPER[stage]]
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", required=True, choices=list(RECIPES), help="what to train")
-    p.add_argument("--preset", default="tiny", choices=list(RECIPES[stage]),
-                   help="recipe and model size: tiny (ours, CPU minutes) or the paper's (default: tiny)")
-    p.add_argument("--data", default="shapes", help="'shapes' (built-in), an ImageNet-layout folder, or an npz")
-    p.add_argument("--n-images", type=int, default=None, help="use this many images of the source")
-    p.add_argument("--eval-images", type=int, default=1000,
-                   help="held-out images evaluated (the source's test split, else 2%% training never sees)")
-    p.add_argument("--inception", default=None, metavar="PATH",
-                   help=f"tokenizer stages: FID Inception weights for the held-out rFID (default: the cached "
-                        f"{weights.INCEPTION_WEIGHTS} if present; training never downloads it)")
-    p.add_argument("--max-bad-fraction", type=float, default=0.01,
-                   help="abort if more than this fraction of a folder's images is unreadable")
-    p.add_argument("--out", default=os.path.join("runs", {"1": "stage1", "2": "stage2", "ar": "ar"}[stage]),
-                   help="run folder (default: %(default)s)")
-    g = p.add_argument_group(f"schedule (defaults: the {known.preset} recipe; paper: the {PAPER[stage]} one)")
+    paper_name = known.preset if known.preset in RECIPES[stage] and known.preset != "tiny" else PAPER[stage]
+    paper = RECIPES[stage][paper_name]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", required=True, choices=list(RECIPES), help="what to train")
+    parser.add_argument("--preset", default="tiny", choices=list(RECIPES[stage]),
+                        help="recipe and model size: tiny (ours, CPU minutes) or the paper's (default: tiny)")
+    parser.add_argument("--data", default="shapes", help="'shapes' (built-in), an ImageNet-layout folder, or an npz")
+    parser.add_argument("--n-images", type=int, default=None, help="use this many images of the source")
+    parser.add_argument("--eval-images", type=int, default=1000,
+                        help="held-out images evaluated (the source's test split, else 2%% training never sees)")
+    parser.add_argument("--inception", default=None, metavar="PATH",
+                        help=f"tokenizer stages: FID Inception weights for the held-out rFID (default: the cached "
+                             f"{weights.INCEPTION_WEIGHTS} if present; training never downloads it)")
+    parser.add_argument("--max-bad-fraction", type=float, default=0.01,
+                        help="abort if more than this fraction of a folder's images is unreadable")
+    parser.add_argument("--out", default=os.path.join("runs", {"1": "stage1", "2": "stage2", "ar": "ar"}[stage]),
+                        help="run folder (default: %(default)s)")
+    schedule = parser.add_argument_group(f"schedule (defaults: the {known.preset} recipe; paper: the {PAPER[stage]} "
+                                         f"one)")
     for key, kind, what in SCHEDULE:
         if key in recipe:
-            g.add_argument("--" + key.replace("_", "-"), type=kind, default=recipe[key],
-                           help=f"{what} (default %(default)s; paper {paper[key]})")
-    g.add_argument("--micro-batch", type=int, default=None,
-                   help="sequences or images per process and forward pass: each process's share of --batch-size "
-                        "is accumulated in steps of this size (default: the whole share at once)")
-    g.add_argument("--seed", type=int, default=0)
-    (add_tokenizer_flags if stage in ("1", "2") else add_generator_flags)(p, stage)
-    s = p.add_argument_group("system")
-    s.add_argument("--resume", action="store_true", help="continue the run in --out (from its ckpt.pt)")
-    s.add_argument("--restart", action="store_true", help="start over in an --out that holds a run: its checkpoint, "
-                   "logs, pictures and final file are replaced (without --resume or --restart such a folder is "
-                   "refused)")
-    s.add_argument("--stop-after", type=int, default=None,
-                   help="checkpoint and exit after this many steps of this run (time-limited jobs)")
-    s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    s.add_argument("--precision", choices=["fp32", "bf16"], default=None,
-                   help="autocast of the trained model (losses stay float32); default bf16 on cuda, else fp32")
-    s.add_argument("--workers", type=int, default=None, help="DataLoader workers per process, also for ten-crop "
-                   "pre-tokenization (default: on cuda min(8, CPU cores per process), else 0)")
-    s.add_argument("--no-progress", action="store_true")
-    s.add_argument("--offline", action="store_true", help=f"never download weight files (as {weights.OFFLINE_ENV}=1)")
-    return p.parse_args(argv)
+            beside = (f"paper: not given, {paper_name} recipe {paper[key]}" if key in NOT_IN_SPEC[stage]
+                      else f"paper {paper[key]}")
+            schedule.add_argument("--" + key.replace("_", "-"), type=kind, default=recipe[key],
+                                  help=f"{what} (default %(default)s; {beside})")
+    schedule.add_argument("--micro-batch", type=int, default=None,
+                          help="sequences or images per process and forward pass: each process's share of "
+                               "--batch-size is accumulated in steps of this size (default: the whole share at once)")
+    schedule.add_argument("--seed", type=int, default=0)
+    (add_tokenizer_flags if stage in ("1", "2") else add_generator_flags)(parser, stage)
+    system = parser.add_argument_group("system")
+    system.add_argument("--resume", action="store_true", help="continue the run in --out (from its ckpt.pt)")
+    system.add_argument("--restart", action="store_true", help="start over in an --out that holds a run: its "
+                        "checkpoint, logs, pictures and final file are replaced (without --resume or --restart such "
+                        "a folder is refused)")
+    system.add_argument("--stop-after", type=int, default=None,
+                        help="checkpoint and exit after this many steps of this run (time-limited jobs)")
+    system.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    system.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                        help="autocast of the trained model (losses stay float32); default bf16 on cuda, else fp32")
+    system.add_argument("--workers", type=int, default=None, help="DataLoader workers per process, also for "
+                        "ten-crop pre-tokenization (default: on cuda min(8, CPU cores per process), else 0)")
+    system.add_argument("--no-progress", action="store_true")
+    system.add_argument("--offline", action="store_true",
+                        help=f"never download weight files (as {weights.OFFLINE_ENV}=1)")
+    return parser.parse_args(argv)
 
 
-def add_tokenizer_flags(p, stage):
+def add_tokenizer_flags(parser, stage):
     """Loss weights, loss-network files, and the stage's model switches."""
-    l = p.add_argument_group("tokenizer losses")
-    l.add_argument("--perceptual-loss", action=argparse.BooleanOptionalAction, default=None,
-                   help="the ConvNeXt-S perceptual loss (default: on, off for the tiny preset)")
-    l.add_argument("--lpips-loss", action=argparse.BooleanOptionalAction, default=None,
-                   help="the LPIPS loss (default: on, off for the tiny preset)")
-    l.add_argument("--perceptual-weights", default=None, help="torchvision convnext_small-0c510722.pth (default: "
-                   "the torch hub cache's copy, downloaded on first use)")
-    l.add_argument("--lpips-weights", nargs=2, default=None, metavar=("VGG16", "LIN"),
-                   help="torchvision vgg16-397923af.pth and LPIPS v0.1 vgg.pth (default: cached, as above)")
-    l.add_argument("--aux-weight", type=float, default=10.0, help="aux prefix loss weight, times n_prefix/n_image "
-                   "(paper 10)")
-    l.add_argument("--disc-weight", type=float, default=0.1, help="discriminator hinge loss weight (paper 0.1)")
-    l.add_argument("--gan-weight", type=float, default=0.1 * 0.05,
-                   help="tokenizer adversarial weight (paper 0.005)")
+    loss_flags = parser.add_argument_group("tokenizer losses")
+    loss_flags.add_argument("--perceptual-loss", action=argparse.BooleanOptionalAction, default=None,
+                            help="the ConvNeXt-S perceptual loss (default: on, off for the tiny preset)")
+    loss_flags.add_argument("--lpips-loss", action=argparse.BooleanOptionalAction, default=None,
+                            help="the LPIPS loss (default: on, off for the tiny preset)")
+    loss_flags.add_argument("--perceptual-weights", default=None, help="torchvision convnext_small-0c510722.pth "
+                            "(default: the torch hub cache's copy, downloaded on first use)")
+    loss_flags.add_argument("--lpips-weights", nargs=2, default=None, metavar=("VGG16", "LIN"),
+                            help="torchvision vgg16-397923af.pth and LPIPS v0.1 vgg.pth (default: cached, as above)")
+    # Spec 1, "Stage-1 decoder": "mse(x, x_rec) + 10 * (17/256) * mse(aux_target, x_aux)"; "Losses of the released
+    # recipe": "generator term `0.1 * 0.05 * (-mean D(x_rec))`, discriminator term `0.1 * hinge`".
+    loss_flags.add_argument("--aux-weight", type=float, default=10.0, help="aux prefix loss weight, times "
+                            "n_prefix/n_image (paper 10)")
+    loss_flags.add_argument("--disc-weight", type=float, default=0.1,
+                            help="discriminator hinge loss weight (paper 0.1)")
+    loss_flags.add_argument("--gan-weight", type=float, default=0.1 * 0.05,
+                            help="tokenizer adversarial weight (paper 0.005)")
     if stage == "1":
-        a = p.add_argument_group("ablations (stage 1)")
-        a.add_argument("--decoder", choices=["causal", "bidirectional"], default="causal",
-                       help="stage-1 decoder attention; bidirectional is the paper's baseline tokenizer")
-        a.add_argument("--no-prefix", action="store_true", help="no prefix tokens (and so no aux head)")
-        a.add_argument("--no-aux", action="store_true", help="no auxiliary prefix loss")
+        ablations = parser.add_argument_group("ablations (stage 1)")
+        ablations.add_argument("--decoder", choices=["causal", "bidirectional"], default="causal",
+                               help="stage-1 decoder attention; bidirectional: the ablation's baseline (prefix, "
+                                    "aux head and start token kept: only the mask differs)")
+        ablations.add_argument("--no-prefix", action="store_true", help="no prefix tokens (and so no aux head)")
+        ablations.add_argument("--no-aux", action="store_true", help="no auxiliary prefix loss")
     else:
-        a = p.add_argument_group("stage 2")
-        a.add_argument("--init", default=os.path.join("runs", "stage1", "ckpt.pt"),
-                       help="the stage-1 checkpoint (default: %(default)s)")
-        a.add_argument("--fresh-decoder", action="store_true",
-                       help="ablation: a fresh decoder (the paper's carries the stage-1 decoder over)")
+        stage2_flags = parser.add_argument_group("stage 2")
+        stage2_flags.add_argument("--init", default=os.path.join("runs", "stage1", "ckpt.pt"),
+                                  help="the stage-1 checkpoint (default: %(default)s)")
+        stage2_flags.add_argument("--fresh-decoder", action="store_true",
+                                  help="ablation: a fresh decoder (the paper's carries the stage-1 decoder over)")
 
 
-def add_generator_flags(p, stage):
+def add_generator_flags(parser, stage):
     """The frozen tokenizer, the codes file and the generator's regularisation."""
-    a = p.add_argument_group("generator")
-    a.add_argument("--tokenizer", default=os.path.join("runs", "stage2", "tokenizer.pt"),
-                   help="tokenizer checkpoint (default: %(default)s)")
-    a.add_argument("--codes", default=None,
-                   help="pre-tokenized codes npz, made if missing (default: <out>/codes.npz)")
-    a.add_argument("--dropout", type=float, default=None, help="attention/FFN/residual dropout (paper 0.1)")
-    a.add_argument("--token-dropout", type=float, default=None, help="input embedding dropout (paper 0.1)")
-    a.add_argument("--class-dropout", type=float, default=None, help="null-class probability (paper 0.1)")
+    generator_flags = parser.add_argument_group("generator")
+    generator_flags.add_argument("--tokenizer", default=os.path.join("runs", "stage2", "tokenizer.pt"),
+                                 help="tokenizer checkpoint (default: %(default)s)")
+    generator_flags.add_argument("--codes", default=None,
+                                 help="pre-tokenized codes npz, made if missing (default: <out>/codes.npz)")
+    # Spec 2, "Sequence": "Embedding dropout 0.1; the class is replaced by the null class with probability 0.1";
+    # "Block": "causal attention (dropout 0.1 in training)", and dropout 0.1 after the projection and the FFN.
+    generator_flags.add_argument("--dropout", type=float, default=None,
+                                 help="attention/FFN/residual dropout (paper 0.1)")
+    generator_flags.add_argument("--token-dropout", type=float, default=None,
+                                 help="input embedding dropout (paper 0.1)")
+    generator_flags.add_argument("--class-dropout", type=float, default=None,
+                                 help="null-class probability (paper 0.1)")
 
 
 def check_args(args, world):
@@ -226,18 +252,20 @@ def check_args(args, world):
 
 def lr_at(step, args):
     """The rate at a step: linear warm-up from 0 (step / warmup, as the original), held at --lr until
-    --decay-start, then cosine to --lr-min at --steps."""
+    --decay-start, then cosine to --lr-min at --steps (spec 2, "Training recipe": "linear warm-up 62,500 steps
+    (100 epochs) then cosine to 1e-5")."""
     if step < args.warmup:
         return args.lr * step / args.warmup
     start = max(args.warmup, args.decay_start)
     if step < start:
         return args.lr
-    t = min(1.0, (step - start) / max(1, args.steps - start))
-    return args.lr_min + (args.lr - args.lr_min) * 0.5 * (1 + math.cos(math.pi * t))
+    progress = min(1.0, (step - start) / max(1, args.steps - start))
+    return args.lr_min + (args.lr - args.lr_min) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def set_lr(optimizers, lr):
-    """Every optimizer at the schedule's current rate (the discriminator's too, as the original)."""
+    """Every optimizer at the schedule's current rate (spec 1, "Training, as the original code does it": "the
+    discriminator's rate is the run's current rate")."""
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = lr
@@ -245,7 +273,7 @@ def set_lr(optimizers, lr):
 
 def trainable(model):
     """The parameters that train (stage 2 leaves the frozen ones out of its optimizer)."""
-    return [p for p in model.parameters() if p.requires_grad]
+    return [param for param in model.parameters() if param.requires_grad]
 
 
 def tokenizer_optimizer(params, args):
@@ -258,9 +286,10 @@ def generator_param_groups(model, weight_decay):
     """The original's AdamW groups: no decay for tensors with ndim < 2 or a name containing any of
     NO_WEIGHT_DECAY (embeddings, norms, biases), `weight_decay` for the rest."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or any(s in name for s in NO_WEIGHT_DECAY) else decay).append(p)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            no_decay_name = any(part in name for part in NO_WEIGHT_DECAY)
+            (no_decay if param.ndim < 2 or no_decay_name else decay).append(param)
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
@@ -270,17 +299,17 @@ def generator_optimizer(model, args):
 
 
 def accumulate(micro_batches, loss_of, wrapped):
-    """Backward of loss_of(batch)["loss"] / k over k micro-batches, DDP's gradient all-reduce only in the last
+    """Backward of loss_of(batch)["loss"] / k over the k micro-batches, DDP's gradient all-reduce only in the last
     (no_sync before): the gradient of the mean loss over the whole batch. The metrics averaged, detached."""
-    k, metrics = len(micro_batches), {}
-    for i, batch in enumerate(micro_batches):
-        last = i == k - 1 or not isinstance(wrapped, DDP)
+    n_micro, metrics = len(micro_batches), {}
+    for index, batch in enumerate(micro_batches):
+        last = index == n_micro - 1 or not isinstance(wrapped, DDP)
         with contextlib.nullcontext() if last else wrapped.no_sync():
             parts = loss_of(batch)
-            (parts["loss"] / k).backward()
+            (parts["loss"] / n_micro).backward()
         for key, value in parts.items():
             value = torch.as_tensor(value).detach()
-            metrics[key] = metrics[key] + value / k if key in metrics else value / k
+            metrics[key] = metrics[key] + value / n_micro if key in metrics else value / n_micro
     return metrics
 
 
@@ -305,7 +334,8 @@ def stage1(args, device, world, autocast, log):
     """A new tokenizer trained end to end (with the ablations asked for), the discriminator when a GAN phase is
     asked for, the loss networks, the images in the tokenizer's training view."""
     model = stage1_tokenizer(args).to(device)
-    # "generator and discriminator steps alternate, switched on late in each stage" (ALITOK_SPEC.md, losses)
+    # Spec 1, "Losses of the released recipe": "generator and discriminator steps alternate, switched on late in
+    # each stage".
     disc = losses.Discriminator(**DISCRIMINATORS[args.preset]).to(device) if args.gan_start >= 0 else None
     stage = TokenizerStage(model, wrap(model, device, world), losses.loss_networks(args, device, log), args, autocast,
                            disc, disc and wrap(disc, device, world))
@@ -329,14 +359,15 @@ def stage1_tokenizer(args):
 
 
 def init_weights(module, scheme):
-    """The tokenizer's init (it is built with the original's): 'original' keeps it, 'torch' gives every Linear and
-    Conv PyTorch's default init."""
+    """The tokenizer's init (it is built with the original's, spec 1, "Training, as the original code does it":
+    "truncated normal std 0.02 and zero bias for every Linear and Conv"): 'original' keeps it, 'torch' gives every
+    Linear and Conv PyTorch's default init."""
     if scheme not in ("original", "torch"):
         raise ValueError(f"--weight-init {scheme!r}: expected 'original' or 'torch'")
     if scheme == "torch":
-        for m in module.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
-                m.reset_parameters()
+        for layer in module.modules():
+            if isinstance(layer, (nn.Linear, nn.Conv2d)):
+                layer.reset_parameters()
     return module
 
 
@@ -365,7 +396,8 @@ def stage2(args, device, world, autocast, log):
 def stage2_tokenizer(args, log):
     """The stage-2 tokenizer: every tensor of the stage-1 checkpoint whose name and shape match (encoder,
     codebook, the whole decoder trunk) carries over, "only the 32 buffer tokens and the 305-row positional table
-    are new" (ALITOK_SPEC.md); the encoder, quantizer and latent tokens frozen. (model, the stage-1 file)."""
+    are new" (spec 1, "Stage-2 decoder"); the encoder, quantizer and latent tokens frozen. (model, the stage-1
+    file)."""
     first = checkpoints.read_checkpoint(args.init, "the stage-1 checkpoint (train it with `python train.py "
                                                    "--stage 1`, or pass --init PATH)")
     made = (first.get("stage"), first.get("args", {}).get("preset")) if isinstance(first, dict) else None
@@ -387,18 +419,18 @@ def carry_over(model, state, names=None):
     """Load every tensor of `state` whose name and shape match model's (only names starting with one of
     `names`, if given), as the original's stage-2 start; returns (loaded, new, dropped) name lists."""
     own = model.state_dict()
-    loaded = [k for k, v in own.items() if k in state and state[k].shape == v.shape
-              and (names is None or k.startswith(names))]
+    loaded = [name for name, tensor in own.items() if name in state and state[name].shape == tensor.shape
+              and (names is None or name.startswith(names))]
     new = sorted(set(own) - set(loaded), key=list(own).index)
-    dropped = [k for k in state if k not in own]
-    checkpoints.load_strict(model, {**own, **{k: state[k] for k in loaded}})
+    dropped = [name for name in state if name not in own]
+    checkpoints.load_strict(model, {**own, **{name: state[name] for name in loaded}})
     return loaded, new, dropped
 
 
 def freeze_for_stage2(model):
     """Freeze the encoder, the quantizer and the latent tokens (by name, as the original): the codes stay."""
-    for name, p in model.named_parameters():
-        p.requires_grad_(not any(s in name for s in FROZEN))
+    for name, param in model.named_parameters():
+        param.requires_grad_(not any(part in name for part in FROZEN))
     return model
 
 
@@ -407,18 +439,20 @@ def freeze_for_stage2(model):
 # ----------------------------------------------------------------------------------------------------
 
 class TokenizerStage:
-    """A tokenizer stage as the loop runs it. The original's tokenizer trainer has no gradient accumulation (one
-    batch, one forward, one step per iteration: train_tokenizer/train_tokenizer.py, :183-240); here a step of k
-    micro-batches is all tokenizer or all discriminator updates (they alternate by step, as the original by
+    """A tokenizer stage as the loop runs it; nets: losses.LossNetworks (or a (convnext, lpips) pair). The original's
+    tokenizer trainer has no gradient accumulation (one batch, one forward, one step per iteration); here a step
+    of k micro-batches is all tokenizer or all discriminator updates (they alternate by step, as the original by
     iteration), and the clustering update runs in every train-mode forward, so once per micro-batch, on that
-    micro-batch's encoder outputs gathered over the processes (vae_stage1.py:48-91: every train-mode forward)."""
+    micro-batch's encoder outputs gathered over the processes (spec 1, "Training, as the original code does it":
+    "inside every training-mode forward of stage 1 (also those of discriminator iterations)")."""
 
     def __init__(self, model, trained, nets, args, autocast=contextlib.nullcontext(), disc=None, disc_ddp=None,
                  frozen_encoder=False):
-        self.model, self.trained, self.nets, self.args, self.autocast = model, trained, nets, args, autocast
+        self.model, self.trained, self.args, self.autocast = model, trained, args, autocast
+        self.nets = losses.LossNetworks(*nets)
         self.disc, self.disc_ddp, self.frozen_encoder = disc, disc_ddp or disc, frozen_encoder
         self.optimizers = {"model": tokenizer_optimizer(trainable(model), args)}
-        if disc is not None:         # "discriminator: AdamW with torch defaults" at the run's rate (the spec)
+        if disc is not None:         # "tokenizer and discriminator each AdamW with torch defaults" (spec 1)
             self.optimizers["discriminator"] = tokenizer_optimizer(disc.parameters(), args)
         self.modules = {"discriminator": disc} if disc is not None else {}
         self.codebook_size, self.saved, self.final = model.config.codebook_size, {}, None
@@ -429,8 +463,8 @@ class TokenizerStage:
         self.dataset, held = data.heldout_split(args.data, self.model.config.image_size, seed=args.seed,
                                                 n_images=args.n_images, n_heldout=args.eval_images,
                                                 max_bad_fraction=args.max_bad_fraction)
-        self.fixed = torch.stack([self.dataset[i][0] for i in range(min(8, len(self.dataset)))])
-        self.heldout_images = data.heldout_images(held)[0]
+        self.fixed = torch.stack([self.dataset[index][0] for index in range(min(8, len(self.dataset)))])
+        self.heldout_images, _ = data.heldout_images(held)
         self.inception = heldout.rfid_network(args, device, log)
         return self
 
@@ -450,21 +484,22 @@ class TokenizerStage:
     def step(self, micro_batches, step):
         """One step on micro-batches [(images, labels)]: a discriminator update at the odd steps of the GAN phase,
         else a tokenizer update; the metrics (tensors) and the step's codes."""
-        a, opt = self.args, self.optimizers["model"]
-        if self.disc is not None and 0 <= a.gan_start <= step and (step - a.gan_start) % 2 == 1:
+        args, opt = self.args, self.optimizers["model"]
+        if self.disc is not None and 0 <= args.gan_start <= step and (step - args.gan_start) % 2 == 1:
             return self.discriminator_step(micro_batches)
-        weights, codes = losses.loss_weights(a, step, self.nets[1] is not None), []
+        weights, codes = losses.loss_weights(args, step, self.nets.lpips is not None), []
 
         def loss_of(batch):
             images = batch[0]
             out = self.forward(images)
-            parts = losses.tokenizer_losses(out, images, self.nets, self.disc, weights, self.model.config, a.aux_weight)
+            parts = losses.tokenizer_losses(out, images, self.nets, self.disc, weights, self.model.config,
+                                            args.aux_weight)
             parts["psnr"] = -10 * torch.log10(F.mse_loss(out["recon"].detach().float(), images))
             codes.append(out["codes"])
             return parts
         opt.zero_grad(set_to_none=True)
         metrics = accumulate(micro_batches, loss_of, self.trained)
-        metrics["grad_norm"] = optimizer_step(opt, trainable(self.model), a.grad_clip)
+        metrics["grad_norm"] = optimizer_step(opt, trainable(self.model), args.grad_clip)
         return {**metrics, "codes": torch.cat(codes)}
 
     def discriminator_step(self, micro_batches):
@@ -502,8 +537,9 @@ class TokenizerStage:
 # ----------------------------------------------------------------------------------------------------
 
 def generator_stage(args, device, world, autocast, log):
-    """The frozen tokenizer, its ten-crop codes ("ImageNet train pre-tokenized with ten-crop", made once if
-    missing), the generator sized to the tokenizer's tokens and the data's classes, and its optimizer."""
+    """The frozen tokenizer, its ten-crop codes (spec 2, "Training recipe": "ImageNet train pre-tokenized with
+    ten-crop"; made once if missing), the generator sized to the tokenizer's tokens and the data's classes, and
+    its optimizer, as a GeneratorStage."""
     tok = checkpoints.load_frozen_tokenizer(args.tokenizer, device)
     codes = args.codes or os.path.join(args.out, "codes.npz")
     if not os.path.exists(codes):
@@ -513,13 +549,13 @@ def generator_stage(args, device, world, autocast, log):
         data.pretokenize(tok, images, codes, batch_size=64, device=device, progress=not args.no_progress,
                          num_workers=args.workers)
     dataset = data.CodesDataset(codes)
-    overrides = {k: getattr(args, k) for k in ("dropout", "token_dropout", "class_dropout")
-                 if getattr(args, k) is not None}
+    overrides = {name: getattr(args, name) for name in ("dropout", "token_dropout", "class_dropout")
+                 if getattr(args, name) is not None}
     cfg = alitok.generator_config(args.preset, tokenizer=tok.config, num_classes=dataset.num_classes, **overrides)
     model = alitok.Generator(cfg).to(device)
     stage = GeneratorStage(model, wrap(model, device, world), args, autocast)
     stage.dataset, stage.tokenizer = dataset, tok
-    stage.heldout_codes = heldout.heldout_codes(tok, args, device)
+    stage.heldout_codes, stage.heldout_labels = heldout.heldout_codes(tok, args, device)
     # the path finds the tokenizer again; the fingerprint tells sample.py whether a tokenizer is that one
     stage.saved = {"tokenizer": os.path.abspath(args.tokenizer),
                    "tokenizer_fingerprint": checkpoints.codebook_fingerprint(tok)}
@@ -530,8 +566,8 @@ def generator_stage(args, device, world, autocast, log):
 class GeneratorStage:
     """The generator as the loop runs it: "AdamW lr 4e-4, betas (0.9, 0.96), weight decay 0.03 except on
     parameters with fewer than 2 dims, norms, biases and embeddings ... gradient clip 1.0; bf16 autocast; no EMA"
-    (ALITOK_SPEC.md, sec. 2). Under accelerate's accumulation the original divides each micro-batch's loss by
-    the number of micro-batches and clips and steps once (utils/train_utils.py:253-254); so does this."""
+    (spec 2, "Training recipe"). Under accelerate's gradient accumulation the original divides each micro-batch's
+    loss by the number of micro-batches and clips and steps once; so does this."""
 
     def __init__(self, model, trained, args, autocast=contextlib.nullcontext()):
         self.model, self.trained, self.args, self.autocast = model, trained, args, autocast
@@ -556,7 +592,7 @@ class GeneratorStage:
 
     def heldout(self):
         """Held-out next-token loss and accuracy (all, prefix and image tokens), eval mode."""
-        return heldout.generator_heldout(self.model, *self.heldout_codes, self.autocast)
+        return heldout.generator_heldout(self.model, self.heldout_codes, self.heldout_labels, self.autocast)
 
     def pictures(self):
         """Eight samples per class (the first 16 classes), decoded; (images, images per row). The KV caches are
@@ -583,7 +619,8 @@ def main(argv=None):
     stopped it (after writing the checkpoint)."""
     args = parse_args(argv)
     check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
-    rank, world, device = plumbing.setup_distributed(args.device)
+    process = plumbing.setup_distributed(args.device)
+    rank, world, device = process.rank, process.world, process.device
     if args.workers is None:       # decoding images beside the GPU, not between its steps
         per_process = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         args.workers = min(8, per_process) if device.type == "cuda" else 0
@@ -595,10 +632,12 @@ def main(argv=None):
         saved = checkpoints.read_resumable(ckpt, args, log) if args.resume else None   # checked before any setup
         if not args.resume:
             checkpoints.refuse_or_restart(args, rank, log)
+        # reduced precision for the trained model, "the whole loss module ... in float32 with autocast off" (spec 1,
+        # "Training, as the original code does it"); the generator: "bf16 autocast" (spec 2, "Training recipe")
         precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
         torch.manual_seed(args.seed + rank)
         stage = STAGE_BUILDERS[args.stage](args, device, world, plumbing.autocast(device, precision), log)
-        n_params = sum(p.numel() for p in trainable(stage.model))
+        n_params = sum(param.numel() for param in trainable(stage.model))
         log.info(f"stage {args.stage}: {n_params / 1e6:.2f}M trainable parameters, {len(stage.dataset)} training "
                  f"items, global batch {args.batch_size} = {world} x {args.accumulate} x "
                  f"{args.batch_size // world // args.accumulate}, {device}, {precision}")
@@ -606,7 +645,7 @@ def main(argv=None):
         if start >= args.steps:
             log.info(f"{args.out}: already trained to step {start} (--steps {args.steps}); nothing to do")
         with plumbing.StopSignals() as signals:
-            done, signum = train_loop(stage, args, start, ckpt, (rank, world, device), log, signals)
+            done, signum = train_loop(stage, args, start, ckpt, process, log, signals)
         if signum:
             log.info(f"received {signal.Signals(signum).name} at step {done}: wrote {ckpt}; continue with --resume")
         elif done >= args.steps and rank == 0 and not (start >= args.steps and stage.final
@@ -618,12 +657,12 @@ def main(argv=None):
     return 128 + signum if signum else 0
 
 
-def train_loop(stage, args, start, ckpt, where, log, signals):
-    """Steps start..--steps-1 with logs, pictures and checkpoints; stops early at --stop-after or at a stop
-    signal (checkpoint written either way). (steps done, the agreed signal number or 0). No host sync inside a
-    step: losses, metrics and code counts stay on the device and are read at log, evaluation and checkpoint
-    steps, where a non-finite loss stops the run before anything is written."""
-    rank, world, device = where
+def train_loop(stage, args, start, ckpt, process, log, signals):
+    """Steps start..--steps-1 of this plumbing.Process with logs, pictures and checkpoints; stops early at
+    --stop-after or at a stop signal (checkpoint written either way). (steps done, the agreed signal number or 0).
+    No host sync inside a step: losses, metrics and code counts stay on the device and are read at log,
+    evaluation, picture and checkpoint steps, where a non-finite loss stops the run before anything is written."""
+    rank, world, device = process.rank, process.world, process.device
     batches = data.StepBatches(len(stage.dataset), args.batch_size, args.seed, start, args.steps, rank, world)
     loader = iter(torch.utils.data.DataLoader(stage.dataset, batch_sampler=batches, num_workers=args.workers,
                                               pin_memory=device.type == "cuda", collate_fn=collate,
@@ -636,16 +675,16 @@ def train_loop(stage, args, start, ckpt, where, log, signals):
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0 or args.no_progress,
                desc=f"stage {args.stage}", dynamic_ncols=True)
     for step in bar:
-        x, y = (t.to(device, non_blocking=True) for t in next(loader))
+        inputs, labels = (batch.to(device, non_blocking=True) for batch in next(loader))
         lr = lr_at(step, args)
         set_lr(stage.optimizers.values(), lr)
-        metrics = stage.step(list(zip(x.split(micro), y.split(micro))), step)
+        metrics = stage.step(list(zip(inputs.split(micro), labels.split(micro))), step)
         codes = metrics.pop("codes").flatten()
         counts.index_add_(0, codes, torch.ones_like(codes, dtype=counts.dtype))
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(metrics["loss"]), step, first_bad)
-        for k, v in metrics.items():
-            sums[k] = sums.get(k, 0.0) + v.float()
-        seen, done = seen + x.shape[0] * world, step + 1
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, 0.0) + value.float()
+        seen, done = seen + inputs.shape[0] * world, step + 1
         signum = plumbing.agreed_signal(signals, signal_group)
         stop = args.stop_after is not None and done - start >= args.stop_after
         logged = done % args.log_every == 0 or done == args.steps
@@ -660,7 +699,7 @@ def train_loop(stage, args, start, ckpt, where, log, signals):
         rngs = checkpoints.all_rng_states(world) if saving else None
         held = in_eval_mode(stage.model, stage.heldout) if evaluated and rank == 0 else {}
         if held:
-            log.info(f"step {done} held-out: " + ", ".join(f"{k[8:]} {v:.4g}" for k, v in held.items()))
+            log.info(f"step {done} held-out: " + ", ".join(f"{key[8:]} {value:.4g}" for key, value in held.items()))
         if logged:
             log.metrics({**record, **held})
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{record['img_per_s']:.0f}",
@@ -668,7 +707,8 @@ def train_loop(stage, args, start, ckpt, where, log, signals):
         elif held:
             log.metrics({"step": done, **held})
         if rank == 0 and pictured:
-            plumbing.save_pictures(*in_eval_mode(stage.model, stage.pictures), args.out, done)
+            images, per_row = in_eval_mode(stage.model, stage.pictures)
+            plumbing.save_pictures(images, per_row, args.out, done)
         if saving and rank == 0:
             checkpoints.save(stage, args, done, ckpt, rngs, kept)
         if saving:
@@ -697,7 +737,8 @@ def in_eval_mode(model, work):
 
 def collate(items):
     """Stack (image or codes, label) items; labels as int64."""
-    return torch.stack([torch.as_tensor(a) for a, _ in items]), torch.tensor([int(b) for _, b in items])
+    return (torch.stack([torch.as_tensor(item) for item, _ in items]),
+            torch.tensor([int(label) for _, label in items]))
 
 
 def check_finite(first_bad, world, ckpt_path, kept):
@@ -715,12 +756,13 @@ def check_finite(first_bad, world, ckpt_path, kept):
 def reduce_metrics(sums, n_steps, counts, world, step, lr, img_per_s):
     """Mean of each summed metric over steps and processes, plus codebook usage; a JSON-ready dict."""
     keys = sorted(sums)
-    n = torch.stack([torch.tensor(float(n_steps)).to(counts)] + [sums[k].to(counts) for k in keys])
-    n = torch.cat([n, counts])
+    packed = torch.stack([torch.tensor(float(n_steps)).to(counts)] + [sums[key].to(counts) for key in keys])
+    packed = torch.cat([packed, counts])                   # one all_reduce for all of them
     if world > 1:
-        dist.all_reduce(n)
-    steps, vals, counts = n[0], n[1:1 + len(keys)], n[1 + len(keys):]
-    record = {"step": step, **{k: float(v / steps) for k, v in zip(keys, vals)}, "lr": lr, "img_per_s": img_per_s}
+        dist.all_reduce(packed)
+    steps, values, counts = packed[0], packed[1:1 + len(keys)], packed[1 + len(keys):]
+    record = {"step": step, **{key: float(value / steps) for key, value in zip(keys, values)}, "lr": lr,
+              "img_per_s": img_per_s}
     if counts.sum() > 0:
         record["codebook_usage"], record["codebook_perplexity"] = heldout.codebook_metrics(counts)
     return record

@@ -1,7 +1,7 @@
 """The whole method on a laptop CPU: stage 1 -> stage 2 -> ten-crop codes -> generator -> samples -> scores.
 
-    python demo.py                        # tiny preset, built-in shapes, about 10-15 minutes on 2 cores
-    python demo.py --offline              # no downloads: rFID / FID / IS only if the Inception file is cached
+    python tools/demo.py                  # tiny preset, built-in shapes, about 10-15 minutes on 2 cores
+    python tools/demo.py --offline        # no downloads: rFID / FID / IS only if the Inception file is cached
 
 Each step is the command it prints (so you can re-run any of them by hand) and is skipped or resumed when
 its output exists: a demo that is killed and started again continues. Results land in one run folder:
