@@ -3406,6 +3406,7 @@ def test_ablation_quick_resumes_after_kill_and_writes_table_and_chart(tmp_path):
     with Image.open(out / "ablation.png") as chart:
         assert chart.size == (5 * 420, 2 * 320) and len(chart.getcolors(1 << 16)) > 3   # bars, differences
     assert "Paired differences alitok - bidirectional" in table and "one seed: no interval" in table
+    assert run_rows(table) == [("bidirectional", "0"), ("alitok", "0")]        # the restarted run listed once
 
 
 @pytest.mark.filterwarnings("ignore:ONLY 12 SAMPLES")
@@ -3417,7 +3418,7 @@ def test_ablation_scores_samples_against_heldout_images(stages, fid_weights, tmp
     shutil.copy(stages[0] / "ar" / "generator.pt", folder / "ar" / "generator.pt")
     net = inception.load_inception(str(fid_weights))
     args = SimpleNamespace(data="shapes", out=str(tmp_path), threads=None, net=net)
-    scores = ablation.sample_scores(str(folder), 0, args, {"samples": 12})
+    scores = ablation.sample_scores("shapes", str(folder), 0, args, {"samples": 12})
     direct = fid.evaluate(str(folder / "heldout.npz"), str(folder / "samples.npz"), net)
     assert scores == {"fid": pytest.approx(direct["fid"]), "inception_score": pytest.approx(direct["inception_score"])}
     held = np.load(folder / "heldout.npz")["arr_0"]
@@ -3452,6 +3453,76 @@ def test_ablation_report_summarizes_finished_runs_and_trains_nothing(tmp_path, c
     assert summary["psnr"]["mean"] == 20.5 and summary["codebook_perplexity"]["values"] == [50.0, 50.0]
     with pytest.raises(FileNotFoundError, match="no finished run"):
         ablation.main(ablation.build_parser().parse_args(["--report", "--out", str(tmp_path / "empty")]))
+
+
+def run_rows(table, columns=2):
+    """The first `columns` cells ((variant, seed); with a data column, 3) of each row of an ablation.md's per-run
+    table (the table after its "Runs" line)."""
+    rows = table.split("Runs (flagged")[1].splitlines()[4:]
+    return [tuple(cell.strip() for cell in row.split("|")[1:1 + columns]) for row in rows if row.startswith("| ")]
+
+
+def fake_train(cmd, out, threads=None):
+    """Stands in for one train.py command of the ablation: writes the stage's held-out record, trains nothing.
+    AliTok's loss is 0.1 (seed + 1) nats below bidirectional's; PSNR 20 dB, far above the mean image's."""
+    stage, folder, seed = (cmd[cmd.index(flag) + 1] for flag in ("--stage", "--out", "--seed"))
+    loss = 3.0 - (0.0 if f"{os.sep}bidirectional{os.sep}" in folder else 0.1 * (int(seed) + 1))
+    held = {"1": {"psnr": 19.0}, "2": {"psnr": 20.0, "codebook_usage": 0.9, "codebook_perplexity": 50.0},
+            "ar": {"loss": loss, "acc": 0.2, "prefix_loss": loss + 1, "prefix_acc": 0.1, "image_loss": loss - 0.1,
+                   "image_acc": 0.2}}[stage]
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"step": 1, **{f"heldout_{k}": v for k, v in held.items()}}) + "\n")
+
+
+def test_ablation_lists_each_run_once(tmp_path, monkeypatch, capsys):
+    """A quick run on the shapes with a name given twice (train.py stood in for): each (variant, seed) is one run,
+    one row of the per-run table and one value per seed in the means."""
+    monkeypatch.setattr(ablation, "run", fake_train)
+    argv = ["--quick", "--data", "shapes", "--out", str(tmp_path), "--seeds", "2", "--variants", "bidirectional",
+            "alitok", "alitok"]
+    for again in (argv, argv + ["--report"]):
+        ablation.main(ablation.build_parser().parse_args(again))
+        runs = [("bidirectional", "0"), ("alitok", "0"), ("bidirectional", "1"), ("alitok", "1")]
+        assert run_rows((tmp_path / "ablation.md").read_text()) == runs
+        result = json.loads((tmp_path / "ablation.json").read_text())
+        assert result["summary"]["alitok"]["seeds"] == [0, 1] and len(result["runs"]) == 4
+    assert "skip alitok seed 1" in capsys.readouterr().out
+
+
+def test_ablation_reads_several_datasets_in_one_table(tmp_path, monkeypatch, capsys):
+    """--data shapes photos.npz: each dataset's runs and tables in <out>/<name>; <out>/ablation.md sets their
+    paired differences side by side (which exclude 0, on which datasets) and lists every run once; --report
+    pools the finished runs again, and two datasets of one name are refused."""
+    rng = np.random.default_rng(0)
+    images = lambda n: rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "photos.npz", x_train=images(40), y_train=np.arange(40) % 10, x_test=images(32),
+             y_test=np.arange(32) % 10)
+    monkeypatch.setattr(ablation, "run", fake_train)
+    out = tmp_path / "out"
+    argv = ["--quick", "--data", "shapes", str(tmp_path / "photos.npz"), "--out", str(out), "--seeds", "3"]
+    for again in (argv, argv + ["--report"]):
+        ablation.main(ablation.build_parser().parse_args(again))
+        table = (out / "ablation.md").read_text()
+        assert "| alitok - bidirectional | shapes (seeds 0, 1, 2) | photos (seeds 0, 1, 2) | excludes 0 on |" in table
+        # differences -0.1, -0.2, -0.3 on both: interval -0.2 ± t(0.975, 2) 0.1 / sqrt(3) = -0.2 ± 0.248
+        assert "| held-out next-token loss (nats) | -0.2 [-0.448, +0.0484] | -0.2 [-0.448, +0.0484] | none |" in table
+        assert "| held-out PSNR (dB) | +0 [+0, +0] | +0 [+0, +0] | none |" in table
+        assert sorted(run_rows(table, 3)) == sorted((d, v, str(s)) for d in ("shapes", "photos") for s in range(3)
+                                      for v in ("bidirectional", "alitok"))
+        for name in ("shapes", "photos"):
+            assert len(run_rows((out / name / "ablation.md").read_text())) == 6
+            assert (out / name / "alitok" / "seed2" / "result.json").exists()
+        pooled = json.loads((out / "ablation.json").read_text())
+        assert pooled["paired"][str(tmp_path / "photos.npz")]["alitok - bidirectional"]["loss"]["mean"] == \
+            pytest.approx(-0.2)
+    loss_ok = ablation.across_table({"a": {"alitok - x": {"seeds": [0, 1], "loss": {
+        "mean": -1.0, "half_width": 0.5, "low": -1.5, "high": -0.5, "excludes_zero": True}}}, "b": {}},
+        {"a": "a", "b": "b"}, ablation.BUDGETS["quick"])
+    assert "| held-out next-token loss (nats) | -1 [-1.5, -0.5] * | a |" in loss_ok
+    with pytest.raises(ValueError, match="two datasets with one name"):
+        ablation.main(ablation.build_parser().parse_args(["--data", "a/photos.npz", "b/photos", "--out",
+                                                          str(out)]))
 
 
 def test_ablation_shares_the_cores_among_the_runs_that_can_go_at_once():

@@ -6,6 +6,7 @@ held-out numbers per variant, and AliTok's paired differences with 95% intervals
     python tools/ablation.py --variants bidirectional no_prefix no_aux alitok --seeds 3   # the other baselines too
     python tools/ablation.py --quick --out runs/ablation_quick --seeds 1    # a few steps per stage: the loop only
     python tools/ablation.py --report --data ../shared/datasets/cifar10_subset_32.npz --out runs/ablation
+    python tools/ablation.py --data cifar10_subset_32.npz photos.npz --out runs/two   # one table across both
 
 The default is 5 seeds of bidirectional and alitok (10 runs). On 2 cores the 10 runs at half the default steps
 (--steps 750 300 300) took 108 minutes beside other work, so the default takes about 3.5 hours. --jobs N trains N
@@ -28,8 +29,13 @@ and left out of the means and the paired differences, unless --keep-flagged.
 Every step is a train.py command (printed, and kept in <out>/commands.log). A run (variant, seed) whose
 result.json exists is skipped, and a killed one continues from its checkpoints (--resume), so the same command
 started again finishes the work. Writes <out>/ablation.json, ablation.md (tables: per variant, paired
-differences, per run) and ablation.png (bars of mean ± one std over seeds; below them the paired differences
-with their 95% intervals).
+differences, per run, each run once) and ablation.png (bars of mean ± one std over seeds; below them the paired
+differences with their 95% intervals).
+
+Several datasets (--data A B): each one's runs and its own ablation.json / .md / .png go to <out>/<name> (the
+file or folder name without extension), and <out>/ablation.md reads them together: AliTok's paired differences on
+every dataset side by side, which of them exclude 0 on which datasets, and every run once. To pool runs made by
+separate commands, put (or link) each one's --out folder at <out>/<name> and run --report.
 """
 import argparse
 import concurrent.futures
@@ -106,17 +112,17 @@ def last_heldout(metrics_path):
     return {k[len("heldout_"):]: v for k, v in records[-1].items() if k.startswith("heldout_")}
 
 
-def train_variant(variant, seed, args, budget):
-    """Stage 1 (with the variant's switches), stage 2 and the generator of one (variant, seed), each resumed;
-    the run's held-out numbers, also written to its result.json."""
-    folder = os.path.join(args.out, variant, f"seed{seed}")
-    result_path = os.path.join(folder, "result.json")
+def train_variant(source, root, variant, seed, args, budget):
+    """Stage 1 (with the variant's switches), stage 2 and the generator of one (variant, seed) on data `source`
+    in <root>/<variant>/seed<seed>, each resumed; the run's held-out numbers, also written to its result.json."""
+    folder = os.path.join(root, variant, f"seed{seed}")
+    result_path, run_id = os.path.join(folder, "result.json"), {"data": source, "variant": variant, "seed": seed}
     if os.path.exists(result_path):
         print(f"skip {variant} seed {seed}: {result_path} exists", flush=True)
-        with open(result_path) as f:
-            return heldout_numbers(variant, seed, folder) | json.load(f)     # what it stored wins
+        with open(result_path) as f:           # its stored numbers win; which run it is, its folder says
+            return heldout_numbers(variant, seed, folder) | json.load(f) | run_id
     t0, (s1, s2, ar) = time.time(), (os.path.join(folder, s) for s in ("stage1", "stage2", "ar"))
-    common = ["--data", args.data, "--seed", str(seed), "--eval-images", str(budget["eval_images"]),
+    common = ["--data", source, "--seed", str(seed), "--eval-images", str(budget["eval_images"]),
               "--resume", "--no-progress"] + (["--inception", args.inception] if args.inception else [])
     common += ["--n-images", str(budget["n_images"])] if budget["n_images"] else []
     stages = [(s1, ["--stage", "1", *VARIANTS[variant]], budget["s1"], "stage2/tokenizer.pt"),
@@ -127,9 +133,9 @@ def train_variant(variant, seed, args, budget):
         if not os.path.exists(os.path.join(folder, final)):  # a finished stage is not started again
             run([sys.executable, script("train.py"), *flags, "--out", out, "--steps", str(steps), *common], args.out,
                 args.threads)
-    result = heldout_numbers(variant, seed, folder) | {"eval_images": budget["eval_images"]}
+    result = heldout_numbers(variant, seed, folder) | run_id | {"eval_images": budget["eval_images"]}
     if args.net is not None:
-        result |= sample_scores(folder, seed, args, budget)
+        result |= sample_scores(source, folder, seed, args, budget)
     result["minutes"] = (time.time() - t0) / 60
     plumbing.save_json(result_path, result)
     return result
@@ -177,13 +183,14 @@ def mean_image_psnr(source, size, seed, n_heldout):
     return float(fid.psnr(images, mean).mean())
 
 
-def sample_scores(folder, seed, args, budget):
-    """FID and IS of budget["samples"] samples of the run's generator against as many held-out images."""
+def sample_scores(source, folder, seed, args, budget):
+    """FID and IS of budget["samples"] samples of the run's generator against as many held-out images of
+    data `source`."""
     n, samples = budget["samples"], os.path.join(folder, "samples.npz")
     run([sys.executable, script("sample.py"), "--ckpt", os.path.join(folder, "ar", "generator.pt"), "--npz", str(n), "--out",
          samples, "--seed", str(seed)], args.out, args.threads)
     size = int(np.load(samples)["arr_0"].shape[1])
-    _, heldout = data.heldout_split(args.data, size, seed=seed, n_heldout=n)
+    _, heldout = data.heldout_split(source, size, seed=seed, n_heldout=n)
     real = data.heldout_images(heldout)[0].permute(0, 2, 3, 1).numpy()        # N, S, S, 3
     plumbing.save_npz(os.path.join(folder, "heldout.npz"), arr_0=real)
     scores = fid.evaluate(os.path.join(folder, "heldout.npz"), samples, args.net)
@@ -322,17 +329,50 @@ def paired_table(paired):
     return "\n".join(lines)
 
 
-def runs_table(results):
-    """Markdown table of every run: the numbers the flags look at, the mean-image PSNR and the flags."""
-    lines = ["Runs (flagged ones are listed in the first table's caption).", "",
-             "| variant | seed | held-out PSNR (dB) | mean-image PSNR (dB) | code perplexity | next-token loss "
-             "| flags |",
-             "|---|---|---|---|---|---|---|"]
+def runs_table(results, names=None):
+    """Markdown table of every run, once: the numbers the flags look at, the mean-image PSNR and the flags;
+    with names ({data source: name}) a first column names each run's dataset."""
+    data = "| data " if names else ""
+    where = "each dataset's own ablation.md" if names else "the first table's caption"
+    lines = [f"Runs (flagged ones are listed in {where}).", "",
+             f"{data}| variant | seed | held-out PSNR (dB) | mean-image PSNR (dB) | code perplexity | next-token "
+             "loss | flags |", "|---" * (7 + bool(names)) + "|"]
     for r in results:
         loss = f"{r['loss']:.4g}" if "loss" in r else ""
-        lines.append(f"| {r['variant']} | {r['seed']} | {r['psnr']:.4g} | {r['mean_image_psnr']:.4g} | "
+        lines.append((f"| {names[r['data']]} " if names else "") +
+                     f"| {r['variant']} | {r['seed']} | {r['psnr']:.4g} | {r['mean_image_psnr']:.4g} | "
                      f"{r['codebook_perplexity']:.4g} | {loss} | {'; '.join(r['flags']) or '-'} |")
     return "\n".join(lines) + "\n"
+
+
+def across_table(paired, names, budget):
+    """Markdown tables, one per comparison: each dataset's mean paired difference and 95% interval per metric
+    side by side, and the datasets on which the interval excludes 0. paired: {data source: paired_differences},
+    names: {data source: name}."""
+    comparisons = list(dict.fromkeys(c for p in paired.values() for c in p))
+    lines = [f"Paired differences on {len(paired)} datasets, each over its own seeds; steps per stage "
+             f"{budget['s1']} / {budget['s2']} / {budget['ar']}. Per dataset: mean [{LEVEL:.0%} Student's t "
+             "interval], * where it excludes 0.", ""]
+    for comparison in comparisons:
+        on = {s: p[comparison] for s, p in paired.items() if comparison in p}
+        lines += [f"| {comparison} | " + " | ".join(f"{names[s]} (seeds {', '.join(map(str, d['seeds']))})"
+                                                    for s, d in on.items()) + " | excludes 0 on |",
+                  "|---|" + "---|" * len(on) + "---|"]
+        for key in PAIRED:
+            cells, apart = [], []
+            for source, d in on.items():
+                m = d.get(key)
+                if m is None:
+                    cells.append("")
+                elif m["half_width"] is None:
+                    cells.append(f"{m['mean']:+.3g} (one seed)")
+                else:
+                    cells.append(f"{m['mean']:+.3g} [{m['low']:+.3g}, {m['high']:+.3g}]" +
+                                 (" *" if m["excludes_zero"] else ""))
+                    apart += [names[source]] if m["excludes_zero"] else []
+            lines.append(f"| {dict(METRICS)[key]} | " + " | ".join(cells) + f" | {', '.join(apart) or 'none'} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def axis(values, top, base):
@@ -421,31 +461,50 @@ def run_threads(jobs, n_runs, cores):
 
 
 def flag(results, args, budget):
-    """Each result with its mean-image PSNR (dB), its flags and whether it is left out ("excluded")."""
+    """Each result of one dataset with its mean-image PSNR (dB), its flags and whether it is left out
+    ("excluded")."""
     held = lambda r: r.get("eval_images", budget["eval_images"])           # runs before it was stored
-    baselines = [mean_image_psnr(args.data, r["image_size"], r["seed"], held(r)) for r in results]
+    baselines = [mean_image_psnr(r["data"], r["image_size"], r["seed"], held(r)) for r in results]
     return [r | {"mean_image_psnr": b, "flags": reasons, "excluded": bool(reasons) and not args.keep_flagged}
             for r, b, reasons in zip(results, baselines, run_flags(results, baselines))]
 
 
-def report(results, args, budget, minutes):
-    """ablation.json, ablation.md and ablation.png of the runs' results (flagged ones left out unless
-    --keep-flagged); the tables also printed."""
+def report(results, source, folder, args, budget, minutes):
+    """<folder>/ablation.json, ablation.md and ablation.png of one dataset's runs (flagged ones left out unless
+    --keep-flagged); the tables also printed. Returns the paired differences."""
     kept = [r for r in results if not r["excluded"]]
     summary, paired = summarize(kept), paired_differences(kept)
     flagged = [(r["variant"], r["seed"], r["flags"]) for r in results if r["flags"]]
-    plumbing.save_json(os.path.join(args.out, "ablation.json"),
-                       {"data": args.data, "seeds": args.seeds, "budget": budget,
+    plumbing.save_json(os.path.join(folder, "ablation.json"),
+                       {"data": source, "seeds": args.seeds, "budget": budget,
                         "keep_flagged": args.keep_flagged, "thresholds": {
                             "collapse_fraction": COLLAPSE_FRACTION, "stuck_margin_db": STUCK_MARGIN_DB},
                         "summary": summary, "paired": paired, "runs": results, "minutes_this_call": minutes})
     tables = table(summary, budget, flagged, args.keep_flagged), paired_table(paired), runs_table(results)
-    text = "\n".join(tables)
-    plumbing.atomic_write(os.path.join(args.out, "ablation.md"), lambda f: f.write(text), mode="w")
+    write_tables(folder, "\n".join(tables), with_chart=bool(summary))
     if summary:
-        bar_chart(summary, os.path.join(args.out, "ablation.png"), paired)
+        bar_chart(summary, os.path.join(folder, "ablation.png"), paired)
+    return paired
+
+
+def write_tables(folder, text, with_chart=False):
+    """<folder>/ablation.md, also printed."""
+    plumbing.atomic_write(os.path.join(folder, "ablation.md"), lambda f: f.write(text), mode="w")
     print(text, flush=True)
-    print(f"wrote {args.out}/ablation.json, ablation.md" + (", ablation.png" if summary else ""))
+    print(f"wrote {folder}/ablation.json, ablation.md" + (", ablation.png" if with_chart else ""))
+
+
+def dataset_folders(sources, out):
+    """{source: its runs' folder}: `out` itself for one dataset, <out>/<name> for several (name: the file or
+    folder name without extension)."""
+    if len(sources) == 1:
+        return {sources[0]: out}
+    names = {s: os.path.splitext(os.path.basename(os.path.normpath(s)))[0] for s in sources}
+    same = [s for s in sources if list(names.values()).count(names[s]) > 1]
+    if same:
+        raise ValueError(f"--data {' '.join(same)}: two datasets with one name would share a folder under "
+                         f"{out}; rename or link one of them")
+    return {s: os.path.join(out, names[s]) for s in sources}
 
 
 FLAG_RULES = {"--seeds": "count", "--steps": "count", "--n-images": "count", "--jobs": "count"}
@@ -459,27 +518,44 @@ def main(args):
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variants {unknown}; expected some of {list(VARIANTS)}")
-    os.makedirs(args.out, exist_ok=True)
+    folders = dataset_folders(list(dict.fromkeys(args.data)), args.out)     # a name given twice is one dataset
+    for folder in folders.values():
+        os.makedirs(folder, exist_ok=True)
     args.net, why = inception.available_inception(args.inception)       # rFID, FID and IS only with it
     if args.net is None:
         print(f"rFID, FID and IS off: {why}", flush=True)
-    t0, pairs = time.time(), [(v, seed) for seed in range(args.seeds) for v in args.variants]
-    jobs, args.threads = run_threads(args.jobs, len(pairs), os.cpu_count() or 1)
+    # each (dataset, variant, seed) once, however often a name was given
+    variants = list(dict.fromkeys(args.variants))
+    runs = [(s, folders[s], v, seed) for s in folders for seed in range(args.seeds) for v in variants]
+    t0 = time.time()
+    jobs, args.threads = run_threads(args.jobs, len(runs), os.cpu_count() or 1)
     if args.report:                                          # the finished runs only
-        done = lambda v, seed: os.path.exists(os.path.join(args.out, v, f"seed{seed}", "result.json"))
-        pairs = [(v, seed) for v, seed in pairs if done(v, seed)]
-        if not pairs:
-            raise FileNotFoundError(f"--report: no finished run (<variant>/seed<N>/result.json) in {args.out}")
+        done = lambda root, v, seed: os.path.exists(os.path.join(root, v, f"seed{seed}", "result.json"))
+        runs = [(s, root, v, seed) for s, root, v, seed in runs if done(root, v, seed)]
+        missing = [f"{root} (--data {s})" for s, root in folders.items() if all(r[0] != s for r in runs)]
+        if missing:
+            raise FileNotFoundError(f"--report: no finished run (<variant>/seed<N>/result.json) in "
+                                    f"{', '.join(missing)}")
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:  # each worker waits on its train.py
-        results = list(pool.map(lambda pair: train_variant(*pair, args, budget), pairs))
-    report(flag(results, args, budget), args, budget, (time.time() - t0) / 60)
+        results = list(pool.map(lambda one: train_variant(*one, args, budget), runs))
+    minutes, checked, paired = (time.time() - t0) / 60, [], {}
+    for source, folder in folders.items():                   # flags compare a run with its own dataset's runs
+        own = flag([r for r in results if r["data"] == source], args, budget)
+        paired[source] = report(own, source, folder, args, budget, minutes)
+        checked += own
+    if len(folders) > 1:
+        names = {s: os.path.basename(f) for s, f in folders.items()}
+        plumbing.save_json(os.path.join(args.out, "ablation.json"), {
+            "data": list(folders), "folders": folders, "budget": budget, "paired": paired, "runs": checked})
+        write_tables(args.out, across_table(paired, names, budget) + "\n" + runs_table(checked, names))
 
 
 def build_parser():
     """The command line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="shapes", help="'shapes' (built-in), an ImageNet-layout folder, or an npz; "
-                   "with --report the runs' own (the mean-image PSNR of the flags is computed from it)")
+    p.add_argument("--data", nargs="+", default=["shapes"], help="'shapes' (built-in), an ImageNet-layout folder, "
+                   "or an npz; several: each one's runs in <out>/<name> and one table across them; with --report "
+                   "the runs' own (the mean-image PSNR of the flags is computed from it)")
     p.add_argument("--out", default="runs/ablation", help="folder of all runs and the results")
     p.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help=f"seeds per variant (0, 1, ...; default "
                    f"{DEFAULT_SEEDS})")
