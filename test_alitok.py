@@ -1,7 +1,7 @@
-"""Tests for alitok: `make test` runs them on the CPU (tiny configs, a few minutes); `make test-slow` adds
-the full-size checks. Sections follow the files: alitok.py, speed.py, checkpoints.py, data.py, plumbing.py and
-weights.py, losses.py, train.py and heldout.py, sample.py, fid.py and inception.py, then tools/ (bench,
-memory_plan, demo, ablation).
+"""Tests for alitok: `make test` runs them on the CPU (tiny configs, a few minutes); `make test-slow` runs the
+tests marked slow: the full-size checks, the bench, and the demo and ablation pipelines killed and restarted.
+Sections follow the files: alitok.py, speed.py, checkpoints.py, data.py, plumbing.py and weights.py, losses.py,
+train.py and heldout.py, sample.py, fid.py and inception.py, then tools/ (bench, memory_plan, demo, ablation).
 Manifests and golden vectors come from reference/ in this repository: nothing is skipped in a plain clone."""
 import builtins
 import contextlib
@@ -1438,9 +1438,10 @@ def tiny_training(tok, args, disc=None, autocast=contextlib.nullcontext()):
     return train.TokenizerStage(tok, tok, (None, None), args, autocast, disc)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def stages(tmp_path_factory):
-    """Stage 1 -> stage 2 -> generator, a few tiny steps each (shared by the tests below)."""
+    """Stage 1 -> stage 2 -> generator, a few tiny steps each, trained once for the whole session: tests only
+    read these folders (one that writes copies what it needs into its tmp_path)."""
     root = tmp_path_factory.mktemp("stages")
     s1 = run_main(["--stage", "1", "--out", str(root / "s1"), "--steps", "40", "--lr", "1e-3", *TINY])
     s2 = run_main(["--stage", "2", "--out", str(root / "s2"), "--init", str(root / "s1" / "ckpt.pt"),
@@ -1577,16 +1578,17 @@ def test_heldout_tokenizer_metrics_in_every_tokenizer_stage(stages):
         assert 0 < last["heldout_codebook_usage"] <= 1 and last["heldout_codebook_perplexity"] >= 1
 
 
-@pytest.mark.filterwarnings("ignore:ONLY 24 SAMPLES")
+@pytest.mark.filterwarnings("ignore:ONLY 8 SAMPLES")
 def test_heldout_rfid_with_the_inception_file_and_a_note_without(tmp_path, fid_weights, monkeypatch, capsys):
     """With --inception a tokenizer stage adds held-out rFID (the same as computing it from the checkpoint);
     without the file (empty cache) it says why there is none and downloads nothing."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     out = tmp_path / "s1"
-    train.main(["--stage", "1", "--out", str(out), "--steps", "2", *TINY, "--inception", str(fid_weights)])
+    eight = ["--eval-images", "8"]                          # rFID of 8 held-out images: few Inception passes
+    train.main(["--stage", "1", "--out", str(out), "--steps", "2", *TINY, *eight, "--inception", str(fid_weights)])
     last = [json.loads(l) for l in open(out / "metrics.jsonl")][-1]
     tok = checkpoints.load_tokenizer(out / "ckpt.pt")
-    images, _ = heldout_shapes(tok.config.image_size)
+    images, _ = heldout_shapes(tok.config.image_size, n=8)
     with torch.no_grad():
         recon = tok(images)["recon"]
     net = inception.load_inception(str(fid_weights))
@@ -1620,9 +1622,10 @@ def test_resume_after_stop_is_exact(tmp_path, stages):
 def test_resume_after_kill_is_exact(tmp_path):
     """Stage 1 (random crops and flips, clustering) killed for real (SIGKILL) mid-run, then resumed, ends bit
     for bit like an uninterrupted run."""
-    common = [sys.executable, str(HERE / "train.py"), "--stage", "1", "--steps", "60", "--ckpt-every", "2", *TINY]
-    subprocess.run([*common, "--out", str(tmp_path / "a")], check=True, env=env1(), capture_output=True)
-    proc = subprocess.Popen([*common, "--out", str(tmp_path / "b")], env=env1(),
+    common = ["--stage", "1", "--steps", "60", "--ckpt-every", "2", *TINY]
+    run_main([*common, "--out", str(tmp_path / "a")])       # here, and the killed run on as many threads
+    env = {**env1(), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen([sys.executable, str(HERE / "train.py"), *common, "--out", str(tmp_path / "b")], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = tmp_path / "b" / "ckpt.pt"
     deadline = time.time() + 120
@@ -1634,7 +1637,7 @@ def test_resume_after_kill_is_exact(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     killed_at = torch.load(ckpt, weights_only=False)["step"]   # a complete file: writes are atomic
     assert 0 < killed_at < 60
-    subprocess.run([*common, "--out", str(tmp_path / "b"), "--resume"], check=True, env=env1(), capture_output=True)
+    run_main([*common, "--out", str(tmp_path / "b"), "--resume"])
     a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)
     b = torch.load(ckpt, weights_only=False)
     assert b["step"] == 60 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
@@ -1687,12 +1690,13 @@ def test_sigterm_generator_writes_checkpoint_and_resumes_exactly(tmp_path, stage
                         str(root / "ar" / "codes.npz"))
 
 
-def test_second_run_on_a_held_folder_is_refused_naming_the_holder(tmp_path):
+def test_second_run_on_a_held_folder_is_refused_naming_the_holder(tmp_path, capsys):
+    """The lock is an flock on its own open file: a second run refuses even in the process that holds it."""
     with plumbing.RunFolderLock(tmp_path / "run"):
-        done = subprocess.run([sys.executable, str(HERE / "train.py"), "--stage", "1", "--out", str(tmp_path / "run"),
-                               "--steps", "1", *TINY], env=env1(), capture_output=True, text=True)
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert f"in use by a live run (pid {os.getpid()} on" in done.stderr
+        status = plumbing.cli(train.main, ["--stage", "1", "--out", str(tmp_path / "run"), "--steps", "1", *TINY])
+    said = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in said
+    assert f"in use by a live run (pid {os.getpid()} on" in said
     assert not (tmp_path / "run" / "ckpt.pt").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
@@ -1796,10 +1800,9 @@ def test_ranks_probe_one_run_folder_at_once(tmp_path):
 
 
 def one_and_two_processes(tmp_path, args, two_only, split):
-    """Train the generator stage once in one process and once under torchrun with 2 (gloo, with `two_only` flags
+    """Train the generator stage once in this process and once under torchrun with 2 (gloo, with `two_only` flags
     added); the second must report `split` and both must end with the same weights."""
-    subprocess.run([sys.executable, str(HERE / "train.py"), *args, "--out", str(tmp_path / "one")],
-                   check=True, env=env1(), capture_output=True)
+    run_main([*args, "--out", str(tmp_path / "one")])
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                           f"--master_port={free_port()}", str(HERE / "train.py"), *args, *two_only, "--out",
                           str(tmp_path / "two")], env=env1(), capture_output=True, text=True)
@@ -3225,6 +3228,7 @@ def test_bench_counts_convolution_flops():
     assert bench.conv_flops(net, torch.rand(2, 3, 10, 10)) == 2 * (8 * 100 * 27 + 4 * 100 * 4 + 5 * 400)
 
 
+@pytest.mark.slow      # bf16 matmul-rate probes (2048^2 products) and the FID Inception rows: minutes on 2 cores
 def test_bench_runs_and_prints_a_table(capsys):
     assert bench.main(["--preset", "tiny", "--batch", "2", "--uncached-tokens", "6", "--device", "cpu",
                        "--tokenizer-batch", "1", "--inception-batch", "1"]) == 0
@@ -3324,6 +3328,7 @@ def test_memory_plan_counts_a_storage_saved_twice_once():
 # tools/demo.py: the whole pipeline, killed and restarted
 # ===================================================================================================
 
+@pytest.mark.slow      # the whole pipeline twice, as about ten fresh processes: minutes on 2 cores
 def test_demo_quick_pipeline_resumes_after_kill(tmp_path):
     """`demo.py --quick` runs every stage; killed during the generator stage and restarted, it continues."""
     out = tmp_path / "demo"
@@ -3375,6 +3380,7 @@ def test_demo_scores_rfid_fid_and_is_with_the_inception_weights(stages, fid_weig
 # tools/ablation.py: the tokenizer ablation with seeds, killed and restarted
 # ===================================================================================================
 
+@pytest.mark.slow      # two whole pipelines, each stage a fresh process, then restarted: minutes on 2 cores
 def test_ablation_quick_resumes_after_kill_and_writes_table_and_chart(tmp_path):
     """Two runs at once (--jobs 2), killed (SIGKILL, with the stages they run) once one has finished;
     restarted, it skips that run. A few steps learn nothing beyond the mean image: both runs are flagged, and
