@@ -348,6 +348,10 @@ def main(argv=None):
         made = len(images)
         plumbing.save_grid(images, args.out, nrow=args.per_class)
     seconds = time.perf_counter() - start
+    if plumbing.is_distributed():         # every rank counts: the record is the whole job's
+        total = torch.tensor(made)
+        dist.all_reduce(total)
+        made = int(total)
     rate = made / seconds if made else None
     if rank == 0:
         plumbing.save_json(record, dict(settings=settings, out=os.path.abspath(args.out), images_made=made,
@@ -355,6 +359,7 @@ def main(argv=None):
                                     tokens_per_s=rate and rate * cfg.n_tokens))
         print(f"wrote {args.out} ({made} images made in {seconds:.1f} s" + (f", {rate:.3f} images/s)" if rate else ")"))
     if plumbing.is_distributed():
+        plumbing.barrier()                # rank 0's record written, then all ranks leave together
         dist.destroy_process_group()
     return 0
 

@@ -63,6 +63,12 @@ def free_port():
         return s.getsockname()[1]
 
 
+def torchrun(script, *args):
+    """`script` under torchrun with 2 processes (gloo on the CPU) on a free port, as a command line."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}", str(HERE / script), *args]
+
+
 # The deterministic-weight recipe of reference/golden (its README): every tensor follows from its name, shape
 # and the salt stored in the golden file, so no weight file is needed and other salts give other weights.
 
@@ -1652,21 +1658,28 @@ def same_training_state(a, b):
         assert all(torch.equal(sa[i][m], sb[i][m]) for i in sa for m in ("exp_avg", "exp_avg_sq"))
 
 
+def sigterm_once_logged(command, out, env):
+    """Run `command` (a training run into the folder `out`), send it SIGTERM once it has logged 3 steps; (its exit
+    status, its output)."""
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    logged = lambda: len((out / "metrics.jsonl").read_text().splitlines()) if (out / "metrics.jsonl").exists() else 0
+    deadline = time.time() + 300
+    while logged() < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    said = proc.communicate(timeout=120)[0]
+    return proc.returncode, said
+
+
 def sigterm_then_resume(tmp_path, *args):
     """train.py `args` in a subprocess, sent a real SIGTERM once it has logged 3 steps; it must write its
     checkpoint at the step it reports and exit 143. Resumed here for 2 more steps, it must equal an
     uninterrupted run (in this process too, with the subprocess on as many threads: the same float sums)."""
     common = [*args, "--steps", "10000", "--ckpt-every", "10000", *TINY, "--log-every", "1"]
     out, env = tmp_path / "stopped", {**env1(), "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.Popen([sys.executable, str(HERE / "train.py"), *common, "--out", str(out)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    logged = lambda: len((out / "metrics.jsonl").read_text().splitlines()) if (out / "metrics.jsonl").exists() else 0
-    deadline = time.time() + 120
-    while logged() < 3 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    said = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 128 + signal.SIGTERM, said[-3000:]
+    returncode, said = sigterm_once_logged([sys.executable, str(HERE / "train.py"), *common, "--out", str(out)], out,
+                                           env)
+    assert returncode == 128 + signal.SIGTERM, said[-3000:]
     step = int(re.search(rf"received SIGTERM at step (\d+): wrote {re.escape(str(out / 'ckpt.pt'))}; continue "
                          rf"with --resume", said).group(1))
     assert step >= 3 and torch.load(out / "ckpt.pt", weights_only=True)["step"] == step
@@ -1803,9 +1816,8 @@ def one_and_two_processes(tmp_path, args, two_only, split):
     """Train the generator stage once in this process and once under torchrun with 2 (gloo, with `two_only` flags
     added); the second must report `split` and both must end with the same weights."""
     run_main([*args, "--out", str(tmp_path / "one")])
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={free_port()}", str(HERE / "train.py"), *args, *two_only, "--out",
-                          str(tmp_path / "two")], env=env1(), capture_output=True, text=True)
+    two = subprocess.run(torchrun("train.py", *args, *two_only, "--out", str(tmp_path / "two")), env=env1(),
+                         capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     assert split in two.stdout + two.stderr
     a = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)["model"]
@@ -1827,12 +1839,116 @@ def test_stage1_under_torchrun_without_the_rfid_network_does_not_hang(tmp_path):
     """Rank 0 alone looks for the rFID Inception (held-out evaluation is rank 0's work): with the file absent and
     downloads forbidden no rank may wait in a collective the others never reach (it hung until killed)."""
     env = {**env1(), "TORCH_HOME": str(tmp_path / "empty_cache"), "ALITOK_OFFLINE": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={free_port()}", str(HERE / "train.py"), "--stage", "1", "--preset", "tiny",
-                          "--steps", "3", "--eval-every", "3", *TINY, "--out", str(tmp_path / "run")],
-                         env=env, capture_output=True, text=True, timeout=240)
+    run = subprocess.run(torchrun("train.py", "--stage", "1", "--preset", "tiny", "--steps", "3", "--eval-every", "3",
+                                  *TINY, "--out", str(tmp_path / "run")), env=env, capture_output=True, text=True,
+                         timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "held-out rFID off" in run.stdout + run.stderr and (tmp_path / "run" / "ckpt.pt").exists()
+
+
+def test_rank0_work_runs_in_eval_mode_without_gradients():
+    """Held-out evaluation and pictures, rank 0's work, run the model in eval mode (no clustering update, so no
+    all_gather the other ranks never reach) and without building a graph; its training mode comes back after."""
+    tok = tiny_tokenizer().train()
+    codebook = tok.quantize.embedding.weight.clone()
+    recon = train.in_eval_mode(tok, lambda: tok(fixed_batch(4)[0])["recon"])
+    assert not recon.requires_grad and tok.training and torch.equal(tok.quantize.embedding.weight, codebook)
+
+
+@pytest.fixture(scope="module")
+def lpips_files(tmp_path_factory):
+    """Stand-in LPIPS files (torchvision's VGG16 names, lpips's head names) with random weights; the VGG's
+    classifier, which LPIPS never runs, is stored as one zero per tensor (an expanded view: 59 MB, not 528)."""
+    folder, g = tmp_path_factory.mktemp("lpips"), torch.Generator().manual_seed(0)
+    with torch.device("meta"):
+        net = P.LPIPS()
+    vgg = {k: torch.zeros(1).expand(v.shape) if k.startswith("classifier") or k.endswith("bias") else
+           torch.randn(v.shape, generator=g) * math.sqrt(2 / v[0].numel()) for k, v in net.net.state_dict().items()}
+    heads = {k: torch.rand(v.shape, generator=g) / v.shape[1] for k, v in net.heads().state_dict().items()}
+    torch.save(vgg, folder / "vgg16.pth")
+    torch.save(heads, folder / "vgg.pth")
+    return ["--lpips-loss", "--lpips-weights", str(folder / "vgg16.pth"), str(folder / "vgg.pth")]
+
+
+def records_of(folder):
+    """The metrics.jsonl lines of a run folder, as dicts."""
+    return [json.loads(line) for line in open(folder / "metrics.jsonl")]
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:ONLY 24 SAMPLES")
+def test_stage1_under_torchrun_in_the_lpips_and_gan_phases_with_the_rfid_network(tmp_path, lpips_files, fid_weights):
+    """Two processes through the LPIPS phase (steps 0-1) into the GAN phase (tokenizer and discriminator steps
+    alternating from step 3), rank 0 evaluating held-out rFID, drawing pictures and saving in both: no hang."""
+    out = tmp_path / "run"
+    run = subprocess.run(torchrun("train.py", "--stage", "1", "--steps", "6", "--lpips-until", "2", "--gan-start", "3",
+                                  *lpips_files, "--inception", str(fid_weights), *TINY, "--log-every", "1",
+                                  "--eval-every", "2", "--image-every", "3", "--ckpt-every", "2", "--out", str(out)),
+                         env=env1(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    logged = {r["step"]: r for r in records_of(out)}
+    assert all("lpips" in logged[s] for s in (1, 2)) and "lpips" not in logged[3]
+    assert "gen_adv" in logged[4] and "d_loss" in logged[5] and "gen_adv" in logged[6]
+    assert [s for s, r in logged.items() if "heldout_rfid" in r] == [2, 4, 6]
+    assert (out / "pictures_0000003.png").exists() and (out / "pictures_0000006.png").exists()
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ck["step"] == 6 and len(ck["rng"]) == 2 and "discriminator" in ck["modules"]
+
+
+def torchrun_sigterm_then_resume(tmp_path, *args, steps=30, env=None):
+    """train.py `args` under torchrun with 2 processes, sent SIGTERM once it has logged 3 steps (to torchrun, which
+    passes it on to both processes and itself exits 1, its own SignalException): rank 0 must say at which step
+    both processes stopped and wrote the checkpoint, none may be killed, and --resume must finish the --steps.
+    (the step it stopped at, the first run's output, the resumed run's output)."""
+    out, env = tmp_path / "run", env or env1()
+    common = [*args, *TINY, "--steps", str(steps), "--log-every", "1", "--eval-every", "10", "--image-every", "10",
+              "--ckpt-every", "1000", "--out", str(out)]
+    returncode, said = sigterm_once_logged(torchrun("train.py", *common), out, env)
+    stopped = re.search(rf"received SIGTERM at step (\d+): wrote {re.escape(str(out / 'ckpt.pt'))}", said)
+    assert returncode != 0 and stopped, said[-3000:]
+    step = int(stopped.group(1))
+    assert 3 <= step < steps and torch.load(out / "ckpt.pt", weights_only=True)["step"] == step
+    assert "forcefully" not in said                       # torchrun SIGKILLs a process that does not stop in 30 s
+    resumed = subprocess.run(torchrun("train.py", *common, "--resume"), env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert f"resumed from {out / 'ckpt.pt'} at step {step}" in resumed.stdout + resumed.stderr
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == steps
+    return step, said, resumed.stdout + resumed.stderr
+
+
+@pytest.mark.slow
+def test_stage1_under_torchrun_without_the_rfid_network_resumes_after_sigterm(tmp_path, lpips_files):
+    """The LPIPS phase, then the GAN phase, without the FID Inception (rank 0 says so): SIGTERM, then --resume."""
+    env = {**env1(), "TORCH_HOME": str(tmp_path / "empty_cache"), "ALITOK_OFFLINE": "1"}
+    step, said, resumed = torchrun_sigterm_then_resume(tmp_path, "--stage", "1", "--lpips-until", "2", "--gan-start",
+                                                       "3", *lpips_files, env=env)
+    assert "held-out rFID off" in said and "held-out rFID off" in resumed
+    logged = {r["step"]: r for r in records_of(tmp_path / "run")}
+    assert "lpips" in logged[1] and any("d_loss" in logged[s] for s in (step + 1, step + 2))   # GAN phase resumed
+    assert "heldout_psnr" in logged[30] and not any("heldout_rfid" in r for r in logged.values())
+
+
+@pytest.mark.slow
+def test_stage2_under_torchrun_resumes_after_sigterm_and_writes_the_tokenizer(tmp_path, stages):
+    """Stage 2 (the frozen encoder outside DDP, the decoder and the discriminator in it): SIGTERM, then --resume
+    to the end, where rank 0 writes tokenizer.pt."""
+    torchrun_sigterm_then_resume(tmp_path, "--stage", "2", "--init", str(stages[0] / "s1" / "ckpt.pt"),
+                                 "--gan-start", "3")
+    assert checkpoints.load_tokenizer(tmp_path / "run" / "tokenizer.pt").config.n_buffer > 0
+
+
+@pytest.mark.slow
+def test_generator_under_torchrun_pretokenizes_resumes_after_sigterm_and_writes_the_generator(tmp_path, stages):
+    """Stage ar without --codes: both processes pre-tokenize their share and rank 0 merges the ten-crop codes;
+    SIGTERM, then --resume (the codes reused) to the end, where rank 0 writes generator.pt."""
+    _, said, resumed = torchrun_sigterm_then_resume(tmp_path, "--stage", "ar", "--tokenizer",
+                                                    str(stages[0] / "s2" / "tokenizer.pt"))
+    assert "pre-tokenizing" in said and "pre-tokenizing" not in resumed
+    assert sorted(p.name for p in (tmp_path / "run").glob("codes.npz*")) == ["codes.npz"]     # parts merged
+    with np.load(tmp_path / "run" / "codes.npz") as codes:
+        assert codes["codes"].shape[:2] == (len(codes["labels"]), 10) and len(codes["labels"]) > 32
+    assert checkpoints.load_generator(tmp_path / "run" / "generator.pt").config.num_classes > 0
 
 
 def _cluster_worker(rank, world, port, z, out):
@@ -2463,14 +2579,33 @@ def test_npz_is_the_same_file_at_another_batch_size(ckpts, npz_one, tmp_path):
 
 def test_npz_two_processes_match_one(ckpts, npz_one, tmp_path):
     out = tmp_path / "two.npz"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", os.path.join(HERE, "sample.py"), *npz_args(ckpts, out, 20, 4)]
-    run = subprocess.run(cmd, cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run(torchrun("sample.py", *npz_args(ckpts, out, 20, 4)), cwd=HERE,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     with np.load(npz_one) as a, np.load(out) as b:
         assert all(np.array_equal(a[k], b[k]) for k in ("arr_0", "arr_1", "codes"))
     assert out.read_bytes() == npz_one.read_bytes()  # fixed zip timestamps: the very same file
+
+
+@pytest.mark.slow
+def test_npz_under_torchrun_resumes_after_sigterm(ckpts, npz_one, tmp_path):
+    """SIGTERM to torchrun once a shard is written stops both processes; the same command again makes only the
+    missing shards (the record counts both processes' samples) and ends with the one-process file."""
+    out, env = tmp_path / "two.npz", dict(os.environ, OMP_NUM_THREADS="1")
+    command = torchrun("sample.py", *npz_args(ckpts, out, 20, 1, "--shard-size", "2"))
+    proc = subprocess.Popen(command, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    shards = lambda: sorted(out.parent.glob("two.npz.parts/0*.npz"))
+    deadline = time.time() + 240
+    while not shards() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    said = proc.communicate(timeout=120)[0]
+    kept = len(shards())
+    assert proc.returncode != 0 and not out.exists() and 0 < kept < 10, said[-3000:]
+    run = subprocess.run(command, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    assert json.loads(out.with_suffix(".json").read_text())["images_made"] == 20 - 2 * kept
+    assert out.read_bytes() == npz_one.read_bytes()
 
 
 # ----------------------------------------------------------------------------------------------------

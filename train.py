@@ -726,11 +726,13 @@ def train_loop(stage, args, start, ckpt, process, log, signals):
 
 
 def in_eval_mode(model, work):
-    """work() with `model` in eval mode (no dropout), its mode restored after."""
+    """work() with `model` in eval mode (no dropout, no clustering update: no collective) and without gradients,
+    its mode restored after."""
     was = model.training
     model.eval()
     try:
-        return work()
+        with torch.no_grad():
+            return work()
     finally:
         model.train(was)
 
