@@ -2295,6 +2295,47 @@ def test_no_host_sync_in_a_training_step(tmp_path, monkeypatch, stages, stage):
     assert len(short) == len(long), sorted(set(long))
 
 
+# Calls that read a device tensor back to the host (a CUDA sync), by name; a boolean mask index is a nonzero.
+SYNCING_CALLS = ("bincount", "nonzero", "item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")
+
+
+class SyncingCalls(torch.overrides.TorchFunctionMode):
+    """The SYNCING_CALLS (and boolean-mask indexing) that the project's own files make inside the context, as
+    "file:function:call"; calls made inside torch (the CPU AdamW's step counter) are torch's, not ours."""
+
+    def __init__(self):
+        super().__init__()
+        self.ours, self.seen = {str(p) for p in HERE.glob("*.py")} - {__file__}, []
+        self.plumbing = {torch.overrides.__file__, torch._tensor.__file__}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        masked = name == "__getitem__" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                               for i in (args[1] if isinstance(args[1], tuple) else (args[1],)))
+        if name in SYNCING_CALLS or masked:
+            frame = sys._getframe(1)        # the caller, past torch's torch-function plumbing
+            while frame and frame.f_code.co_filename in self.plumbing:
+                frame = frame.f_back
+            if frame and frame.f_code.co_filename in self.ours:
+                self.seen.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}:{name}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("stage,flags,steps", [("1", ["--lpips-until", "1", "--gan-start", "1"], (0, 1, 2)),
+                                               ("2", [], (0,)), ("ar", [], (0,))])
+def test_a_training_step_calls_nothing_that_syncs(monkeypatch, stage, flags, steps):
+    """A training step of every stage (stage 1 in its LPIPS phase, its GAN phase and a discriminator step, with
+    the clustering update; stage 2; the generator; stand-in loss networks) on two micro-batches calls none of
+    SYNCING_CALLS (the products as zeros: memory_plan.ZeroKernels)."""
+    monkeypatch.setattr(P, "loss_networks", lambda args, device, log: (StandIn(), StandIn()))
+    torch.manual_seed(0)
+    stage_obj, _ = memory_plan.build_stage(stage, "tiny", flags)
+    for step in steps:
+        with SyncingCalls() as calls, memory_plan.ZeroKernels():
+            stage_obj.step([memory_plan.micro_batch(stage_obj, 2) for _ in range(2)], step)
+        assert calls.seen == [], (step, calls.seen)
+
+
 def test_nan_check_runs_at_log_and_checkpoint_steps_only(tmp_path, monkeypatch):
     """A NaN between checks is caught at the next log or checkpoint step, naming the step it appeared at, before
     anything is written: the checkpoint of the last good step stays."""
