@@ -1489,6 +1489,83 @@ def test_generator_stage_lowers_loss_and_writes_checkpoint(stages):
     assert (root / "ar" / "latest.png").exists()
 
 
+def random_tokenizer_file(path):
+    """A tiny tokenizer with random weights saved as a released-layout checkpoint (for --tokenizer); its path."""
+    torch.manual_seed(0)
+    torch.save(checkpoint(Tokenizer(tokenizer_config("tiny", "inference"))), path)
+    return str(path)
+
+
+def test_one_generator_step_is_the_same_with_the_codes_made_in_the_run_or_passed_in(tmp_path):
+    """Pre-tokenization leaves the global RNG alone (its DataLoader has its own generator): a run that makes
+    codes.npz and a run given it with --codes start from the same weights and take the same first step."""
+    common = ["--stage", "ar", "--tokenizer", random_tokenizer_file(tmp_path / "tok.pt"), "--steps", "1", *TINY]
+    run_main([*common, "--out", str(tmp_path / "made")])
+    run_main([*common, "--out", str(tmp_path / "given"), "--codes", str(tmp_path / "made" / "codes.npz")])
+    made, given = (torch.load(tmp_path / run / "generator.pt", weights_only=True)["model"] for run in ("made", "given"))
+    differ = {k: float((made[k].float() - given[k].float()).abs().max()) for k in made
+              if not torch.equal(made[k], given[k])}
+    assert not differ, f"{len(differ)} of {len(made)} tensors differ, by up to {max(differ.values()):.3g}"
+
+
+STOPPED_AT_ITEM = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import data, plumbing, train
+data.PART_BATCHES = 1                                   # a part file after every batch
+signum, item = (int(x) for x in os.environ["STOP_AT"].split(":")) if "STOP_AT" in os.environ else (0, -1)
+read = data.ShapesDataset.__getitem__
+def signalled(self, i):                                 # the signal arrives while image `item` is read
+    if i == item:
+        os.kill(os.getpid(), signum)
+    return read(self, i)
+data.ShapesDataset.__getitem__ = signalled
+sys.exit(plumbing.cli(train.main, sys.argv[2:]))
+"""
+
+
+def test_pretokenization_stops_on_a_signal_and_the_same_command_continues(tmp_path):
+    """train.py --stage ar making its codes (200 images, 4 batches of 64): SIGTERM in batch 1 keeps batches 0 and
+    1 and exits 143, Ctrl-C (SIGINT) in batch 2 of the rerun keeps batch 2 and exits 130, each with one line and
+    no traceback; the third run finishes, and its codes equal an uninterrupted run's, bit for bit."""
+    args = ["--stage", "ar", "--tokenizer", random_tokenizer_file(tmp_path / "tok.pt"), "--steps", "1", *TINY,
+            "--n-images", "200"]
+    env = {**env1(), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+
+    def run(out, stop=None):
+        return subprocess.run([sys.executable, "-c", STOPPED_AT_ITEM, str(HERE), *args, "--out", str(out)],
+                              env={**env, **({"STOP_AT": stop} if stop else {})}, capture_output=True, text=True,
+                              timeout=300)
+    out, parts = tmp_path / "stopped", tmp_path / "stopped" / "codes.npz.parts"
+    for signum, item, kept in ((signal.SIGTERM, 100, 2), (signal.SIGINT, 140, 3)):
+        done = run(out, f"{int(signum)}:{item}")
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 128 + signum and len(lines) == 1, done.stderr[-3000:]
+        assert f"received {signum.name} while pre-tokenizing: {kept} of 4 batches" in lines[0], lines
+        assert lines[0].endswith("rerun the same command to continue")
+        assert sorted(os.listdir(parts)) == [f"rank0of1_batch{b:07d}.npz" for b in range(kept)]
+        assert not (out / "codes.npz").exists()
+    for folder in (out, tmp_path / "whole"):
+        done = run(folder)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert not parts.exists()
+    with np.load(out / "codes.npz") as resumed, np.load(tmp_path / "whole" / "codes.npz") as whole:
+        assert resumed["codes"].shape == (200, 10, 73)
+        assert all(np.array_equal(resumed[k], whole[k]) for k in whole.files)
+
+
+def test_pretokenization_parts_of_another_job_are_refused(tmp_path):
+    """Parts left by another pre-tokenization into the same file (another tokenizer, other images) are neither
+    mixed in nor deleted: ValueError naming the part and the way out."""
+    tok, source = PatchColourTokenizer(16, 8), D.build_dataset("shapes", 17, n_images=6)
+    D.PartFiles(str(tmp_path / "c.npz"), 0, 1, "tokenizer a; 6 images, batch 2, 1 process(es)").write(
+        0, 1, [np.zeros((2, 10, 4), np.int16)], [np.zeros(2, np.int64)])
+    with pytest.raises(ValueError, match=r"rank0of1_batch0000000.npz is a part of another pre-tokenization "
+                                         r"\(tokenizer a; .*delete .*c.npz.parts to start over"):
+        D.pretokenize(tok, source, str(tmp_path / "c.npz"), batch_size=2, progress=False, made_from="tokenizer b")
+    assert os.listdir(tmp_path / "c.npz.parts") == ["rank0of1_batch0000000.npz"]
+
+
 def heldout_shapes(size, n=24):
     """The held-out images the stages evaluate (TINY's --eval-images), rounded to uint8 as they store them."""
     _, heldout = D.heldout_split("shapes", size, n_heldout=n)

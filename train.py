@@ -510,8 +510,10 @@ def generator_stage(args, device, world, autocast, log):
         log.info(f"pre-tokenizing {args.data} with ten-crop into {codes}")
         images, _ = data.heldout_split(args.data, int(tok.config.image_size * data.TEN_CROP_SCALE), seed=args.seed,
                                        n_images=args.n_images, max_bad_fraction=args.max_bad_fraction)
-        data.pretokenize(tok, images, codes, batch_size=64, device=device, progress=not args.no_progress,
-                         num_workers=args.workers)
+        made_from = f"tokenizer {checkpoints.codebook_fingerprint(tok)}, --data {args.data}"
+        with plumbing.StopSignals() as signals:     # a stop keeps the parts done; the same command continues
+            data.pretokenize(tok, images, codes, batch_size=64, device=device, progress=not args.no_progress,
+                             num_workers=args.workers, seed=args.seed, made_from=made_from, signals=signals)
     dataset = data.CodesDataset(codes)
     overrides = {k: getattr(args, k) for k in ("dropout", "token_dropout", "class_dropout")
                  if getattr(args, k) is not None}
@@ -627,7 +629,7 @@ def train_loop(stage, args, start, ckpt, where, log, signals):
     batches = data.StepBatches(len(stage.dataset), args.batch_size, args.seed, start, args.steps, rank, world)
     loader = iter(torch.utils.data.DataLoader(stage.dataset, batch_sampler=batches, num_workers=args.workers,
                                               pin_memory=device.type == "cuda", collate_fn=collate,
-                                              generator=torch.Generator()))  # leaves the global RNG alone
+                                              generator=torch.Generator().manual_seed(args.seed)))
     micro = args.batch_size // world // args.accumulate
     signal_group = dist.new_group(backend="gloo") if world > 1 else None   # agreed on the host, every step
     counts = torch.zeros(stage.codebook_size, device=device)
