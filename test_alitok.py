@@ -1977,6 +1977,53 @@ def test_losses_in_float32_and_frozen_encoder_codes_under_bf16():
     assert parts.keys() == reference.keys() and all(torch.equal(parts[k], reference[k]) for k in parts)
 
 
+@pytest.fixture
+def tf32_on():
+    """TF32 switched on as train.py does on CUDA (the flags exist on a CPU build too), restored after."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    yield lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_frozen_networks_run_in_full_float32_where_training_runs_tf32(tf32_on, tmp_path):
+    """With TF32 on (train.py turns it on for CUDA), the frozen stage-2 encoder, the ConvNeXt of the perceptual loss
+    and pre-tokenization run with it off (plumbing.exact_float32), the trained decoder with it on."""
+    tf32, seen = tf32_on, {}
+    record = lambda name: lambda module, inputs: seen.setdefault(name, tf32()) and None
+    tok = train.freeze_for_stage2(Tokenizer(tokenizer_config("tiny", 2))).train()
+    tok.encoder.register_forward_pre_hook(record("encoder"))
+    tok.decoder.register_forward_pre_hook(record("decoder"))
+    convnext = StandIn()
+    convnext.register_forward_pre_hook(record("convnext"))
+    stage = train.TokenizerStage(tok, tok.decoder, (convnext, None), train.parse_args(["--stage", "2"]),
+                                 frozen_encoder=True)
+    stage.step([fixed_batch(2)], 0)
+    patches = PatchColourTokenizer(16, 8)
+    patches.encode = lambda x, encode=patches.encode: (seen.setdefault("pretokenize", tf32()), encode(x))[1]
+    D.pretokenize(patches, D.build_dataset("shapes", 17, n_images=2), str(tmp_path / "c.npz"), progress=False)
+    assert seen == {"encoder": (False, False), "decoder": (True, True), "convnext": (False, False),
+                    "pretokenize": (False, False)}
+    assert tf32() == (True, True)                                 # restored after each
+
+
+def test_training_pictures_are_bounded_and_sampled_from_a_bfloat16_copy():
+    """The generator's pictures: two samples of each of the first eight classes (32 sequences with guidance);
+    sampling_copy holds the weights in bfloat16 (its KV cache too), draws nothing from the global RNG and leaves
+    the trained model as it was."""
+    stage, _ = memory_plan.build_stage("ar", "tiny")
+    stage.tokenizer = Tokenizer(tokenizer_config("tiny", 2)).eval()
+    images, per_row = stage.pictures()
+    assert images.shape == (16, 3, 32, 32) and per_row == 8
+    before, rng = copy.deepcopy(stage.model.state_dict()), torch.get_rng_state()
+    sampler = train.sampling_copy(stage.model, torch.bfloat16)
+    assert torch.equal(rng, torch.get_rng_state())
+    assert all(torch.equal(v.to(torch.bfloat16), sampler.state_dict()[k]) for k, v in before.items())
+    codes = sampler.generate(torch.arange(4), seeds=[0, 1, 2, 3])
+    assert codes.shape == (4, 73) and {b.attn.cache.k.dtype for b in sampler.blocks} == {torch.bfloat16}
+    assert all(torch.equal(v, stage.model.state_dict()[k]) for k, v in before.items())
+
+
 def test_discriminator_steps_also_update_the_codebook():
     """Every train-mode forward runs the clustering update, the discriminator steps' too (the original)."""
     tok = tiny_tokenizer(1).train()
@@ -3339,6 +3386,31 @@ def test_memory_plan_saved_bytes_grow_linearly_with_the_micro_batch(stage, flags
     state = stage_obj.optimizers["model"].state.values()
     moments = sum(t.numel() * t.element_size() for s in state for k, t in s.items() if k != "step")
     assert memory_plan.resident_bytes(stage_obj)["adamw"] == moments > 0
+
+
+def test_memory_plan_counts_the_optimizer_temporaries_and_the_pictures():
+    """PeakTemporaries: a foreach AdamW step makes temporaries as large as the parameters, the fused one (as
+    train.py builds it on CUDA, and as the plan counts it) next to none. The generator's pictures: bfloat16
+    weights and a bfloat16 KV cache of 32 sequences (2 x layers x 32 x heads x 74 x head_dim)."""
+    params = [torch.nn.Parameter(torch.randn(256, 256)) for _ in range(4)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    size = 4 * 256 * 256 * 4
+    for fused, low, high in ((False, size, 3 * size), (True, 0, size // 100)):
+        opt = torch.optim.AdamW(params, foreach=None if fused else True, fused=fused or None)
+        opt.step()
+        with memory_plan.PeakTemporaries() as temporaries:
+            opt.step()
+        assert low <= temporaries.peak <= high and temporaries.live == 0, (fused, temporaries.peak)
+    stage, _ = memory_plan.build_stage("ar", "tiny")
+    memory_plan.saved_bytes(stage, 0, [1])                       # a step: gradients for the optimizer step
+    assert 0 <= memory_plan.optimizer_temporaries(stage) <= memory_plan.resident_bytes(stage)["params"] // 100
+    cfg = stage.model.config
+    cache = 2 * cfg.layers * 32 * cfg.heads * (cfg.n_tokens + 1) * cfg.head_dim * 2
+    weights = sum(p.numel() for p in stage.model.parameters()) * 2
+    assert memory_plan.picture_bytes(stage) == cache + weights
+    assert memory_plan.resident_bytes(stage)["tokenizer"] == 4 * sum(
+        p.numel() for p in Tokenizer(tokenizer_config("tiny", 2)).parameters())
 
 
 def test_memory_plan_fit_and_the_node_micro_batch():
