@@ -118,7 +118,8 @@ def code_distances(z, embedding):
 def codebook_stats(z, embedding):
     """Per-code statistics of a batch z [N, D]: counts [K], distance to the nearest batch vector [K], that vector [K, D]."""
     d = code_distances(z, embedding)
-    counts = torch.bincount(d.argmin(1), minlength=embedding.shape[0]).float()
+    # a fixed-size count: bincount reads its largest value back to the host on a GPU
+    counts = d.new_zeros(embedding.shape[0]).index_add_(0, d.argmin(1), d.new_ones(len(d)))
     nearest, idx = d.min(0)
     return counts, nearest, z.float()[idx]
 

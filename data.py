@@ -22,7 +22,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from plumbing import is_distributed, save_npz
+from plumbing import Stopped, barrier, exact_float32, is_distributed, save_npz
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")  # matched case-insensitively
 TEN_CROP_SCALE = 1.1  # ALITOK_SPEC.md 2, "Training recipe": "ADM centre crop to 281 px (int(256 * 1.1))"
@@ -552,72 +552,133 @@ def heldout_images(dataset):
 # Pre-tokenization with ten-crop (training recipe), one process or torchrun
 # ----------------------------------------------------------------------------------------------------
 
-def _encode_ten_crops(tokenizer, data, indices, size, batch_size, device, progress, num_workers):
-    """(codes int16 [n, 10, T], labels int64 [n]) of data[indices], each image's crops in TEN_CROP_ORDER."""
-    codebook_size = tokenizer.config.codebook_size
-    loader = DataLoader(Subset(data, indices), batch_size=batch_size, num_workers=num_workers,
-                        pin_memory=torch.device(device).type == "cuda")
-    all_codes, all_labels = [], []
-    for images, labels in tqdm(loader, desc="pre-tokenizing", disable=not progress):
+PART_BATCHES = 100  # batches per resumable part of pre-tokenization (6,400 images at batch 64)
+
+
+class PartFiles:
+    """The resumable parts of a pre-tokenization into out_path, kept in <out_path>.parts until the whole file is
+    written: rank{r}of{world}_batch{start}.npz holds the codes and labels of batches [start, stop) of rank r's
+    share and the job it belongs to (what the codes are made from, the images, batch size and processes)."""
+
+    def __init__(self, out_path, rank, world, job):
+        self.folder, self.rank, self.world, self.job = f"{out_path}.parts", rank, world, job
+
+    def paths(self, rank=None):
+        """A rank's part files in batch order (default: this rank's); every rank's if rank is "all"."""
+        names = sorted(os.listdir(self.folder)) if os.path.isdir(self.folder) else []
+        prefix = "rank" if rank == "all" else f"rank{self.rank if rank is None else rank}of{self.world}_batch"
+        return [os.path.join(self.folder, n) for n in names if n.startswith(prefix) and n.endswith(".npz")]
+
+    def check(self):
+        """ValueError if the folder holds parts of another job, which this one must not mix in or delete."""
+        for path in self.paths("all"):
+            with np.load(path) as f:
+                theirs = str(f["job"])
+            if theirs != self.job:
+                raise ValueError(f"{path} is a part of another pre-tokenization ({theirs}; this one: {self.job}): "
+                                 f"run that one again to finish it, or delete {self.folder} to start over")
+
+    def read(self, rank=None):
+        """([codes int16 [n, 10, T]], [labels int64 [n]]) of a rank's parts in batch order, contiguous from batch 0,
+        and the number of batches they hold."""
+        codes, labels, done = [], [], 0
+        for path in self.paths(rank):
+            with np.load(path) as f:
+                if int(f["start"]) != done:
+                    break
+                codes.append(f["codes"])
+                labels.append(f["labels"])
+                done = int(f["stop"])
+        return codes, labels, done
+
+    def write(self, start, stop, codes, labels):
+        """Batches [start, stop) of this rank's share as one part file (written atomically)."""
+        save_npz(os.path.join(self.folder, f"rank{self.rank}of{self.world}_batch{start:07d}.npz"),
+                 codes=np.concatenate(codes), labels=np.concatenate(labels), start=np.int64(start),
+                 stop=np.int64(stop), job=np.array(self.job))
+
+
+def _encode_share(tokenizer, share, parts, batch_size, device, progress, num_workers, seed, signals):
+    """Encode the images of `share` with ten-crop, batches after those its parts already hold, into part files
+    (PartFiles.write: every PART_BATCHES batches, at the end, and at a stop signal, which then raises Stopped)."""
+    size, codebook_size = tokenizer.config.image_size, tokenizer.config.codebook_size
+    _, _, done = parts.read()
+    total = -(-len(share) // batch_size)
+    loader = DataLoader(Subset(share, range(done * batch_size, len(share))), batch_size=batch_size,
+                        num_workers=num_workers, pin_memory=torch.device(device).type == "cuda",
+                        generator=torch.Generator().manual_seed(seed))    # leaves the global RNG alone
+    codes, labels, start = [], [], done
+    for images, y in tqdm(loader, desc="pre-tokenizing", initial=done, total=total, disable=not progress):
         crops = ten_crop_tensor(images, size).to(device)  # [B, 10, 3, size, size]
         # One encoder batch per crop position keeps the encoder batch at batch_size.
-        codes = torch.stack([tokenizer.encode(crops[:, k]) for k in range(10)], dim=1).cpu()  # [B, 10, T]
-        assert 0 <= codes.min() and codes.max() < codebook_size, "encode() gave codes outside the codebook"
-        all_codes.append(codes.to(torch.int16).numpy())
-        all_labels.append(labels.numpy().astype(np.int64))
-    if not all_codes:  # a rank with no share (more ranks than images); T is unknown, 0 marks that
-        return np.zeros((0, 10, 0), np.int16), np.zeros(0, np.int64)
-    return np.concatenate(all_codes), np.concatenate(all_labels)
+        batch = torch.stack([tokenizer.encode(crops[:, k]) for k in range(10)], dim=1).cpu()  # [B, 10, T]
+        assert 0 <= batch.min() and batch.max() < codebook_size, "encode() gave codes outside the codebook"
+        codes.append(batch.to(torch.int16).numpy())
+        labels.append(y.numpy().astype(np.int64))
+        done += 1
+        stop = signals is not None and signals.received
+        if done - start == PART_BATCHES or done == total or stop:
+            parts.write(start, done, codes, labels)
+            codes, labels, start = [], [], done
+        if stop:
+            raise Stopped(signals.received, f"received {signals.name} while pre-tokenizing: {done} of {total} "
+                                            f"batches of this process are kept in {parts.folder}; rerun the same "
+                                            f"command to continue")
 
 
-def _merge_rank_parts(parts, n):
-    """(codes [n, 10, T], labels [n]) in index order from per-rank files; rank r held r, r + world, ..."""
-    world = len(parts)
+def _merge_shares(parts, n):
+    """(codes [n, 10, T], labels [n]) in index order from every rank's parts; rank r held r, r + world, ..."""
     codes, labels = None, np.zeros(n, np.int64)
-    for rank, part in enumerate(parts):
-        with np.load(part) as f:
-            share_codes, share_labels = f["codes"], f["labels"]
-        if len(share_codes):  # a rank with no share stored [0, 10, 0]
+    for rank in range(parts.world):
+        share_codes, share_labels, _ = parts.read(rank)
+        if share_codes:  # a rank with no share has no parts
+            share_codes = np.concatenate(share_codes)
             if codes is None:
                 codes = np.zeros((n, 10, share_codes.shape[2]), np.int16)
-            codes[rank::world], labels[rank::world] = share_codes, share_labels
+            codes[rank::parts.world], labels[rank::parts.world] = share_codes, np.concatenate(share_labels)
     return (np.zeros((0, 10, 0), np.int16) if codes is None else codes), labels
 
 
 @torch.no_grad()  # not inference_mode: tensors a module caches here must stay usable for training later
-def pretokenize(tokenizer, source, out_path, batch_size=64, device="cpu", progress=True, num_workers=0):
+def pretokenize(tokenizer, source, out_path, batch_size=64, device="cpu", progress=True, num_workers=0, seed=0,
+                made_from="", signals=None):
     """Encode every train image of `source` with ten-crop; write out_path (npz): codes int16 [N, 10, T] in
     TEN_CROP_ORDER, labels int64 [N], scalars n_tokens, codebook_size, image_size, num_classes and
     class_names. source: as build_dataset, or a Dataset of [3, S, S] images (S >= size). The
-    tokenizer must already be on `device`. Under torch.distributed, rank r encodes indices r::world and rank
-    0 writes the one file in index order (per-rank part files next to out_path, so a filesystem all ranks
-    see). Returns out_path."""
+    tokenizer must already be on `device`; it encodes in full float32. Under torch.distributed, rank r encodes
+    indices r::world and rank 0 writes the one file in index order. Resumable: the work is kept in part files
+    (PartFiles, beside out_path, so on a filesystem all ranks see) for the job of `made_from` (what the codes
+    are made from, in words), these images, batch size and processes; a rerun continues after the last part.
+    With `signals` (plumbing.StopSignals), a stop signal keeps the batches done and raises plumbing.Stopped.
+    seed: the DataLoader's own generator. Returns out_path."""
     size, codebook_size = tokenizer.config.image_size, tokenizer.config.codebook_size
     assert codebook_size <= 32768, f"codebook_size {codebook_size} does not fit int16 codes"
     data = source
     if isinstance(source, (str, os.PathLike)):
         data = build_dataset(source, int(size * TEN_CROP_SCALE))
     rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+    job = "; ".join(filter(None, [made_from, f"{len(data)} images, batch {batch_size}, {world} process(es)"]))
+    parts = PartFiles(out_path, rank, world, job)
+    parts.check()
     was_training = tokenizer.training
     tokenizer.eval()
-    codes, labels = _encode_ten_crops(tokenizer, data, range(rank, len(data), world), size, batch_size,
-                                      device, progress and rank == 0, num_workers)
-    tokenizer.train(was_training)
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    parts = [f"{out_path}.rank{r}of{world}" for r in range(world)]
-    if world > 1:
-        save_npz(parts[rank], codes=codes, labels=labels)
-        dist.barrier()
+    try:
+        with exact_float32():
+            _encode_share(tokenizer, Subset(data, range(rank, len(data), world)), parts, batch_size, device,
+                          progress and rank == 0, num_workers, seed, signals)
+    finally:
+        tokenizer.train(was_training)
+    barrier()
     if rank == 0:
-        if world > 1:
-            codes, labels = _merge_rank_parts(parts, len(data))
+        codes, labels = _merge_shares(parts, len(data))
         save_npz(out_path, codes=codes, labels=labels, n_tokens=np.int64(codes.shape[2]),
-                         codebook_size=np.int64(codebook_size), image_size=np.int64(size),
-                         num_classes=np.int64(data.num_classes), class_names=np.array(data.class_names))
-        for part in parts if world > 1 else []:
-            os.remove(part)
-    if world > 1:
-        dist.barrier()  # every rank returns only once the file exists
+                 codebook_size=np.int64(codebook_size), image_size=np.int64(size),
+                 num_classes=np.int64(data.num_classes), class_names=np.array(data.class_names))
+        if os.path.isdir(parts.folder):     # its parts, and what a kill during a write left of one
+            for name in os.listdir(parts.folder):
+                os.remove(os.path.join(parts.folder, name))
+            os.rmdir(parts.folder)
+    barrier()  # every rank returns only once the file exists
     return out_path
 
 

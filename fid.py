@@ -32,7 +32,6 @@ use and verified by SHA-256; --offline (or ALITOK_OFFLINE=1) forbids the downloa
 network in bfloat16 (faster on CPUs with bf16 units; published numbers use float32).
 """
 import argparse
-import contextlib
 import os
 import sys
 import warnings
@@ -54,17 +53,6 @@ PR_REFERENCE_SIZE = 10_000  # ADM's reference batches hold 10k images for Precis
 FLAG_RULES = {"--batch-size": "count"}  # the range of each numeric flag (plumbing.check_flags)
 
 # === Feature extraction: one forward pass gives every metric's features ===============================
-
-
-@contextlib.contextmanager
-def _exact_fp32():
-    # TF32 rounds matmul / conv inputs to 10-bit mantissas on Ampere+; that moves FID at the 1e-2 level.
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 def check_images(shape, dtype, where):
@@ -92,7 +80,7 @@ def extract(model, images, mode="adm", batch_size=50, device=None, progress=True
     device = weight.device if device is None else torch.device(device)
     model = model.to(device).eval()
     out = {"pool3": [], "spatial": [], "logits": []}
-    with _exact_fp32(), tqdm(total=len(images), disable=not progress, desc="inception", unit="img") as bar:
+    with plumbing.exact_float32(), tqdm(total=len(images), disable=not progress, desc="inception", unit="img") as bar:
         for start in range(0, len(images), batch_size):
             batch = np.asarray(images[start:start + batch_size])
             bar.update(min(batch_size, len(images) - start))
@@ -207,7 +195,7 @@ def precision_recall(ref_pool3, sample_pool3, k=3, block=10000, device=None):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ref = torch.as_tensor(np.asarray(ref_pool3), dtype=torch.float32, device=device)
     smp = torch.as_tensor(np.asarray(sample_pool3), dtype=torch.float32, device=device)
-    with _exact_fp32():
+    with plumbing.exact_float32():
         ref_radii, smp_radii = _knn_radii(ref, k, block), _knn_radii(smp, k, block)
         precision = _within(smp, ref, ref_radii, block).double().mean().item()
         recall = _within(ref, smp, smp_radii, block).double().mean().item()

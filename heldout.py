@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import data
 import fid
 import inception
+import plumbing
 
 
 def codebook_metrics(counts):
@@ -54,7 +55,8 @@ def heldout_codes(tok, args, device, batch_size=64):
     _, heldout = data.heldout_split(args.data, tok.config.image_size, seed=args.seed, n_heldout=args.eval_images,
                                     max_bad_fraction=args.max_bad_fraction)
     images, labels = data.heldout_images(heldout)
-    codes = torch.cat([tok.encode(x.to(device).float() / 255).cpu() for x in images.split(batch_size)])
+    with plumbing.exact_float32():                          # the codes pre-tokenization makes
+        codes = torch.cat([tok.encode(x.to(device).float() / 255).cpu() for x in images.split(batch_size)])
     return codes, labels
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import alitok
 import checkpoints
+import plumbing
 import weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -98,8 +99,10 @@ def convnext_input(x, size=224):
 
 
 def perceptual_loss(net, x, y):
-    """MSE between ConvNeXt logits of x and y (images in [0, 1]); mean over batch and the 1000 logits."""
-    logits = net(convnext_input(torch.cat([x, y])))  # one pass for both: 2B, 1000
+    """MSE between ConvNeXt logits of x and y (images in [0, 1]); mean over batch and the 1000 logits. The
+    forward in full float32 (no TF32)."""
+    with plumbing.exact_float32():
+        logits = net(convnext_input(torch.cat([x, y])))  # one pass for both: 2B, 1000
     return F.mse_loss(*logits.chunk(2))
 
 

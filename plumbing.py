@@ -3,6 +3,7 @@ processes, the run-folder lock, stop signals, one-line errors, and pictures (ima
 
 Nothing here is the paper's method; it is what keeps a long run from losing work or failing silently.
 """
+import contextlib
 import datetime
 import errno
 import fcntl
@@ -135,6 +136,19 @@ def setup_distributed(device=None):
     return Process(rank=dist.get_rank() if world > 1 else 0, world=world, device=device)
 
 
+@contextlib.contextmanager
+def exact_float32():
+    """float32 matmuls and convolutions in full float32 inside (no TF32, which training turns on for CUDA), the
+    settings restored after: for frozen networks whose outputs are codes, loss targets or FID features (TF32 rounds
+    products' inputs to 10-bit mantissas on Ampere and later; that moves FID at the 1e-2 level)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def autocast(device, precision):
     """Autocast to bfloat16 on `device` (cpu or cuda) for precision "bf16", a no-op for "fp32"."""
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -205,11 +219,24 @@ class StopSignals:
         return None if self.received is None else signal.Signals(self.received).name
 
 
+class Stopped(Exception):
+    """Long work outside the training loop (pre-tokenization) stopped by a signal after keeping what it did: the
+    signal's number and one line saying how to continue. cli() prints the line and exits 128 + the number."""
+
+    def __init__(self, signum, message):
+        super().__init__(message)
+        self.signum = signum
+
+
 def cli(main, *args):
     """Run an entry point's main(*args): errors of bad input (missing or unreadable files, wrong layouts,
-    out-of-range values) end as one "error: ..." line and exit status 2, not a traceback."""
+    out-of-range values) end as one "error: ..." line and exit status 2, not a traceback; a Stopped as its line
+    and 128 + the signal number."""
     try:
         return main(*args)
+    except Stopped as stop:
+        print(stop, file=sys.stderr)
+        return 128 + stop.signum
     except (OSError, ValueError, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -1546,6 +1546,83 @@ def test_generator_stage_lowers_loss_and_writes_checkpoint(stages):
     assert (root / "ar" / "latest.png").exists()
 
 
+def random_tokenizer_file(path):
+    """A tiny tokenizer with random weights saved as a released-layout checkpoint (for --tokenizer); its path."""
+    torch.manual_seed(0)
+    torch.save(checkpoint(Tokenizer(tokenizer_config("tiny", "inference"))), path)
+    return str(path)
+
+
+def test_one_generator_step_is_the_same_with_the_codes_made_in_the_run_or_passed_in(tmp_path):
+    """Pre-tokenization leaves the global RNG alone (its DataLoader has its own generator): a run that makes
+    codes.npz and a run given it with --codes start from the same weights and take the same first step."""
+    common = ["--stage", "ar", "--tokenizer", random_tokenizer_file(tmp_path / "tok.pt"), "--steps", "1", *TINY]
+    run_main([*common, "--out", str(tmp_path / "made")])
+    run_main([*common, "--out", str(tmp_path / "given"), "--codes", str(tmp_path / "made" / "codes.npz")])
+    made, given = (torch.load(tmp_path / run / "generator.pt", weights_only=True)["model"] for run in ("made", "given"))
+    differ = {k: float((made[k].float() - given[k].float()).abs().max()) for k in made
+              if not torch.equal(made[k], given[k])}
+    assert not differ, f"{len(differ)} of {len(made)} tensors differ, by up to {max(differ.values()):.3g}"
+
+
+STOPPED_AT_ITEM = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import data, plumbing, train
+data.PART_BATCHES = 1                                   # a part file after every batch
+signum, item = (int(x) for x in os.environ["STOP_AT"].split(":")) if "STOP_AT" in os.environ else (0, -1)
+read = data.ShapesDataset.__getitem__
+def signalled(self, i):                                 # the signal arrives while image `item` is read
+    if i == item:
+        os.kill(os.getpid(), signum)
+    return read(self, i)
+data.ShapesDataset.__getitem__ = signalled
+sys.exit(plumbing.cli(train.main, sys.argv[2:]))
+"""
+
+
+def test_pretokenization_stops_on_a_signal_and_the_same_command_continues(tmp_path):
+    """train.py --stage ar making its codes (200 images, 4 batches of 64): SIGTERM in batch 1 keeps batches 0 and
+    1 and exits 143, Ctrl-C (SIGINT) in batch 2 of the rerun keeps batch 2 and exits 130, each with one line and
+    no traceback; the third run finishes, and its codes equal an uninterrupted run's, bit for bit."""
+    args = ["--stage", "ar", "--tokenizer", random_tokenizer_file(tmp_path / "tok.pt"), "--steps", "1", *TINY,
+            "--n-images", "200"]
+    env = {**env1(), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+
+    def run(out, stop=None):
+        return subprocess.run([sys.executable, "-c", STOPPED_AT_ITEM, str(HERE), *args, "--out", str(out)],
+                              env={**env, **({"STOP_AT": stop} if stop else {})}, capture_output=True, text=True,
+                              timeout=300)
+    out, parts = tmp_path / "stopped", tmp_path / "stopped" / "codes.npz.parts"
+    for signum, item, kept in ((signal.SIGTERM, 100, 2), (signal.SIGINT, 140, 3)):
+        done = run(out, f"{int(signum)}:{item}")
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 128 + signum and len(lines) == 1, done.stderr[-3000:]
+        assert f"received {signum.name} while pre-tokenizing: {kept} of 4 batches" in lines[0], lines
+        assert lines[0].endswith("rerun the same command to continue")
+        assert sorted(os.listdir(parts)) == [f"rank0of1_batch{b:07d}.npz" for b in range(kept)]
+        assert not (out / "codes.npz").exists()
+    for folder in (out, tmp_path / "whole"):
+        done = run(folder)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert not parts.exists()
+    with np.load(out / "codes.npz") as resumed, np.load(tmp_path / "whole" / "codes.npz") as whole:
+        assert resumed["codes"].shape == (200, 10, 73)
+        assert all(np.array_equal(resumed[k], whole[k]) for k in whole.files)
+
+
+def test_pretokenization_parts_of_another_job_are_refused(tmp_path):
+    """Parts left by another pre-tokenization into the same file (another tokenizer, other images) are neither
+    mixed in nor deleted: ValueError naming the part and the way out."""
+    tok, source = PatchColourTokenizer(16, 8), D.build_dataset("shapes", 17, n_images=6)
+    D.PartFiles(str(tmp_path / "c.npz"), 0, 1, "tokenizer a; 6 images, batch 2, 1 process(es)").write(
+        0, 1, [np.zeros((2, 10, 4), np.int16)], [np.zeros(2, np.int64)])
+    with pytest.raises(ValueError, match=r"rank0of1_batch0000000.npz is a part of another pre-tokenization "
+                                         r"\(tokenizer a; .*delete .*c.npz.parts to start over"):
+        D.pretokenize(tok, source, str(tmp_path / "c.npz"), batch_size=2, progress=False, made_from="tokenizer b")
+    assert os.listdir(tmp_path / "c.npz.parts") == ["rank0of1_batch0000000.npz"]
+
+
 def heldout_shapes(size, n=24):
     """The held-out images the stages evaluate (TINY's --eval-images), rounded to uint8 as they store them."""
     _, heldout = D.heldout_split("shapes", size, n_heldout=n)
@@ -2069,6 +2146,53 @@ def test_losses_in_float32_and_frozen_encoder_codes_under_bf16():
     assert parts.keys() == reference.keys() and all(torch.equal(parts[k], reference[k]) for k in parts)
 
 
+@pytest.fixture
+def tf32_on():
+    """TF32 switched on as train.py does on CUDA (the flags exist on a CPU build too), restored after."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    yield lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_frozen_networks_run_in_full_float32_where_training_runs_tf32(tf32_on, tmp_path):
+    """With TF32 on (train.py turns it on for CUDA), the frozen stage-2 encoder, the ConvNeXt of the perceptual loss
+    and pre-tokenization run with it off (plumbing.exact_float32), the trained decoder with it on."""
+    tf32, seen = tf32_on, {}
+    record = lambda name: lambda module, inputs: seen.setdefault(name, tf32()) and None
+    tok = train.freeze_for_stage2(Tokenizer(tokenizer_config("tiny", 2))).train()
+    tok.encoder.register_forward_pre_hook(record("encoder"))
+    tok.decoder.register_forward_pre_hook(record("decoder"))
+    convnext = StandIn()
+    convnext.register_forward_pre_hook(record("convnext"))
+    stage = train.TokenizerStage(tok, tok.decoder, (convnext, None), train.parse_args(["--stage", "2"]),
+                                 frozen_encoder=True)
+    stage.step([fixed_batch(2)], 0)
+    patches = PatchColourTokenizer(16, 8)
+    patches.encode = lambda x, encode=patches.encode: (seen.setdefault("pretokenize", tf32()), encode(x))[1]
+    D.pretokenize(patches, D.build_dataset("shapes", 17, n_images=2), str(tmp_path / "c.npz"), progress=False)
+    assert seen == {"encoder": (False, False), "decoder": (True, True), "convnext": (False, False),
+                    "pretokenize": (False, False)}
+    assert tf32() == (True, True)                                 # restored after each
+
+
+def test_training_pictures_are_bounded_and_sampled_from_a_bfloat16_copy():
+    """The generator's pictures: two samples of each of the first eight classes (32 sequences with guidance);
+    sampling_copy holds the weights in bfloat16 (its KV cache too), draws nothing from the global RNG and leaves
+    the trained model as it was."""
+    stage, _ = memory_plan.build_stage("ar", "tiny")
+    stage.tokenizer = Tokenizer(tokenizer_config("tiny", 2)).eval()
+    images, per_row = stage.pictures()
+    assert images.shape == (16, 3, 32, 32) and per_row == 8
+    before, rng = copy.deepcopy(stage.model.state_dict()), torch.get_rng_state()
+    sampler = train.sampling_copy(stage.model, torch.bfloat16)
+    assert torch.equal(rng, torch.get_rng_state())
+    assert all(torch.equal(v.to(torch.bfloat16), sampler.state_dict()[k]) for k, v in before.items())
+    codes = sampler.generate(torch.arange(4), seeds=[0, 1, 2, 3])
+    assert codes.shape == (4, 73) and {b.attn.cache.k.dtype for b in sampler.blocks} == {torch.bfloat16}
+    assert all(torch.equal(v, stage.model.state_dict()[k]) for k, v in before.items())
+
+
 def test_discriminator_steps_also_update_the_codebook():
     """Every train-mode forward runs the clustering update, the discriminator steps' too (the original)."""
     tok = tiny_tokenizer(1).train()
@@ -2463,6 +2587,47 @@ def test_no_host_sync_in_a_training_step(tmp_path, monkeypatch, stages, stage):
         str(stages[0] / "ar" / "codes.npz")]
     short, long = (host_reads_of_a_run(tmp_path, monkeypatch, flags, n) for n in (3, 8))
     assert len(short) == len(long), sorted(set(long))
+
+
+# Calls that read a device tensor back to the host (a CUDA sync), by name; a boolean mask index is a nonzero.
+SYNCING_CALLS = ("bincount", "nonzero", "item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")
+
+
+class SyncingCalls(torch.overrides.TorchFunctionMode):
+    """The SYNCING_CALLS (and boolean-mask indexing) that the project's own files make inside the context, as
+    "file:function:call"; calls made inside torch (the CPU AdamW's step counter) are torch's, not ours."""
+
+    def __init__(self):
+        super().__init__()
+        self.ours, self.seen = {str(p) for p in HERE.glob("*.py")} - {__file__}, []
+        self.plumbing = {torch.overrides.__file__, torch._tensor.__file__}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        masked = name == "__getitem__" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                               for i in (args[1] if isinstance(args[1], tuple) else (args[1],)))
+        if name in SYNCING_CALLS or masked:
+            frame = sys._getframe(1)        # the caller, past torch's torch-function plumbing
+            while frame and frame.f_code.co_filename in self.plumbing:
+                frame = frame.f_back
+            if frame and frame.f_code.co_filename in self.ours:
+                self.seen.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}:{name}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("stage,flags,steps", [("1", ["--lpips-until", "1", "--gan-start", "1"], (0, 1, 2)),
+                                               ("2", [], (0,)), ("ar", [], (0,))])
+def test_a_training_step_calls_nothing_that_syncs(monkeypatch, stage, flags, steps):
+    """A training step of every stage (stage 1 in its LPIPS phase, its GAN phase and a discriminator step, with
+    the clustering update; stage 2; the generator; stand-in loss networks) on two micro-batches calls none of
+    SYNCING_CALLS (the products as zeros: memory_plan.ZeroKernels)."""
+    monkeypatch.setattr(P, "loss_networks", lambda args, device, log: (StandIn(), StandIn()))
+    torch.manual_seed(0)
+    stage_obj, _ = memory_plan.build_stage(stage, "tiny", flags)
+    for step in steps:
+        with SyncingCalls() as calls, memory_plan.ZeroKernels():
+            stage_obj.step([memory_plan.micro_batch(stage_obj, 2) for _ in range(2)], step)
+        assert calls.seen == [], (step, calls.seen)
 
 
 def test_nan_check_runs_at_log_and_checkpoint_steps_only(tmp_path, monkeypatch):
@@ -3411,6 +3576,31 @@ def test_memory_plan_saved_bytes_grow_linearly_with_the_micro_batch(stage, flags
     state = stage_obj.optimizers["model"].state.values()
     moments = sum(t.numel() * t.element_size() for s in state for k, t in s.items() if k != "step")
     assert memory_plan.resident_bytes(stage_obj)["adamw"] == moments > 0
+
+
+def test_memory_plan_counts_the_optimizer_temporaries_and_the_pictures():
+    """PeakTemporaries: a foreach AdamW step makes temporaries as large as the parameters, the fused one (as
+    train.py builds it on CUDA, and as the plan counts it) next to none. The generator's pictures: bfloat16
+    weights and a bfloat16 KV cache of 32 sequences (2 x layers x 32 x heads x 74 x head_dim)."""
+    params = [torch.nn.Parameter(torch.randn(256, 256)) for _ in range(4)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    size = 4 * 256 * 256 * 4
+    for fused, low, high in ((False, size, 3 * size), (True, 0, size // 100)):
+        opt = torch.optim.AdamW(params, foreach=None if fused else True, fused=fused or None)
+        opt.step()
+        with memory_plan.PeakTemporaries() as temporaries:
+            opt.step()
+        assert low <= temporaries.peak <= high and temporaries.live == 0, (fused, temporaries.peak)
+    stage, _ = memory_plan.build_stage("ar", "tiny")
+    memory_plan.saved_bytes(stage, 0, [1])                       # a step: gradients for the optimizer step
+    assert 0 <= memory_plan.optimizer_temporaries(stage) <= memory_plan.resident_bytes(stage)["params"] // 100
+    cfg = stage.model.config
+    cache = 2 * cfg.layers * 32 * cfg.heads * (cfg.n_tokens + 1) * cfg.head_dim * 2
+    weights = sum(p.numel() for p in stage.model.parameters()) * 2
+    assert memory_plan.picture_bytes(stage) == cache + weights
+    assert memory_plan.resident_bytes(stage)["tokenizer"] == 4 * sum(
+        p.numel() for p in Tokenizer(tokenizer_config("tiny", 2)).parameters())
 
 
 def test_memory_plan_fit_and_the_node_micro_batch():

@@ -276,10 +276,17 @@ def trainable(model):
     return [param for param in model.parameters() if param.requires_grad]
 
 
+def adamw(groups, **settings):
+    """AdamW over parameter groups, fused on CUDA (one kernel for all tensors, no host sync)."""
+    groups = list(groups)
+    first = groups[0]["params"][0] if isinstance(groups[0], dict) else groups[0]
+    return torch.optim.AdamW(groups, **settings, fused=first.is_cuda or None)
+
+
 def tokenizer_optimizer(params, args):
     """The original's tokenizer and discriminator optimizer: AdamW with torch's defaults besides the rate
     (betas 0.9/0.999, eps 1e-8, --weight-decay 0.01 on every tensor)."""
-    return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    return adamw(params, lr=args.lr, weight_decay=args.weight_decay)
 
 
 def generator_param_groups(model, weight_decay):
@@ -295,7 +302,7 @@ def generator_param_groups(model, weight_decay):
 
 def generator_optimizer(model, args):
     """AdamW with betas (0.9, 0.96) over generator_param_groups."""
-    return torch.optim.AdamW(generator_param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.96))
+    return adamw(generator_param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.96))
 
 
 def accumulate(micro_batches, loss_of, wrapped):
@@ -475,7 +482,7 @@ class TokenizerStage:
         if not self.frozen_encoder:
             with self.autocast:
                 return self.trained(images)
-        with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
+        with torch.no_grad(), torch.autocast(images.device.type, enabled=False), plumbing.exact_float32():
             zq, codes, _ = self.model.quantize(self.model.encoder(images, self.model.latent_tokens))
         with self.autocast:
             recon, aux = self.trained(zq)
@@ -521,6 +528,7 @@ class TokenizerStage:
         """Held-out PSNR, code usage and perplexity (and rFID with the Inception file), eval mode."""
         return heldout.tokenizer_heldout(self.model, self.heldout_images, self.autocast, self.inception)
 
+    @torch.no_grad()
     def pictures(self):
         """Originals above their reconstructions (eval mode: no codebook update); (images, images per row)."""
         recon = self.model(self.fixed.to(self.model.latent_tokens.device))["recon"].float().cpu()
@@ -546,8 +554,10 @@ def generator_stage(args, device, world, autocast, log):
         log.info(f"pre-tokenizing {args.data} with ten-crop into {codes}")
         images, _ = data.heldout_split(args.data, int(tok.config.image_size * data.TEN_CROP_SCALE), seed=args.seed,
                                        n_images=args.n_images, max_bad_fraction=args.max_bad_fraction)
-        data.pretokenize(tok, images, codes, batch_size=64, device=device, progress=not args.no_progress,
-                         num_workers=args.workers)
+        made_from = f"tokenizer {checkpoints.codebook_fingerprint(tok)}, --data {args.data}"
+        with plumbing.StopSignals() as signals:     # a stop keeps the parts done; the same command continues
+            data.pretokenize(tok, images, codes, batch_size=64, device=device, progress=not args.no_progress,
+                             num_workers=args.workers, seed=args.seed, made_from=made_from, signals=signals)
     dataset = data.CodesDataset(codes)
     overrides = {name: getattr(args, name) for name in ("dropout", "token_dropout", "class_dropout")
                  if getattr(args, name) is not None}
@@ -561,6 +571,19 @@ def generator_stage(args, device, world, autocast, log):
                    "tokenizer_fingerprint": checkpoints.codebook_fingerprint(tok)}
     stage.final = os.path.join(args.out, "generator.pt")
     return stage
+
+
+PICTURE_CLASSES, PICTURES_PER_CLASS = 8, 2     # a bounded picture count: the sampling's KV cache fits the plan
+
+
+def sampling_copy(model, dtype):
+    """A copy of a generator with its weights in `dtype` (built on the meta device: no init, no RNG drawn), for
+    sampling beside training: its KV cache takes the weights' dtype."""
+    with torch.device("meta"):
+        copy = alitok.Generator(model.config)
+    copy.load_state_dict({k: v.to(dtype) for k, v in model.state_dict().items()}, assign=True)
+    copy.rope = model.rope                       # the float32 rotary table, not in the state dict
+    return copy.eval()
 
 
 class GeneratorStage:
@@ -595,12 +618,15 @@ class GeneratorStage:
         return heldout.generator_heldout(self.model, self.heldout_codes, self.heldout_labels, self.autocast)
 
     def pictures(self):
-        """Eight samples per class (the first 16 classes), decoded; (images, images per row). The KV caches are
-        freed after: training does not use them."""
-        classes = torch.arange(self.model.config.num_classes).repeat_interleave(8)[:8 * 16]
-        codes = self.model.generate(classes, seeds=list(range(len(classes))))
-        self.model.free_cache()
-        return self.tokenizer.decode(codes).float().cpu(), 8
+        """PICTURES_PER_CLASS samples of each of the first PICTURE_CLASSES classes (32 sequences with guidance),
+        decoded; (images, images per row). On CUDA from a bfloat16 copy of the generator (sampling_copy), so that
+        its KV cache is bfloat16 too; the KV caches are freed after: training does not use them."""
+        classes = torch.arange(min(PICTURE_CLASSES, self.model.config.num_classes)).repeat(PICTURES_PER_CLASS)
+        cuda = self.model.output.weight.is_cuda
+        sampler = sampling_copy(self.model, torch.bfloat16) if cuda else self.model
+        codes = sampler.generate(classes, seeds=list(range(len(classes))))
+        sampler.free_cache()
+        return self.tokenizer.decode(codes).float().cpu(), len(classes) // PICTURES_PER_CLASS
 
     def finish(self):
         """The generator checkpoint, with its tokenizer's path."""
@@ -635,6 +661,9 @@ def main(argv=None):
         # reduced precision for the trained model, "the whole loss module ... in float32 with autocast off" (spec 1,
         # "Training, as the original code does it"); the generator: "bf16 autocast" (spec 2, "Training recipe")
         precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+        if device.type == "cuda":   # as DiT and LlamaGen train; the frozen networks opt out (plumbing.exact_float32)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
         torch.manual_seed(args.seed + rank)
         stage = STAGE_BUILDERS[args.stage](args, device, world, plumbing.autocast(device, precision), log)
         n_params = sum(param.numel() for param in trainable(stage.model))
@@ -666,7 +695,7 @@ def train_loop(stage, args, start, ckpt, process, log, signals):
     batches = data.StepBatches(len(stage.dataset), args.batch_size, args.seed, start, args.steps, rank, world)
     loader = iter(torch.utils.data.DataLoader(stage.dataset, batch_sampler=batches, num_workers=args.workers,
                                               pin_memory=device.type == "cuda", collate_fn=collate,
-                                              generator=torch.Generator()))  # leaves the global RNG alone
+                                              generator=torch.Generator().manual_seed(args.seed)))
     micro = args.batch_size // world // args.accumulate
     signal_group = dist.new_group(backend="gloo") if world > 1 else None   # agreed on the host, every step
     counts = torch.zeros(stage.codebook_size, device=device)

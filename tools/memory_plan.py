@@ -18,8 +18,13 @@ kernel's dtype and shape without the arithmetic (ZeroKernels: a CPU without bf16
 off (with dropout a CPU falls back to the math kernel, which keeps three T x T matrices per layer that CUDA's
 flash kernel does not; its other dropouts run).
 
+- at other moments than the activations, beside the resident state: the optimizer step's temporaries (the peak of
+  storages alive at once inside clip and AdamW's step, fused as train.py builds it on CUDA) and, for the
+  generator, its picture sampling (train.sampling_copy's bfloat16 weights and bfloat16 KV cache for
+  train.PICTURE_CLASSES x PICTURES_PER_CLASS images with guidance, counted on the meta device); a micro-batch
+  fits only if these do too. The generator stage's frozen tokenizer (preset alitok) is resident.
 Not measured, so it is an estimate: the transient peak inside backward (a layer's gradients beside
-activations not yet freed) and inside AdamW's step, the CUDA context, allocator fragmentation, cuDNN and
+activations not yet freed), the CUDA context, allocator fragmentation, cuDNN and
 cuBLAS workspaces, NCCL buffers and DDP's gradient buckets (about one more copy of the gradients). --margin of
 each GPU is left for them.
 
@@ -32,6 +37,7 @@ import contextlib
 import os
 import sys
 import time
+import weakref
 from types import SimpleNamespace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository: the pipeline's modules
@@ -39,7 +45,7 @@ sys.path.insert(0, ROOT)
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 import alitok
 import losses
@@ -108,6 +114,30 @@ class ZeroKernels(TorchDispatchMode):
                         if isinstance(t, torch.Tensor) else t, func(*meta[0], **meta[1]))
 
 
+class PeakTemporaries(TorchDispatchMode):
+    """The peak bytes of storages that ops inside the context make and that are alive at once (each counted
+    until its last tensor goes); an op's outputs that are its inputs or views of them count nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+
+    def _free(self, nbytes):
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        given = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        made = {t.untyped_storage().data_ptr(): t.untyped_storage() for t in tree_flatten(out)[0]
+                if isinstance(t, torch.Tensor)}
+        for ptr, storage in made.items():
+            if ptr not in given and storage.nbytes() > 0:
+                self.live += storage.nbytes()
+                weakref.finalize(storage, self._free, storage.nbytes())
+        self.peak = max(self.peak, self.live)
+        return out
+
+
 def build_stage(stage, preset, flags=()):
     """train.py's stage object for `stage` ("1", "2", "ar") and `preset` on the CPU under bf16 autocast, as
     train.py's builders make it but with random weights and no data or checkpoint files; (stage object,
@@ -120,7 +150,10 @@ def build_stage(stage, preset, flags=()):
         model = alitok.Generator(cfg)
         for block in model.blocks:       # CUDA's flash kernel keeps no T x T matrix; a CPU's with dropout does
             block.attn.dropout = 0.0
-        return train.GeneratorStage(model, model, args, autocast), "none (the generator has none)"
+        stage_obj = train.GeneratorStage(model, model, args, autocast)
+        with torch.device("meta"):       # the frozen tokenizer, counted, never run
+            stage_obj.tokenizer = alitok.Tokenizer(alitok.tokenizer_config("tiny" if preset == "tiny" else "alitok", 2))
+        return stage_obj, "none (the generator has none)"
     try:
         nets, source = losses.loss_networks(args, "cpu", QUIET), "the cached weight files"
     except (OSError, ValueError):        # not cached, and no download: the same networks, random weights
@@ -173,14 +206,49 @@ def saved_bytes(stage_obj, step, sizes, zero_kernels=True):
 
 
 def resident_bytes(stage_obj):
-    """{params, grads, adamw, discriminator, loss_nets: bytes}: a gradient and two AdamW moments as large as each
-    trained (float32) tensor; the discriminator's weights, gradients and moments summed into one entry."""
+    """{params, grads, adamw, discriminator, loss_nets, tokenizer: bytes}: a gradient and two AdamW moments as large
+    as each trained (float32) tensor; the discriminator's weights, gradients and moments summed into one entry;
+    the frozen networks: the loss networks, the generator stage's tokenizer."""
     trained, disc = train.trainable(stage_obj.model), getattr(stage_obj, "disc", None)
     d = [] if disc is None else list(disc.parameters())
     nets = [p for net in getattr(stage_obj, "nets", ()) if net is not None for p in net.parameters()]
+    tokenizer = getattr(stage_obj, "tokenizer", None)
     size = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)
     return dict(params=size(stage_obj.model.parameters()), grads=size(trained), adamw=2 * size(trained),
-                discriminator=4 * size(d), loss_nets=size(nets))
+                discriminator=4 * size(d), loss_nets=size(nets),
+                tokenizer=0 if tokenizer is None else size(tokenizer.parameters()))
+
+
+def optimizer_temporaries(stage_obj):
+    """The peak bytes of temporaries of the optimizer steps (train.optimizer_step: clip, then AdamW fused as on
+    CUDA) on the gradients of the last training step, the largest over the stage's optimizers."""
+    peak = 0
+    for name, opt in stage_obj.optimizers.items():
+        params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        if not params:
+            continue
+        groups = [{k: v for k, v in group.items() if k not in ("fused", "foreach")} for group in opt.param_groups]
+        fused = torch.optim.AdamW(groups, fused=True)
+        fused.step()                                 # its state made outside the count: it is the resident AdamW
+        with PeakTemporaries() as temporaries:
+            train.optimizer_step(fused, params, stage_obj.args.grad_clip)
+        peak = max(peak, temporaries.peak)
+    return peak
+
+
+def picture_bytes(stage_obj):
+    """Bytes that sampling the generator's pictures holds beside the training state: train.sampling_copy's
+    bfloat16 weights and KV cache for the pictures' sequences (guidance doubles them), counted on the meta
+    device. A tokenizer's pictures (8 images, no gradients) stay under one micro-batch's activations: 0."""
+    if not isinstance(stage_obj, train.GeneratorStage):
+        return 0
+    cfg = stage_obj.model.config
+    with torch.device("meta"):
+        sampler = train.sampling_copy(alitok.Generator(cfg), torch.bfloat16)
+    sequences = min(train.PICTURE_CLASSES, cfg.num_classes) * train.PICTURES_PER_CLASS * (1 + (cfg.cfg_scale != 1))
+    sampler.setup_cache(sequences, torch.bfloat16)
+    caches = [t for block in sampler.blocks for t in (block.attn.cache.k, block.attn.cache.v)]
+    return sum(t.numel() * t.element_size() for t in [*sampler.parameters(), *caches])   # the rotary table is shared
 
 
 def largest_micro_batch(per_sample, fixed, memory, margin):
@@ -215,10 +283,12 @@ def measure(stage, preset, margin=0.1, batches=BATCHES):
         per_sample = (large - small) / (batches[1] - batches[0])
         row = dict(stage=stage, preset=preset, phase=phase, step=step, activations_per_sample=per_sample,
                    activations_fixed=small - per_sample * batches[0], **resident, loss_net_weights=source)
-        row["fixed"] = sum(row[k] for k in ("params", "grads", "adamw", "discriminator", "loss_nets",
-                                            "activations_fixed"))
+        row["optimizer_temporaries"], row["pictures"] = optimizer_temporaries(stage_obj), picture_bytes(stage_obj)
+        held = sum(resident.values())
+        row["fixed"] = held + row["activations_fixed"]
+        apart = held + max(row["optimizer_temporaries"], row["pictures"])     # when no activations are held
         row["fits"] = {gpu: largest_micro_batch(per_sample, row["fixed"], memory, margin)
-                       for gpu, memory in GPUS.items()}
+                       if apart <= memory * (1 - margin) else 0 for gpu, memory in GPUS.items()}
         row["node_80GB"] = node_advice(row["fits"]["80 GB"], global_batch)
         rows.append(row)
     return rows
@@ -228,13 +298,15 @@ def table(rows):
     """The plan as a markdown table: bytes in GB (10^9), activations in MB (10^6)."""
     gb, mb = (lambda x: f"{x / 1e9:.2f}"), (lambda x: f"{x / 1e6:.1f}")
     head = ["stage", "preset", "phase (step)", "activations MB / sample", "activations MB fixed", "params GB",
-            "grads GB", "AdamW GB", "discriminator GB", "loss nets GB", "fixed GB", "max micro-batch 80 GB",
-            "141 GB", f"{NODE} x 80 GB node"]
+            "grads GB", "AdamW GB", "discriminator GB", "loss nets GB", "tokenizer GB", "fixed GB",
+            "optimizer step temporaries GB", "pictures GB", "max micro-batch 80 GB", "141 GB",
+            f"{NODE} x 80 GB node"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [STAGE_NAMES[r["stage"]], r["preset"], f"{r['phase']} ({r['step']})", mb(r["activations_per_sample"]),
                  mb(r["activations_fixed"]), *(gb(r[k]) for k in ("params", "grads", "adamw", "discriminator",
-                                                                  "loss_nets", "fixed")),
+                                                                  "loss_nets", "tokenizer", "fixed",
+                                                                  "optimizer_temporaries", "pictures")),
                  *(str(n) for n in r["fits"].values()), f"`{r['node_80GB']}`"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
