@@ -9,7 +9,7 @@ JOBS ?= $(shell $(PYTHON) -c "import os; print(os.cpu_count() or 1)")
 IN_ENV := $(shell $(PYTHON) -c "import os, sys; print(int(sys.prefix != sys.base_prefix or 'CONDA_PREFIX' in os.environ))")
 PY := $(if $(filter 1,$(IN_ENV)),$(PYTHON),.venv/bin/python)
 
-.PHONY: install test test-slow demo ablation bench memory clean
+.PHONY: install test test-slow demo ablation bench memory reproduce reproduce-tokenizer clean
 
 .venv/bin/python:
 	$(PYTHON) -m venv .venv || { echo "could not create .venv: install your Python's venv module (Debian/Ubuntu: apt install python3-venv) or run make inside an environment of your own"; exit 1; }
@@ -36,6 +36,23 @@ demo: install
 # make ablation DATA=../shared/datasets/cifar10_subset_32.npz (JOBS runs at once, default: one per core)
 ablation: install
 	$(PY) tools/ablation.py --data $(DATA) --out $(ABLATION) --jobs $(JOBS)
+
+# One row of the paper's table from the released files, with runs/reproduce_<MODEL>/reproduce.json (resumable):
+# make reproduce MODEL=B|L|XL [GENERATOR=alitok_b.bin TOKENIZER=AliTok.pth REF=VIRTUAL_imagenet256_labeled.npz GPUS=8]
+MODEL ?= B
+GENERATOR ?= alitok_$(shell echo $(MODEL) | tr A-Z a-z).bin
+TOKENIZER ?= AliTok.pth
+REF ?= VIRTUAL_imagenet256_labeled.npz
+IMAGES ?= imagenet/val
+GPUS ?= 1
+LAUNCH = $(if $(filter 1,$(GPUS)),$(PY),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(GPUS))
+reproduce: install
+	$(LAUNCH) tools/reproduce.py --model $(MODEL) --generator $(GENERATOR) --tokenizer $(TOKENIZER) --ref $(REF) \
+	    --out runs/reproduce_$(MODEL)
+
+# The tokenizer's rFID / PSNR / codebook usage on ImageNet val (IMAGES: a folder or an npz)
+reproduce-tokenizer: install
+	$(PY) tools/reproduce.py --tokenizer-only --tokenizer $(TOKENIZER) --images $(IMAGES) --out runs/reproduce_tokenizer
 
 bench: install
 	$(PY) tools/bench.py

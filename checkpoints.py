@@ -135,17 +135,53 @@ def load_tokenizer(path_or_state_dict, map_location="cpu", config=None):
     return model.to(map_location).eval()
 
 
-def load_generator(path_or_state_dict, map_location="cpu", **overrides):
-    """A Generator (eval mode) from the released alitok_{b,l,xl}.bin or this project's checkpoint."""
+def _generator_state(path_or_state_dict, overrides):
+    """(state dict, config, config inferred from the shapes) of a generator file (released or ours)."""
     state, saved = _state_dict_of(path_or_state_dict)
     if saved is None and "generator" in state and isinstance(state["generator"], dict):
         state, saved = state["generator"], state.get("generator_config")
     if "embeddings.weight" not in state:
         raise ValueError("not a generator checkpoint: no `embeddings.weight` tensor and no saved config")
     inferred = infer_generator_config(state, **overrides)
-    cfg = replace(_config_from(ARConfig, saved), **overrides) if saved else inferred
+    return state, replace(_config_from(ARConfig, saved), **overrides) if saved else inferred, inferred
+
+
+def load_generator(path_or_state_dict, map_location="cpu", **overrides):
+    """A Generator (eval mode) from the released alitok_{b,l,xl}.bin or this project's checkpoint."""
+    state, cfg, inferred = _generator_state(path_or_state_dict, overrides)
     model = load_strict(Generator(cfg), state, fits=inferred)
     return model.to(map_location).eval()
+
+
+def class_names(ckpt):
+    """The class names a generator file carries (train.py writes its data's), or None: the released files name
+    none (their classes are ImageNet-1k's indices 0..999)."""
+    names = ckpt.get("class_names") if isinstance(ckpt, dict) else None
+    return [str(n) for n in names] if names is not None else None
+
+
+def generator_for_classes(ckpt, names, **overrides):
+    """Fine-tuning start: (Generator, kept, new) from a generator file (released or ours) for data of classes
+    `names`. Every tensor comes strictly from the file but the class rows of `embeddings`, resized to len(names):
+    the code rows, the unused id and the null class are kept; a class keeps its row when the file names it (a
+    file that names none, a released one, keeps rows by index if it has as many classes), otherwise its row is
+    new (the init's N(0, 0.02)). kept / new: the new class indices whose row was kept / is new."""
+    state, old, _ = _generator_state(ckpt, overrides)
+    model = Generator(replace(old, num_classes=len(names)))
+    own = class_names(ckpt)
+    if own is not None:                                    # our files: by name
+        source_row = {c: own.index(name) for c, name in enumerate(names) if name in own}
+    elif old.num_classes == len(names):                    # a released file: the same classes, in index order
+        source_row = {c: c for c in range(len(names))}
+    else:
+        source_row = {}
+    table, first = model.embeddings.weight.detach().clone(), old.codebook_size + 1    # rows 0..K: codes, unused
+    table[:first] = state["embeddings.weight"][:first]
+    table[-1] = state["embeddings.weight"][-1]                                         # the null class
+    for c, row in source_row.items():
+        table[first + c] = state["embeddings.weight"][first + row]
+    load_strict(model, {**state, "embeddings.weight": table}, source="the --init generator")
+    return model.eval(), sorted(source_row), [c for c in range(len(names)) if c not in source_row]
 
 
 def checkpoint(model):

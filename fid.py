@@ -414,8 +414,9 @@ def psnr(a, b):
 
 @torch.no_grad()
 def reconstruction_scores(tokenizer, images_path, model, mode="adm", batch_size=50, device=None):
-    """rFID and mean PSNR (dB, on uint8) of a tokenizer module's reconstructions (encode -> decode, images in
-    [0, 1]) against the originals, ADM-centre-cropped to tokenizer.config.image_size; moves it to `device`."""
+    """rFID, mean PSNR (dB, on uint8) and codebook usage (fraction of codes used) of a tokenizer module's
+    reconstructions (encode -> decode, images in [0, 1]) against the originals, ADM-centre-cropped to
+    tokenizer.config.image_size; moves it to `device`."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tok = tokenizer.to(device).eval()
     size = tok.config.image_size
@@ -425,7 +426,7 @@ def reconstruction_scores(tokenizer, images_path, model, mode="adm", batch_size=
     images = src["images"]
     if images is None:
         raise ValueError(f"{images_path}: --recon needs real images (a folder or an npz with `arr_0`), not statistics")
-    real_f, rec_f, psnrs = [], [], []
+    real_f, rec_f, psnrs, counts = [], [], [], torch.zeros(tok.config.codebook_size, device=device)
     for start in tqdm(range(0, len(images), batch_size), desc="reconstruct", unit="batch"):
         real = np.asarray(images[start:start + batch_size])
         if len(real) == 0:
@@ -433,7 +434,9 @@ def reconstruction_scores(tokenizer, images_path, model, mode="adm", batch_size=
         if real.shape[1:3] != (size, size):  # npz images of another size: crop them like a folder's
             real = np.stack([crop(Image.fromarray(a), size) for a in real])
         x = torch.from_numpy(real).to(device).permute(0, 3, 1, 2).float() / 255  # B, 3, H, W in [0, 1]
-        rec = plumbing.to_uint8(tok.decode(tok.encode(x)))  # scored as saved images: rounded uint8
+        codes = tok.encode(x)
+        counts += torch.bincount(codes.flatten(), minlength=len(counts))
+        rec = plumbing.to_uint8(tok.decode(codes))  # scored as saved images: rounded uint8
         psnrs.append(psnr(real, rec))
         real_f.append(extract(model, real, mode, batch_size, device, progress=False)["pool3"])
         rec_f.append(extract(model, rec, mode, batch_size, device, progress=False)["pool3"])
@@ -441,7 +444,8 @@ def reconstruction_scores(tokenizer, images_path, model, mode="adm", batch_size=
         raise ValueError(f"{images_path}: no readable images")
     rfid = frechet_distance(*statistics(np.concatenate(real_f)), *statistics(np.concatenate(rec_f)))
     return {"rfid": rfid, "psnr": float(np.concatenate(psnrs).mean()), "num_images": int(sum(map(len, psnrs))),
-            "skipped": len(getattr(images, "skipped", [])), "image_size": size, "mode": mode}
+            "codebook_usage": float((counts > 0).float().mean()), "skipped": len(getattr(images, "skipped", [])),
+            "image_size": size, "mode": mode}
 
 
 def build_parser():

@@ -29,6 +29,7 @@ import shutil
 import sys
 import time
 import zipfile
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ from tqdm import tqdm
 import plumbing
 import speed
 from alitok import check_classes
-from checkpoints import codebook_fingerprint, load_generator, load_tokenizer, read_checkpoint
+from checkpoints import class_names, codebook_fingerprint, load_generator, load_tokenizer, read_checkpoint
 
 SEED_STRIDE = 1_000_003  # above any sample count: seeds of two base seeds never coincide (N < 1,000,003)
 IMAGENET_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)  # DiT's sample.py selection (retriever, otter, ...)
@@ -68,12 +69,13 @@ def read_weights(path, what):
     return read_checkpoint(path, what)
 
 
-def load_models(gen_path, tok_path=None, device="cpu", precision="fp32", accept_tokenizer=False):
+def load_models(gen_path, tok_path=None, device="cpu", precision="fp32", accept_tokenizer=False, ckpt=None):
     """(generator, tokenizer, tokenizer source) on device, eval mode, through speed.for_inference (bf16: both
     models' block weights held in bfloat16). The tokenizer: tok_path, else the one the generator checkpoint carries
     (train.py writes its path). A tokenizer whose codebook is not the one the checkpoint's fingerprint names is
-    refused (accept_tokenizer: used, with a warning)."""
-    ckpt = read_weights(gen_path, "generator checkpoint")
+    refused (accept_tokenizer: used, with a warning). ckpt: the generator file as read already (default: read from
+    gen_path)."""
+    ckpt = read_weights(gen_path, "generator checkpoint") if ckpt is None else ckpt
     generator = load_generator(ckpt)
     source = tok_path or (ckpt.get("tokenizer") if isinstance(ckpt, dict) else None)
     if source is None:
@@ -317,8 +319,10 @@ def main(argv=None):
     rank, world, device = plumbing.setup_distributed(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as the paper's evaluation ran
     args.compile = device.type == "cuda" if args.compile is None else args.compile
+    ckpt = read_weights(args.ckpt, "generator checkpoint")
     generator, tokenizer, tok_source = load_models(args.ckpt, args.tokenizer, device, args.precision,
-                                                   args.accept_tokenizer)
+                                                   args.accept_tokenizer, ckpt)
+    names, ckpt = class_names(ckpt), None          # the file's tensors dropped: the generator holds copies
     cfg = generator.config
     args.batch_size = args.batch_size or default_batch(cfg, device, args.precision)
     classes = args.classes or (list(range(cfg.num_classes)) if args.npz else default_classes(cfg.num_classes))
@@ -327,6 +331,7 @@ def main(argv=None):
     args.out = args.out or (f"out/{stem}_{args.npz}.npz" if args.npz else f"out/{stem}_grid.png")
     record = os.path.splitext(args.out)[0] + ".json"
     settings = json.loads(json.dumps(sampling_settings(args, cfg, classes, tok_source, device, world)))
+    settings["class_names"] = [names[c] for c in classes] if names else None   # the released files name none
     keys = {k: settings[k] for k in SHARD_KEYS}
     if args.npz and os.path.isfile(args.out) and os.path.isfile(record):
         with open(record) as f:
@@ -334,7 +339,8 @@ def main(argv=None):
                 print(f"{args.out} already holds these samples ({record}): nothing to do; delete it to redo it")
                 return 0
     if rank == 0:
-        print("sampling with", json.dumps(dict(settings, classes=classes if args.classes else f"{len(classes)}")))
+        shown = {"classes": f"{len(classes)}", "class_names": None} if not args.classes else {}
+        print("sampling with", json.dumps(dict(settings, **shown)))
     opts = {k: settings[k] for k in ("cfg_scale", "cfg_power", "temperature", "top_k", "top_p")}
     if args.compile:
         opts["step"] = speed.compile_step(generator)
@@ -356,7 +362,7 @@ def main(argv=None):
     if rank == 0:
         plumbing.save_json(record, dict(settings=settings, out=os.path.abspath(args.out), images_made=made,
                                     seconds=round(seconds, 3), images_per_s=rate, torch=torch.__version__,
-                                    tokens_per_s=rate and rate * cfg.n_tokens))
+                                    tokens_per_s=rate and rate * cfg.n_tokens, generator_config=asdict(cfg)))
         print(f"wrote {args.out} ({made} images made in {seconds:.1f} s" + (f", {rate:.3f} images/s)" if rate else ")"))
     if plumbing.is_distributed():
         plumbing.barrier()                # rank 0's record written, then all ranks leave together

@@ -45,7 +45,7 @@ import sample as S
 import speed
 import train
 import weights
-from tools import ablation, bench, demo, memory_plan
+from tools import ablation, bench, demo, memory_plan, reproduce
 from alitok import (ARConfig, Generator, Tokenizer, cfg_schedule, generator_config, rotary_table, sample_token,
                     sample_uniforms, tokenizer_config)
 from checkpoints import checkpoint, load_generator, load_tokenizer
@@ -1621,6 +1621,50 @@ def test_pretokenization_parts_of_another_job_are_refused(tmp_path):
                                          r"\(tokenizer a; .*delete .*c.npz.parts to start over"):
         D.pretokenize(tok, source, str(tmp_path / "c.npz"), batch_size=2, progress=False, made_from="tokenizer b")
     assert os.listdir(tmp_path / "c.npz.parts") == ["rank0of1_batch0000000.npz"]
+
+
+def test_fine_tune_a_generator_onto_three_new_classes(stages, tmp_path, capsys):
+    """--init: every tensor of the generator but its class rows, which follow the data's classes by name (ring
+    kept from the shapes generator, sun and moon new); generator.pt names the new classes."""
+    root = stages[0]
+    write_npz(tmp_path / "mine.npz", n=24, side=36, classes=np.array(["sun", "ring", "moon"]))
+    out = tmp_path / "ft"
+    capsys.readouterr()
+    # one step at warm-up step 0, whose rate is 0: generator.pt holds the fine-tuning's starting weights
+    run_main(["--stage", "ar", "--init", str(root / "ar" / "generator.pt"), "--tokenizer",
+              str(root / "s2" / "tokenizer.pt"), "--data", str(tmp_path / "mine.npz"), "--out", str(out), "--steps",
+              "1", "--warmup", "5", "--batch-size", "8", "--eval-images", "4", "--no-progress"])
+    log = capsys.readouterr().out
+    assert "resized to 3 classes: new rows for sun, moon; kept rows for ring" in log
+    before = torch.load(root / "ar" / "generator.pt", weights_only=False)
+    after = torch.load(out / "generator.pt", weights_only=False)
+    assert after["class_names"] == ["sun", "ring", "moon"] and after["config"]["num_classes"] == 3
+    assert set(after["model"]) == set(before["model"])
+    for name, tensor in before["model"].items():
+        assert name == "embeddings.weight" or torch.equal(after["model"][name], tensor), name
+    old, new, first = before["model"]["embeddings.weight"], after["model"]["embeddings.weight"], 256 + 1
+    assert new.shape[0] == first + 3 + 1
+    assert torch.equal(new[:first], old[:first]) and torch.equal(new[-1], old[-1])   # codes, unused id, null class
+    assert torch.equal(new[first + 1], old[first + D.SHAPES_CLASSES.index("ring")])
+    for row in (new[first], new[first + 2]):                                   # sun, moon: drawn as at init
+        assert not any(torch.equal(row, r) for r in old[first:]) and 0.01 < float(row.std()) < 0.04
+
+
+def test_stage2_fine_tunes_the_decoder_of_a_finished_tokenizer(stages, tmp_path, capsys):
+    """Stage 2 --init takes a finished tokenizer (the released AliTok.pth's layout): its decoder trains on the
+    data, its encoder and codebook stay; a generator file is refused in one line."""
+    root = stages[0]
+    run_main(["--stage", "2", "--init", str(root / "s2" / "tokenizer.pt"), "--out", str(tmp_path / "ft"),
+              "--steps", "2", "--lr", "1e-3", *TINY])
+    assert "fine-tuning the decoder of the finished tokenizer" in capsys.readouterr().out
+    start, tuned = (checkpoints.load_tokenizer(p).state_dict() for p in (root / "s2" / "tokenizer.pt",
+                                                                         tmp_path / "ft" / "tokenizer.pt"))
+    frozen = [k for k in start if k.startswith(train.FROZEN)]
+    assert len(frozen) > 10 and all(torch.equal(start[k], tuned[k]) for k in frozen)
+    assert not torch.equal(start["decoder.ln_post.weight"], tuned["decoder.ln_post.weight"])
+    argv = ["--stage", "2", "--init", str(root / "ar" / "generator.pt"), "--out", str(tmp_path / "bad"), *TINY]
+    assert plumbing.cli(train.main, argv) == 2
+    assert "neither a stage-1 run nor a finished tokenizer" in capsys.readouterr().err
 
 
 def heldout_shapes(size, n=24):
@@ -3475,7 +3519,7 @@ class _FidStandInTokenizer(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.config = types.SimpleNamespace(image_size=16)
+        self.config = types.SimpleNamespace(image_size=16, codebook_size=16)  # codes 0..15
         self.unused = torch.nn.Parameter(torch.zeros(1))
 
     def encode(self, x):
@@ -3499,6 +3543,7 @@ def test_rfid_mode_with_a_stand_in_tokenizer(fid_weights, tmp_path, monkeypatch)
         assert saved["num_images"] == 3 and saved["image_size"] == 16
         assert np.isfinite(saved["rfid"]) and saved["rfid"] > -1e-6
         assert 20 < saved["psnr"] < 45 and saved["psnr"] == pytest.approx(out["psnr"])
+        assert saved["codebook_usage"] == 1.0           # 3 random images use all 16 grey levels of each channel
 
 
 def test_adm_centre_crop_keeps_a_constant_image():
@@ -3970,3 +4015,117 @@ def test_ablation_report_prints_paired_differences_and_leaves_out_flagged_runs(t
     result = json.loads((tmp_path / "ablation.json").read_text())
     assert result["paired"]["alitok - bidirectional"]["seeds"] == [0, 1, 2, 3]
     assert result["summary"]["bidirectional"]["codebook_perplexity"]["values"] == [50.0, 50.0, 50.0, 2.0]
+
+
+# ===================================================================================================
+# tools/reproduce.py: the paper's protocol, its manifest, and the refusal to compare another run
+# ===================================================================================================
+
+def _sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_reproduce_help_states_the_protocol_and_bad_input_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as done:
+        reproduce.main(["--help"])
+    said = " ".join(capsys.readouterr().out.split())
+    assert done.value.code == 0
+    for words in ("50,000 = 50 per class of the 1,000 ImageNet classes", "VIRTUAL_imagenet256_labeled.npz",
+                  "B 16 / 1.8, L 6 / 0.7, XL 13 / 1.4", "B 1.50 / 305.9, L 1.42 / 326.6, XL 1.35 / 318.8",
+                  "rFID 0.86", "FID-<N>, not comparable to the paper", "torchrun"):
+        assert words in said, words
+    argv = ["--generator", str(tmp_path / "g.pt"), "--ref", str(tmp_path / "absent.npz"), "--out", str(tmp_path)]
+    assert plumbing.cli(reproduce.main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "absent.npz" in err and "Traceback" not in err
+
+
+def test_reproduce_small_run_is_scored_labelled_and_recorded(ckpts, fid_weights, tmp_path, capsys):
+    """The whole path at 2 samples of each of 3 classes with a stand-in Inception: sample.py's npz, fid.py's
+    scores, a manifest of every input's SHA-256 and setting, and "FID-6, not comparable" without the paper's row."""
+    size = checkpoints.load_tokenizer(ckpts["tok"]).config.image_size
+    np.savez(tmp_path / "ref.npz", arr_0=_fid_images(4, size, size))
+    named, out = tmp_path / "named.pt", tmp_path / "run"          # a generator that names its classes, as train.py's
+    torch.save(dict(torch.load(ckpts["gen"], weights_only=False), class_names=[f"c{i}" for i in range(10)]), named)
+    m = reproduce.run(["--model", "B", "--generator", str(named), "--ref", str(tmp_path / "ref.npz"), "--per-class",
+                       "2", "--num-classes", "3", "--inception", str(fid_weights), "--out", str(out), "--device",
+                       "cpu", "--batch-size", "8"])
+    printed = capsys.readouterr().out
+    assert "AliTok-B: FID-6, not comparable to the paper" in printed
+    assert "305.9" not in printed and "1.50" not in printed and "paper" not in printed.splitlines()[-6]
+    assert json.loads((out / "reproduce.json").read_text()) == json.loads(json.dumps(m))
+    for key, path in (("generator", named), ("tokenizer", ckpts["tok"]), ("samples", out / "samples_6.npz"),
+                      ("reference", tmp_path / "ref.npz")):
+        assert m[key]["sha256"] == _sha256(path), key
+    assert m["evaluator"]["inception"]["sha256"] == _sha256(fid_weights)
+    assert (m["evaluator"]["mode"], m["evaluator"]["precision"], m["evaluator"]["inception"]["standard"]) == \
+        ("adm", "fp32", False)
+    s = m["sampling"]
+    assert (s["n"], s["class_counts"], s["seed"], s["world_size"], s["precision"], s["tf32"]) == \
+        (6, [2, 2, 2], 0, 1, "fp32", False)
+    assert (s["cfg_scale"], s["cfg_power"], s["temperature"], s["top_k"], s["top_p"]) == (16.0, 1.8, 1.0, 0, 1.0)
+    assert "1000003" in s["seeds"] and s["class_names"] == ["c0", "c1", "c2"]    # sample.py's record
+    assert m["environment"]["torch"] == torch.__version__ and "cuda" in m["environment"]
+    assert m["reference"]["images"] == 4 and m["reference"]["image_size"] == [size, size]
+    assert np.isfinite(m["scores"]["fid"]) and m["scores"]["num_samples"] == 6
+    assert m["label"] == "FID-6, not comparable to the paper" and m["paper"] is None
+    gaps = " | ".join(m["gaps"])
+    for words in ("not AliTok-B's size", "6 samples, 2 to 2 per class over 3 classes", "4 images", "a stand-in"):
+        assert words in gaps, words
+
+
+def _protocol_manifest():
+    """What protocol_gaps reads of a run of the paper's protocol, AliTok-B."""
+    g = alitok.GENERATOR_PRESETS["B"]
+    return {"model": "B", "generator": {"preset": "B"},
+            "sampling": dict(n=50_000, class_counts=[50] * 1000, cfg_scale=g.cfg_scale, cfg_power=g.cfg_power,
+                             temperature=1.0, top_k=0, top_p=1.0, precision="fp32"),
+            "reference": dict(images=10_000, image_size=[256, 256], stored_statistics=True),
+            "evaluator": {"inception": {"standard": True}}}
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda m: m["sampling"].update(n=49_999, class_counts=[50] * 999 + [49]), "49,999 samples, 49 to 50"),
+    (lambda m: m["sampling"].update(class_counts=[49, 51] * 500), "49 to 51 per class"),
+    (lambda m: m["sampling"].update(n=50_000, class_counts=[500] * 100), "over 100 classes"),
+    (lambda m: m["sampling"].update(cfg_scale=4.0), "guidance 4.0 / 1.8 (released: 16.0 / 1.8)"),
+    (lambda m: m["sampling"].update(temperature=0.9), "temperature 0.9"),
+    (lambda m: m["sampling"].update(precision="bf16"), "bf16"),
+    (lambda m: m["reference"].update(images=50_000), "holds 50000 images"),
+    (lambda m: m["reference"].update(stored_statistics=False), "no stored statistics"),
+    (lambda m: m["evaluator"]["inception"].update(standard=False), "a stand-in"),
+    (lambda m: m["generator"].update(preset="L"), "not AliTok-B's size"),
+    (lambda m: m.update(model=None), "no --model"),
+])
+def test_reproduce_puts_the_papers_row_beside_a_run_only_under_its_protocol(change, words):
+    m = _protocol_manifest()
+    ours = dict(fid=1.61, inception_score=300.2, sfid=None, precision=0.8, recall=0.6)
+    assert reproduce.protocol_gaps(m) == []
+    shown = reproduce.table("AliTok-B", reproduce.ROWS, ours, reproduce.PAPER["B"], 50_000, [])
+    assert "AliTok-B: FID\n" in shown and "1.50" in shown and "305.90" in shown and "paper" in shown
+    change(m)
+    gaps = reproduce.protocol_gaps(m)
+    assert len(gaps) == 1 and words in gaps[0], gaps
+    shown = reproduce.table("AliTok-B", reproduce.ROWS, ours, reproduce.PAPER["B"], m["sampling"]["n"], gaps)
+    assert f"FID-{m['sampling']['n']}, not comparable to the paper" in shown
+    assert "1.50" not in shown and "305.90" not in shown and "1.61" in shown
+
+
+def test_reproduce_tokenizer_only_scores_both_decoders(stages, fid_weights, tmp_path, capsys):
+    """rFID, PSNR and codebook usage through the stage-2 and the stage-1 decoder; 4 images: not comparable."""
+    root = stages[0]
+    images, _ = heldout_shapes(32, n=4)
+    np.savez(tmp_path / "val.npz", arr_0=(images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    m = reproduce.run(["--tokenizer-only", "--tokenizer", str(root / "s2" / "tokenizer.pt"), "--stage1",
+                       str(root / "s1" / "ckpt.pt"), "--images", str(tmp_path / "val.npz"), "--inception",
+                       str(fid_weights), "--out", str(tmp_path / "run"), "--device", "cpu"])
+    assert list(m["tokenizer"]) == ["stage 2 (bidirectional decoder)", "stage 1 (causal decoder)"]
+    for row, path in zip(m["tokenizer"].values(), (root / "s2" / "tokenizer.pt", root / "s1" / "ckpt.pt")):
+        s = row["scores"]
+        assert row["sha256"] == _sha256(path) and s["num_images"] == 4 and s["image_size"] == 32
+        assert np.isfinite(s["rfid"]) and 8 < s["psnr"] < 60 and 0 < s["codebook_usage"] <= 1
+    assert m["images"]["sha256"] == _sha256(tmp_path / "val.npz") and m["images"]["count"] == 4
+    assert m["paper"] is None and any("4 images" in g for g in m["gaps"])
+    printed = capsys.readouterr().out
+    assert printed.count("rFID-4, not comparable to the paper") == 2 and "0.86" not in printed
+    assert json.loads((tmp_path / "run" / "reproduce.json").read_text())["images"]["count"] == 4

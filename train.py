@@ -206,7 +206,9 @@ def add_tokenizer_flags(parser, stage):
     else:
         stage2_flags = parser.add_argument_group("stage 2")
         stage2_flags.add_argument("--init", default=os.path.join("runs", "stage1", "ckpt.pt"),
-                                  help="the stage-1 checkpoint (default: %(default)s)")
+                                  help="the stage-1 checkpoint (default: %(default)s); or a finished tokenizer "
+                                       "(the released AliTok.pth, a tokenizer.pt) whose decoder is then fine-tuned "
+                                       "on --data")
         stage2_flags.add_argument("--fresh-decoder", action="store_true",
                                   help="ablation: a fresh decoder (the paper's carries the stage-1 decoder over)")
 
@@ -218,6 +220,10 @@ def add_generator_flags(parser, stage):
                                  help="tokenizer checkpoint (default: %(default)s)")
     generator_flags.add_argument("--codes", default=None,
                                  help="pre-tokenized codes npz, made if missing (default: <out>/codes.npz)")
+    generator_flags.add_argument("--init", default=None, metavar="GEN",
+                                 help="fine-tune: start from this generator (released alitok_{b,l,xl}.bin or a "
+                                      "generator.pt) with its size; the class rows of its embedding table are resized "
+                                      "to --data's classes (--preset then picks only the schedule)")
     # Spec 2, "Sequence": "Embedding dropout 0.1; the class is replaced by the null class with probability 0.1";
     # "Block": "causal attention (dropout 0.1 in training)", and dropout 0.1 after the projection and the FFN.
     generator_flags.add_argument("--dropout", type=float, default=None,
@@ -407,6 +413,8 @@ def stage2_tokenizer(args, log):
     file)."""
     first = checkpoints.read_checkpoint(args.init, "the stage-1 checkpoint (train it with `python train.py "
                                                    "--stage 1`, or pass --init PATH)")
+    if isinstance(first, dict) and "stage" not in first:       # a finished tokenizer: AliTok.pth, a tokenizer.pt
+        return finished_tokenizer(first, args, log), {}
     made = (first.get("stage"), first.get("args", {}).get("preset")) if isinstance(first, dict) else None
     if made != ("1", args.preset) or "config" not in first:
         raise ValueError(f"--init {args.init} holds {checkpoints.describe(first)}; stage 2 of preset {args.preset} "
@@ -420,6 +428,22 @@ def stage2_tokenizer(args, log):
     log.info(f"stage 2: {len(loaded)} tensors from {args.init}, {len(new)} new ({', '.join(new[:4])}"
              f"{' ...' if len(new) > 4 else ''}), {len(dropped)} dropped")
     return freeze_for_stage2(model), first
+
+
+def finished_tokenizer(saved, args, log):
+    """Stage 2 from a finished tokenizer (the released AliTok.pth or a stage-2 tokenizer.pt), every tensor from
+    it strictly: its decoder fine-tuned on --data (a new domain) over frozen codes; the discriminator starts new."""
+    try:
+        model = checkpoints.load_tokenizer(saved)
+    except ValueError as error:
+        raise ValueError(f"--init {args.init} is neither a stage-1 run nor a finished tokenizer ({str(error)[:300]}); "
+                         f"pass the stage-1 <out>/ckpt.pt, the released AliTok.pth or a tokenizer.pt") from None
+    if model.config.causal:
+        raise ValueError(f"--init {args.init} holds a causal (stage-1) decoder without its training state; pass "
+                         f"that stage-1 run's <out>/ckpt.pt")
+    log.info(f"stage 2: fine-tuning the decoder of the finished tokenizer {args.init} (every tensor from it; the "
+             f"encoder, codebook and latent tokens frozen, so its codes stay those of the file)")
+    return freeze_for_stage2(model.train())
 
 
 def carry_over(model, state, names=None):
@@ -561,16 +585,43 @@ def generator_stage(args, device, world, autocast, log):
     dataset = data.CodesDataset(codes)
     overrides = {name: getattr(args, name) for name in ("dropout", "token_dropout", "class_dropout")
                  if getattr(args, name) is not None}
-    cfg = alitok.generator_config(args.preset, tokenizer=tok.config, num_classes=dataset.num_classes, **overrides)
-    model = alitok.Generator(cfg).to(device)
+    if args.init:
+        model = init_generator(args, tok, dataset.class_names, overrides, log).to(device)
+    else:
+        cfg = alitok.generator_config(args.preset, tokenizer=tok.config, num_classes=dataset.num_classes, **overrides)
+        model = alitok.Generator(cfg).to(device)
     stage = GeneratorStage(model, wrap(model, device, world), args, autocast)
     stage.dataset, stage.tokenizer = dataset, tok
     stage.heldout_codes, stage.heldout_labels = heldout.heldout_codes(tok, args, device)
     # the path finds the tokenizer again; the fingerprint tells sample.py whether a tokenizer is that one
     stage.saved = {"tokenizer": os.path.abspath(args.tokenizer),
-                   "tokenizer_fingerprint": checkpoints.codebook_fingerprint(tok)}
+                   "tokenizer_fingerprint": checkpoints.codebook_fingerprint(tok),
+                   "class_names": list(dataset.class_names)}
     stage.final = os.path.join(args.out, "generator.pt")
     return stage
+
+
+def init_generator(args, tok, names, overrides, log):
+    """The --init generator, refused when its codes are not the tokenizer's, with the class rows of its embedding
+    table resized to the data's classes `names` (checkpoints.generator_for_classes); says which rows are new."""
+    ckpt = checkpoints.read_checkpoint(args.init, "the generator to fine-tune (--init)")
+    trained = ckpt.get("tokenizer_fingerprint") if isinstance(ckpt, dict) else None
+    if trained is not None and trained != checkpoints.codebook_fingerprint(tok):
+        raise ValueError(f"--init {args.init} was trained on the codes of another tokenizer (codebook fingerprint "
+                         f"{trained}) than --tokenizer {args.tokenizer}: pass the tokenizer it was trained on "
+                         f"(AliTok.pth for the released generators)")
+    model, kept, new = checkpoints.generator_for_classes(ckpt, names, **overrides)
+    gen_cfg, tok_cfg = model.config, tok.config
+    if (gen_cfg.codebook_size, gen_cfg.n_prefix, gen_cfg.grid) != (tok_cfg.codebook_size, tok_cfg.n_prefix,
+                                                                   tok_cfg.grid):
+        raise ValueError(f"--init {args.init} models {gen_cfg.n_prefix} + {gen_cfg.grid}^2 tokens of "
+                         f"{gen_cfg.codebook_size} codes, --tokenizer {args.tokenizer} makes {tok_cfg.n_prefix} + "
+                         f"{tok_cfg.grid}^2 of {tok_cfg.codebook_size}: pass the tokenizer it was trained on "
+                         f"(AliTok.pth for the released generators)")
+    listed = lambda rows: (", ".join(names[c] for c in rows[:8]) or "none") + (" ..." if len(rows) > 8 else "")
+    log.info(f"--init {args.init}: every tensor from it, the embedding table's class rows resized to {len(names)} "
+             f"classes: new rows for {listed(new)}; kept rows for {listed(kept)}")
+    return model.train()
 
 
 PICTURE_CLASSES, PICTURES_PER_CLASS = 8, 2     # a bounded picture count: the sampling's KV cache fits the plan

@@ -61,7 +61,8 @@ def offline_mode():
     return os.environ.get(OFFLINE_ENV, "") not in ("", "0")
 
 
-def _sha256(path):
+def file_sha256(path):
+    """SHA-256 (hex) of a file's bytes, read 1 MiB at a time."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -131,7 +132,7 @@ def _cached_or_downloaded(name, entry, offline, progress):
     """standard_weights' cache lookup (hash-checked) and download."""
     dest = os.path.join(weights_cache(), name)
     if os.path.isfile(dest):
-        found = _sha256(dest)
+        found = file_sha256(dest)
         if not found.startswith(entry.sha256):  # not ours (we rename only verified files): leave it to its owner
             raise ValueError(f"{dest} has SHA-256 {found}, expected {entry.sha256}...: not the standard {name}. "
                              f"Delete it to have it downloaded again, or pass the right file's path explicitly")
