@@ -1752,7 +1752,12 @@ def test_ranks_probe_one_run_folder_at_once(tmp_path):
 def one_and_two_processes(tmp_path, args, two_only, split):
     """Train the generator stage once in this process and once under torchrun with 2 (gloo, with `two_only` flags
     added); the second must report `split` and both must end with the same weights."""
-    run_main([*args, "--out", str(tmp_path / "one")])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                                    # as each torchrun process (env1)
+    try:
+        run_main([*args, "--out", str(tmp_path / "one")])
+    finally:
+        torch.set_num_threads(threads)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                           f"--master_port={free_port()}", str(HERE / "train.py"), *args, *two_only, "--out",
                           str(tmp_path / "two")], env=env1(), capture_output=True, text=True)
