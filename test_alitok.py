@@ -1936,7 +1936,12 @@ def test_ranks_probe_one_run_folder_at_once(tmp_path):
 def one_and_two_processes(tmp_path, args, two_only, split):
     """Train the generator stage once in this process and once under torchrun with 2 (gloo, with `two_only` flags
     added); the second must report `split` and both must end with the same weights."""
-    run_main([*args, "--out", str(tmp_path / "one")])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                                    # as each torchrun process (env1)
+    try:
+        run_main([*args, "--out", str(tmp_path / "one")])
+    finally:
+        torch.set_num_threads(threads)
     two = subprocess.run(torchrun("train.py", *args, *two_only, "--out", str(tmp_path / "two")), env=env1(),
                          capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
