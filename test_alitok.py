@@ -4046,20 +4046,20 @@ def test_reproduce_help_states_the_protocol_and_bad_input_is_one_line(tmp_path, 
 
 
 def test_reproduce_small_run_is_scored_labelled_and_recorded(ckpts, fid_weights, tmp_path, capsys):
-    """The whole path at 2 samples of each of 3 classes with a stand-in Inception: sample.py's npz, fid.py's
-    scores, a manifest of every input's SHA-256 and setting, and "FID-6, not comparable" without the paper's row."""
+    """The whole path at 2 samples of each of 2 classes with a stand-in Inception: sample.py's npz, fid.py's
+    scores, a manifest of every input's SHA-256 and setting, and "FID-4, not comparable" without the paper's row."""
     size = checkpoints.load_tokenizer(ckpts["tok"]).config.image_size
     np.savez(tmp_path / "ref.npz", arr_0=_fid_images(4, size, size))
     named, out = tmp_path / "named.pt", tmp_path / "run"          # a generator that names its classes, as train.py's
     torch.save(dict(torch.load(ckpts["gen"], weights_only=False), class_names=[f"c{i}" for i in range(10)]), named)
     m = reproduce.run(["--model", "B", "--generator", str(named), "--ref", str(tmp_path / "ref.npz"), "--per-class",
-                       "2", "--num-classes", "3", "--inception", str(fid_weights), "--out", str(out), "--device",
+                       "2", "--num-classes", "2", "--inception", str(fid_weights), "--out", str(out), "--device",
                        "cpu", "--batch-size", "8"])
     printed = capsys.readouterr().out
-    assert "AliTok-B: FID-6, not comparable to the paper" in printed
+    assert "AliTok-B: FID-4, not comparable to the paper" in printed
     assert "305.9" not in printed and "1.50" not in printed and "paper" not in printed.splitlines()[-6]
     assert json.loads((out / "reproduce.json").read_text()) == json.loads(json.dumps(m))
-    for key, path in (("generator", named), ("tokenizer", ckpts["tok"]), ("samples", out / "samples_6.npz"),
+    for key, path in (("generator", named), ("tokenizer", ckpts["tok"]), ("samples", out / "samples_4.npz"),
                       ("reference", tmp_path / "ref.npz")):
         assert m[key]["sha256"] == _sha256(path), key
     assert m["evaluator"]["inception"]["sha256"] == _sha256(fid_weights)
@@ -4067,15 +4067,15 @@ def test_reproduce_small_run_is_scored_labelled_and_recorded(ckpts, fid_weights,
         ("adm", "fp32", False)
     s = m["sampling"]
     assert (s["n"], s["class_counts"], s["seed"], s["world_size"], s["precision"], s["tf32"]) == \
-        (6, [2, 2, 2], 0, 1, "fp32", False)
+        (4, [2, 2], 0, 1, "fp32", False)
     assert (s["cfg_scale"], s["cfg_power"], s["temperature"], s["top_k"], s["top_p"]) == (16.0, 1.8, 1.0, 0, 1.0)
-    assert "1000003" in s["seeds"] and s["class_names"] == ["c0", "c1", "c2"]    # sample.py's record
+    assert "1000003" in s["seeds"] and s["class_names"] == ["c0", "c1"]    # sample.py's record
     assert m["environment"]["torch"] == torch.__version__ and "cuda" in m["environment"]
     assert m["reference"]["images"] == 4 and m["reference"]["image_size"] == [size, size]
-    assert np.isfinite(m["scores"]["fid"]) and m["scores"]["num_samples"] == 6
-    assert m["label"] == "FID-6, not comparable to the paper" and m["paper"] is None
+    assert np.isfinite(m["scores"]["fid"]) and m["scores"]["num_samples"] == 4
+    assert m["label"] == "FID-4, not comparable to the paper" and m["paper"] is None
     gaps = " | ".join(m["gaps"])
-    for words in ("not AliTok-B's size", "6 samples, 2 to 2 per class over 3 classes", "4 images", "a stand-in"):
+    for words in ("not AliTok-B's size", "4 samples, 2 to 2 per class over 2 classes", "4 images", "a stand-in"):
         assert words in gaps, words
 
 
@@ -4116,21 +4116,22 @@ def test_reproduce_puts_the_papers_row_beside_a_run_only_under_its_protocol(chan
     assert "1.50" not in shown and "305.90" not in shown and "1.61" in shown
 
 
-def test_reproduce_tokenizer_only_scores_both_decoders(stages, fid_weights, tmp_path, capsys):
-    """rFID, PSNR and codebook usage through the stage-2 and the stage-1 decoder; 4 images: not comparable."""
-    root = stages[0]
-    images, _ = heldout_shapes(32, n=4)
-    np.savez(tmp_path / "val.npz", arr_0=(images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
-    m = reproduce.run(["--tokenizer-only", "--tokenizer", str(root / "s2" / "tokenizer.pt"), "--stage1",
-                       str(root / "s1" / "ckpt.pt"), "--images", str(tmp_path / "val.npz"), "--inception",
-                       str(fid_weights), "--out", str(tmp_path / "run"), "--device", "cpu"])
+def test_reproduce_tokenizer_only_scores_both_decoders(ckpts, fid_weights, tmp_path, capsys):
+    """rFID, PSNR and codebook usage through a stage-2 and a stage-1 (causal) decoder; 2 images: not comparable."""
+    stage1 = tmp_path / "stage1.pt"
+    torch.save(checkpoint(Tokenizer(tokenizer_config("tiny", 1))), stage1)
+    size = checkpoints.load_tokenizer(ckpts["tok"]).config.image_size
+    np.savez(tmp_path / "val.npz", arr_0=_fid_images(2, size, size))
+    m = reproduce.run(["--tokenizer-only", "--tokenizer", ckpts["tok"], "--stage1", str(stage1), "--images",
+                       str(tmp_path / "val.npz"), "--inception", str(fid_weights), "--out", str(tmp_path / "run"),
+                       "--device", "cpu"])
     assert list(m["tokenizer"]) == ["stage 2 (bidirectional decoder)", "stage 1 (causal decoder)"]
-    for row, path in zip(m["tokenizer"].values(), (root / "s2" / "tokenizer.pt", root / "s1" / "ckpt.pt")):
+    for row, path in zip(m["tokenizer"].values(), (ckpts["tok"], stage1)):
         s = row["scores"]
-        assert row["sha256"] == _sha256(path) and s["num_images"] == 4 and s["image_size"] == 32
-        assert np.isfinite(s["rfid"]) and 8 < s["psnr"] < 60 and 0 < s["codebook_usage"] <= 1
-    assert m["images"]["sha256"] == _sha256(tmp_path / "val.npz") and m["images"]["count"] == 4
-    assert m["paper"] is None and any("4 images" in g for g in m["gaps"])
+        assert row["sha256"] == _sha256(path) and s["num_images"] == 2 and s["image_size"] == size
+        assert np.isfinite(s["rfid"]) and 0 < s["psnr"] < 60 and 0 < s["codebook_usage"] <= 1
+    assert m["images"]["sha256"] == _sha256(tmp_path / "val.npz") and m["images"]["count"] == 2
+    assert m["paper"] is None and any("2 images" in g for g in m["gaps"])
     printed = capsys.readouterr().out
-    assert printed.count("rFID-4, not comparable to the paper") == 2 and "0.86" not in printed
-    assert json.loads((tmp_path / "run" / "reproduce.json").read_text())["images"]["count"] == 4
+    assert printed.count("rFID-2, not comparable to the paper") == 2 and "0.86" not in printed
+    assert json.loads((tmp_path / "run" / "reproduce.json").read_text())["images"]["count"] == 2
