@@ -1,17 +1,14 @@
-"""Weight files: the released AliTok files and this project's checkpoints, loaded strictly (strict=True, with a
-message naming what does not fit), and the training states train.py writes for --resume: checked before any
-setup, never silently overwritten, written so that a failed write names the last good state.
+"""Weight files: the released AliTok files and this project's checkpoints, read with one line naming the file
+when it is damaged, and loaded strictly (strict=True, with a message naming what does not fit). The training
+states train.py writes for --resume and the rules of a run folder are in run_folder.py.
 """
-import glob
 import hashlib
 import math
 import os
 from dataclasses import asdict, fields, replace
 
 import torch
-import torch.distributed as dist
 
-import plumbing
 from alitok import (GENERATOR_PRESETS, TOKENIZER_PRESETS, ARConfig, Generator, Tokenizer, TokenizerConfig)
 
 
@@ -21,22 +18,41 @@ from alitok import (GENERATOR_PRESETS, TOKENIZER_PRESETS, ARConfig, Generator, T
 
 
 
+FORMAT = 1  # the layout of this project's checkpoints and training states ("format" in each file)
+
+
 def read_checkpoint(path, what="checkpoint"):
     """torch.load a weight file onto the CPU (weights_only); FileNotFoundError or ValueError saying what
-    `what` was expected where the file is missing, truncated or not a PyTorch file."""
+    `what` was expected where the file is missing, empty, truncated or not a PyTorch file, or is one of this
+    project's checkpoints in a format this code does not read."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} not found: {os.fspath(path)!r}")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{what} {os.fspath(path)!r} is empty (0 bytes): write it again, or pass another file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # zip reader, unpickler and EOF errors all mean the same to a user
+        detail = (str(error).splitlines() or [""])[0][:200]
         raise ValueError(f"{what} {os.fspath(path)!r} is not a readable PyTorch file (truncated or corrupt? "
-                         f"{type(error).__name__}: {str(error).splitlines()[0][:200]})") from error
+                         f"{type(error).__name__}{': ' + detail if detail else ''}): write it again, or pass "
+                         f"another file") from error
+    check_format(ck, path)
+    return ck
 
 
-def _state_dict_of(obj):
+def check_format(ck, source):
+    """Raise ValueError when `ck` is one of this project's checkpoints (a "config" beside "model") of another
+    format than FORMAT; files without "format" are read as format 1."""
+    if isinstance(ck, dict) and "config" in ck and ck.get("format", 1) != FORMAT:
+        raise ValueError(f"{source} is a checkpoint of format {ck['format']!r}; this code reads format {FORMAT}: "
+                         f"use the version of this code that wrote it")
+
+
+def _state_dict_of(obj, source):
     """A checkpoint path or dict -> (state dict, saved config dict or None)."""
     if not isinstance(obj, dict):
         obj = read_checkpoint(obj)
+    check_format(obj, source)
     if "config" in obj and "model" in obj:                  # this project's checkpoint
         return obj["model"], obj["config"]
     for key in ("state_dict", "model", "module", "ema"):    # common wrappers of released files
@@ -115,41 +131,60 @@ def infer_generator_config(state, **overrides):
     return replace(preset, **overrides) if preset else ARConfig(**kw, **overrides)
 
 
-def _config_from(cls, saved):
+def _config_from(cls, saved, source):
+    """cls(**saved), refusing keys cls does not have (a file of other code: its model would not be the same)."""
     names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in saved.items() if k in names})
+    unknown = sorted(set(saved) - names)
+    if unknown:
+        raise ValueError(f"{source}: its config has keys this code does not know ({', '.join(unknown)}): it was "
+                         f"written by other code; use the version of this code that wrote it")
+    return cls(**saved)
 
 
-def load_tokenizer(path_or_state_dict, map_location="cpu", config=None):
+def _name(path_or_state_dict):
+    return repr(os.fspath(path_or_state_dict)) if isinstance(path_or_state_dict, (str, os.PathLike)) else "checkpoint"
+
+
+def load_tokenizer(path_or_state_dict, map_location="cpu", config=None, source=None):
     """A Tokenizer (eval mode) from the released AliTok.pth, a stage-1/2 training state or our checkpoint; config:
-    the TokenizerConfig of a bare state dict whose widths no preset has (else inferred from it)."""
-    state, saved = _state_dict_of(path_or_state_dict)
+    the TokenizerConfig of a bare state dict whose widths no preset has (else inferred from it); source: the
+    file's name in messages."""
+    source = source or _name(path_or_state_dict)
+    state, saved = _state_dict_of(path_or_state_dict, source)
     if saved is None and "tokenizer" in state and isinstance(state["tokenizer"], dict):
         state, saved = state["tokenizer"], state.get("tokenizer_config")
+    if isinstance(state, dict) and "embeddings.weight" in state and "latent_tokens" not in state:
+        raise ValueError(f"{source} is a generator checkpoint, not a tokenizer: pass a tokenizer (the stage-2 "
+                         f"tokenizer.pt of `python train.py --stage 2`, or the released AliTok.pth)")
     known = "latent_tokens" in state and preset_heads(*tokenizer_widths(state)) is not None
     inferred = infer_tokenizer_config(state) if known else None     # the sizes the file has, for messages
-    cfg = config or (_config_from(TokenizerConfig, saved) if saved else None)
+    cfg = config or (_config_from(TokenizerConfig, saved, source) if saved else None)
     if cfg is None and "latent_tokens" not in state:
-        raise ValueError("not a tokenizer checkpoint: no `latent_tokens` tensor and no saved config")
-    model = load_strict(Tokenizer(cfg or infer_tokenizer_config(state)), state, fits=inferred)
+        raise ValueError(f"{source} is not a tokenizer checkpoint: no `latent_tokens` tensor and no saved config")
+    model = load_strict(Tokenizer(cfg or infer_tokenizer_config(state)), state, fits=inferred, source=source)
     return model.to(map_location).eval()
 
 
-def _generator_state(path_or_state_dict, overrides):
+def _generator_state(path_or_state_dict, overrides, source=None):
     """(state dict, config, config inferred from the shapes) of a generator file (released or ours)."""
-    state, saved = _state_dict_of(path_or_state_dict)
+    source = source or _name(path_or_state_dict)
+    state, saved = _state_dict_of(path_or_state_dict, source)
     if saved is None and "generator" in state and isinstance(state["generator"], dict):
         state, saved = state["generator"], state.get("generator_config")
     if "embeddings.weight" not in state:
-        raise ValueError("not a generator checkpoint: no `embeddings.weight` tensor and no saved config")
+        kind = "a tokenizer checkpoint" if "latent_tokens" in state else "not a generator checkpoint"
+        raise ValueError(f"{source} is {kind}: no `embeddings.weight` tensor and no saved config; pass a generator "
+                         f"(the generator.pt of `python train.py --stage ar`, or a released alitok_b.bin)")
     inferred = infer_generator_config(state, **overrides)
-    return state, replace(_config_from(ARConfig, saved), **overrides) if saved else inferred, inferred
+    return state, replace(_config_from(ARConfig, saved, source), **overrides) if saved else inferred, inferred
 
 
-def load_generator(path_or_state_dict, map_location="cpu", **overrides):
-    """A Generator (eval mode) from the released alitok_{b,l,xl}.bin or this project's checkpoint."""
-    state, cfg, inferred = _generator_state(path_or_state_dict, overrides)
-    model = load_strict(Generator(cfg), state, fits=inferred)
+def load_generator(path_or_state_dict, map_location="cpu", source=None, **overrides):
+    """A Generator (eval mode) from the released alitok_{b,l,xl}.bin or this project's checkpoint; source: the
+    file's name in messages."""
+    source = source or _name(path_or_state_dict)
+    state, cfg, inferred = _generator_state(path_or_state_dict, overrides, source)
+    model = load_strict(Generator(cfg), state, fits=inferred, source=source)
     return model.to(map_location).eval()
 
 
@@ -166,7 +201,7 @@ def generator_for_classes(ckpt, names, **overrides):
     the code rows, the unused id and the null class are kept; a class keeps its row when the file names it (a
     file that names none, a released one, keeps rows by index if it has as many classes), otherwise its row is
     new (the init's N(0, 0.02)). kept / new: the new class indices whose row was kept / is new."""
-    state, old, _ = _generator_state(ckpt, overrides)
+    state, old, _ = _generator_state(ckpt, overrides, "the --init generator")
     model = Generator(replace(old, num_classes=len(names)))
     own = class_names(ckpt)
     if own is not None:                                    # our files: by name
@@ -186,7 +221,7 @@ def generator_for_classes(ckpt, names, **overrides):
 
 def checkpoint(model):
     """A self-contained checkpoint dict: the model's config and state, rebuilt by load_tokenizer/load_generator."""
-    return {"config": asdict(model.config), "model": model.state_dict()}
+    return {"format": FORMAT, "config": asdict(model.config), "model": model.state_dict()}
 
 
 def codebook_fingerprint(tokenizer):
@@ -196,135 +231,6 @@ def codebook_fingerprint(tokenizer):
     digest = hashlib.sha256(str(tuple(codebook.shape)).encode())
     digest.update(codebook.numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Training states (train.py --resume): RNG states, what a file holds, refusing the wrong one
-# ----------------------------------------------------------------------------------------------------
-
-def rng_state():
-    """The torch RNG states (dropout, class dropout); data order and augmentations need none."""
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state):
-    """Restore the torch RNG states that rng_state() returned (the CUDA ones where there is CUDA)."""
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def all_rng_states(world):
-    """Every rank's RNG state, gathered to all ranks (dropout streams differ per rank)."""
-    if world == 1:
-        return [rng_state()]
-    out = [None] * world
-    dist.all_gather_object(out, rng_state())
-    return out
-
-
-def describe(ck, with_step=False):
-    """What a loaded checkpoint holds, in words for messages ("a stage-1 run of preset tiny", "... at step 30")."""
-    if isinstance(ck, dict) and "stage" in ck and isinstance(ck.get("args"), dict):
-        at = f" at step {ck.get('step')}" if with_step else ""
-        return f"a stage-{ck['stage']} run of preset {ck['args'].get('preset')}{at}"
-    if isinstance(ck, dict) and "config" in ck and "model" in ck:
-        return "a finished model file (tokenizer.pt / generator.pt), not a training state"
-    return "weights without this project's training state (a released file?)"
-
-
-def read_resumable(path, args, log):
-    """The training state of `path` for --resume (None if there is none yet), refused before any setup when
-    it is not a train.py training state or holds another stage's or preset's run."""
-    if not os.path.exists(path):
-        log.info(f"--resume: no {path} yet, starting from step 0")
-        return None
-    ck = read_checkpoint(path, "training checkpoint (--resume)")
-    folder = os.path.dirname(path)
-    if not (isinstance(ck, dict) and {"stage", "step", "args", "config", "model", "optimizers"} <= set(ck)):
-        raise ValueError(f"{path} holds {describe(ck)}; --resume expects the ckpt.pt that train.py writes. "
-                         f"Choose another --out, or move the file away to start afresh")
-    asked = [f"{what} {mine}" for what, theirs, mine in (("stage", ck["stage"], args.stage),
-             ("preset", ck["args"].get("preset"), args.preset)) if theirs != mine]
-    if asked:
-        raise ValueError(f"{folder} holds {describe(ck)}; you asked for {' and '.join(asked)}. Choose another "
-                         f"--out, or continue it with --stage {ck['stage']} --preset {ck['args'].get('preset')}")
-    return ck
-
-
-def check_same_run(stage, ck, path):
-    """Refuse to resume a run made with other settings (model config, GAN on or off) before loading tensors."""
-    config = asdict(stage.model.config)
-    differ = [f"{k}={ck['config'].get(k)!r} (now {v!r})" for k, v in config.items() if ck["config"].get(k) != v]
-    for what, mine in (("modules", stage.modules), ("optimizers", stage.optimizers)):
-        if set(ck[what]) != set(mine):
-            differ.append(f"{what} {sorted(ck[what])} (now {sorted(mine)})")
-    if differ:
-        raise ValueError(f"{os.path.dirname(path)} holds {describe(ck)} made with other settings: "
-                         f"{', '.join(differ)}. Resume with the flags it was made with, or choose another --out")
-
-
-# ----------------------------------------------------------------------------------------------------
-# A run folder: refused when it holds a run, unless continued or started over; states saved and resumed
-# ----------------------------------------------------------------------------------------------------
-
-def run_files(args):
-    """What a run leaves in its folder (that exist): checkpoint, final file, logs, pictures, default codes."""
-    names = ["ckpt.pt", {"1": None, "2": "tokenizer.pt", "ar": "generator.pt"}[args.stage], "metrics.jsonl",
-             "metrics.png", "latest.png"] + (["codes.npz"] if args.stage == "ar" and args.codes is None else [])
-    found = [os.path.join(args.out, n) for n in names if n and os.path.exists(os.path.join(args.out, n))]
-    return found + sorted(glob.glob(os.path.join(args.out, "pictures_*.png")))
-
-
-def refuse_or_restart(args, rank, log):
-    """A folder that holds a run is never overwritten silently: without --restart, ValueError naming its run and
-    both ways out; with it, the run's files are removed (and listed) first."""
-    used = [p for p in run_files(args) if os.path.basename(p) in ("ckpt.pt", "tokenizer.pt", "generator.pt")]
-    if not used:
-        return
-    ckpt = os.path.join(args.out, "ckpt.pt")
-    what = (describe(read_checkpoint(ckpt, "the run folder's checkpoint"), with_step=True)
-            if os.path.exists(ckpt) else f"a finished {os.path.basename(used[0])}")
-    if not args.restart:
-        raise ValueError(f"{args.out} holds {what}: continue it with --resume, or start over with --restart "
-                         f"(replaces {', '.join(os.path.basename(p) for p in run_files(args))}), or choose "
-                         f"another --out")
-    plumbing.barrier()                                          # every rank has looked before rank 0 removes
-    if rank == 0:
-        for path in run_files(args):
-            os.remove(path)
-        log.info(f"--restart: removed {what} from {args.out}")
-    plumbing.barrier()
-
-
-def save(stage, args, step, path, rngs, kept):
-    """The whole training state at `step` (AdamW moments and every rank's RNG state `rngs` included), written
-    atomically; rank 0 calls it. A failed write (a full disk) says that the last good checkpoint (step `kept`)
-    is intact."""
-    state = {"stage": args.stage, "step": step, "config": asdict(stage.model.config),
-             "model": stage.model.state_dict(), "modules": {k: m.state_dict() for k, m in stage.modules.items()},
-             "optimizers": {k: o.state_dict() for k, o in stage.optimizers.items()},
-             "rng": rngs, "args": vars(args), **stage.saved}
-    try:
-        plumbing.save_checkpoint(state, path)
-    except OSError as error:
-        raise OSError(f"{error}; the last good checkpoint is {path} at step {kept}" if kept else
-                      f"{error}; no checkpoint was written before") from None
-
-
-def resume(stage, ck, path, rank, world, log):
-    """Load the training state `ck` (read from `path`) into the stage, refused (check_same_run) when made with
-    other settings: model, modules, optimizers and this rank's RNG state; the step to continue from."""
-    check_same_run(stage, ck, path)
-    load_strict(stage.model, ck["model"], source=path)
-    for name, module in stage.modules.items():
-        load_strict(module, ck["modules"][name], source=path)
-    for name, opt in stage.optimizers.items():
-        opt.load_state_dict(ck["optimizers"][name])
-    set_rng_state(ck["rng"][rank] if len(ck["rng"]) == world else ck["rng"][0])
-    log.info(f"resumed from {path} at step {ck['step']}")
-    return ck["step"]
 
 
 def load_frozen_tokenizer(path, device):

@@ -12,6 +12,7 @@ uint8 npz arrays. Image items are (image float [3, H, W] in [0, 1], label int); 
 """
 import colorsys
 import functools
+import hashlib
 import os
 import warnings
 
@@ -22,7 +23,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from plumbing import Stopped, barrier, exact_float32, is_distributed, save_npz
+from plumbing import Stopped, barrier, exact_float32, is_distributed, open_npz, save_npz
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")  # matched case-insensitively
 TEN_CROP_SCALE = 1.1  # ALITOK_SPEC.md 2, "Training recipe": "ADM centre crop to 281 px (int(256 * 1.1))"
@@ -378,21 +379,22 @@ def _check_arrays(path, images, labels, x_key, y_key):
 
 def check_label_bulk(labels, n_classes, where, remedy):
     """Raise ValueError when labels without class names would make n_classes classes far beyond their bulk:
-    n_classes > 2 x (the 99th percentile label + 1) with fewer than half of the ids 0..n_classes-1 in use (a
-    stray label such as 100000 among 0..9 would build a generator with 100,001 class embeddings)."""
-    bulk = int(np.percentile(labels, 99, method="lower")) + 1       # the classes that hold 99% of the labels
+    n_classes > 4 x (the median label + 1) with fewer than half of the ids 0..n_classes-1 in use (a stray label
+    such as 100000 among 0..9, even twice among 80 images, would build a generator with 100,001 class
+    embeddings). The median, unlike a high percentile, moves only when half the labels do."""
+    bulk = 2 * (int(np.median(labels)) + 1)                    # ids 0..bulk-1 hold at least half the labels
     used = len(np.unique(labels))
     if n_classes > 2 * bulk and used < n_classes / 2:
-        top = int(labels.max())
+        top, inside = int(labels.max()), labels[labels < bulk]
         raise ValueError(f"{where}: label {top} ({int((labels == top).sum())} of {len(labels)} images) would make "
-                         f"{n_classes} classes, but 99% of the labels lie in 0..{bulk - 1} and only {used} of the "
-                         f"ids 0..{n_classes - 1} occur; {remedy}")
+                         f"{n_classes} classes, but {len(inside)} of the {len(labels)} labels lie in "
+                         f"0..{int(inside.max())} and only {used} of the ids 0..{n_classes - 1} occur; {remedy}")
 
 
 def read_npz_images(path, split="train"):
     """(images uint8 [N, H, W, 3], labels int64 [N], class names or None) from x_<split>/y_<split>, else
-    arr_0/arr_1 (a single-split ADM file serves any split); ValueError on other layouts."""
-    with np.load(path) as f:
+    arr_0/arr_1 (a single-split ADM file serves any split); ValueError on other layouts or a damaged file."""
+    with open_npz(path, "data npz (--data)", "write it again, or pass another --data") as f:
         keys = set(f.files)
         if f"x_{split}" in keys:
             x_key, y_key = f"x_{split}", f"y_{split}"
@@ -471,6 +473,22 @@ def build_dataset(source, image_size, seed=0, n_images=None, split="train", max_
     raise ValueError(f"data source {path!r} is neither a folder nor a .npz file; {expected}")
 
 
+def source_fingerprint(source):
+    """16 hex digits naming a data source's content: "shapes" itself; an npz by its members' names, sizes and
+    CRC-32s (from its zip directory: no image is read); a folder by its image files' paths and sizes."""
+    digest = hashlib.sha256()
+    if isinstance(source, str) and source == "shapes":
+        digest.update(b"shapes")
+    elif os.path.isdir(source):
+        for path in list_images(source):
+            digest.update(f"{os.path.relpath(path, source)}:{os.path.getsize(path)}\n".encode())
+    else:
+        with open_npz(source, "data npz (--data)", "write it again, or pass another --data") as f:
+            members = sorted((i.filename, i.file_size, i.CRC) for i in f.zip.infolist())
+        digest.update(repr(members).encode())
+    return digest.hexdigest()[:16]
+
+
 # ----------------------------------------------------------------------------------------------------
 # The held-out split: the source's own test split, else a fixed fraction that training never sees
 # ----------------------------------------------------------------------------------------------------
@@ -508,7 +526,7 @@ def _own_heldout(source):
         return "shapes", "val"
     path = os.fspath(source)
     if os.path.isfile(path) and path.lower().endswith(".npz"):
-        with np.load(path) as f:
+        with open_npz(path, "data npz (--data)", "write it again, or pass another --data") as f:
             keys = set(f.files)
         found = [s for s in NPZ_HELDOUT_SPLITS if {f"x_{s}", f"y_{s}"} <= keys]
         return ("npz", found[0]) if found and "x_train" in keys else None
@@ -641,16 +659,17 @@ def _merge_shares(parts, n):
 
 @torch.no_grad()  # not inference_mode: tensors a module caches here must stay usable for training later
 def pretokenize(tokenizer, source, out_path, batch_size=64, device="cpu", progress=True, num_workers=0, seed=0,
-                made_from="", signals=None):
+                made_from="", signals=None, tokenizer_fingerprint=None):
     """Encode every train image of `source` with ten-crop; write out_path (npz): codes int16 [N, 10, T] in
     TEN_CROP_ORDER, labels int64 [N], scalars n_tokens, codebook_size, image_size, num_classes and
-    class_names. source: as build_dataset, or a Dataset of [3, S, S] images (S >= size). The
-    tokenizer must already be on `device`; it encodes in full float32. Under torch.distributed, rank r encodes
-    indices r::world and rank 0 writes the one file in index order. Resumable: the work is kept in part files
-    (PartFiles, beside out_path, so on a filesystem all ranks see) for the job of `made_from` (what the codes
-    are made from, in words), these images, batch size and processes; a rerun continues after the last part.
-    With `signals` (plumbing.StopSignals), a stop signal keeps the batches done and raises plumbing.Stopped.
-    seed: the DataLoader's own generator. Returns out_path."""
+    class_names, and the tokenizer's codebook fingerprint where given (checkpoints.codebook_fingerprint).
+    source: as build_dataset, or a Dataset of [3, S, S] images (S >= size). The tokenizer must already be on
+    `device`; it encodes in full float32. Under torch.distributed, rank r encodes indices r::world and rank 0
+    writes the one file in index order. Resumable: the work is kept in part files (PartFiles, beside out_path,
+    so on a filesystem all ranks see) for the job of `made_from` (what the codes are made from, in words), these
+    images, batch size and processes; a rerun continues after the last part. With `signals`
+    (plumbing.StopSignals), a stop signal keeps the batches done and raises plumbing.Stopped. seed: the
+    DataLoader's own generator. Returns out_path."""
     size, codebook_size = tokenizer.config.image_size, tokenizer.config.codebook_size
     assert codebook_size <= 32768, f"codebook_size {codebook_size} does not fit int16 codes"
     data = source
@@ -673,7 +692,9 @@ def pretokenize(tokenizer, source, out_path, batch_size=64, device="cpu", progre
         codes, labels = _merge_shares(parts, len(data))
         save_npz(out_path, codes=codes, labels=labels, n_tokens=np.int64(codes.shape[2]),
                  codebook_size=np.int64(codebook_size), image_size=np.int64(size),
-                 num_classes=np.int64(data.num_classes), class_names=np.array(data.class_names))
+                 num_classes=np.int64(data.num_classes), class_names=np.array(data.class_names),
+                 **({} if tokenizer_fingerprint is None else
+                    {"tokenizer_fingerprint": np.array(tokenizer_fingerprint)}))
         if os.path.isdir(parts.folder):     # its parts, and what a kill during a write left of one
             for name in os.listdir(parts.folder):
                 os.remove(os.path.join(parts.folder, name))
@@ -694,7 +715,7 @@ class CodesDataset(Dataset):
     def __init__(self, path):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such file; expected the .npz written by pretokenize()")
-        with np.load(path) as f:
+        with open_npz(path, "codes file (--codes)", "delete it to pre-tokenize again, or pass another --codes") as f:
             missing = [k for k in ("codes", "labels") + CODES_META if k not in f.files]
             if missing:
                 raise ValueError(f"{path}: missing {missing}; expected codes, labels, "
@@ -702,6 +723,7 @@ class CodesDataset(Dataset):
             self.codes, self.labels = f["codes"], f["labels"]
             meta = {k: int(f[k]) for k in CODES_META}
             names = _string_array(f, "class_names")
+            self.tokenizer_fingerprint = str(f["tokenizer_fingerprint"]) if "tokenizer_fingerprint" in f.files else None
         self.n_tokens, self.codebook_size = meta["n_tokens"], meta["codebook_size"]
         self.image_size, self.num_classes = meta["image_size"], meta["num_classes"]
         self.class_names = names or [str(c) for c in range(self.num_classes)]

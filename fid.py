@@ -36,7 +36,6 @@ import os
 import sys
 import warnings
 import zipfile
-import zlib
 
 import numpy as np
 import torch
@@ -91,18 +90,20 @@ def extract(model, images, mode="adm", batch_size=50, device=None, progress=True
             for k, v in features.items():
                 out[k].append(v.float().cpu().numpy())
     if not out["pool3"]:
-        raise ValueError("no images to extract features from")
+        raise ValueError(f"{getattr(images, 'path', 'the images')}: no readable images to extract features from")
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
 # === Metrics: FID / sFID, Inception Score, Precision / Recall (float64 statistics) ====================
 
 
-def statistics(features):
-    """Mean [D] and unbiased (N - 1) covariance [D, D] of features [N, D], both float64."""
+def statistics(features, where="features"):
+    """Mean [D] and unbiased (N - 1) covariance [D, D] of features [N, D], both float64; `where` names their
+    source in messages."""
     f = np.asarray(features, dtype=np.float64)
     if f.ndim != 2 or len(f) < 2:
-        raise ValueError(f"statistics need features [N >= 2, D]; got shape {f.shape}")
+        raise ValueError(f"{where}: {len(f) if f.ndim else 0} image(s) scored; statistics need at least 2 (FID is "
+                         f"meant for thousands): give it more images")
     if len(f) < f.shape[1]:
         warnings.warn(f"ONLY {len(f)} SAMPLES FOR {f.shape[1]}-D FEATURES: the covariance is singular, so FID/sFID "
                       f"are biased upwards and not comparable to published numbers (use 50,000 samples)")
@@ -127,16 +128,19 @@ def _trace_sqrt_product(sigma1, sigma2):
     return float(np.sqrt(np.clip(lam, 0, None)).sum())
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """Frechet distance of N(mu1, sigma1) and N(mu2, sigma2): |mu1 - mu2|^2 + tr(S1 + S2 - 2 sqrt(S1 S2)), float."""
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6, names=("the first statistics", "the second")):
+    """Frechet distance of N(mu1, sigma1) and N(mu2, sigma2): |mu1 - mu2|^2 + tr(S1 + S2 - 2 sqrt(S1 S2)), float;
+    `names` name the two inputs in messages."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     d = len(mu1)
     if mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
         raise ValueError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
                          f"{sigma2.shape}")
-    if not all(np.isfinite(a).all() for a in (mu1, mu2, sigma1, sigma2)):
-        raise ValueError("statistics contain NaN or inf")
+    for name, mu, sigma in ((names[0], mu1, sigma1), (names[1], mu2, sigma2)):
+        if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+            raise ValueError(f"{name}: its statistics contain NaN or inf; compute them again from the images "
+                             f"(fid.py IMAGES --save-stats OUT.npz)")
     try:
         tr_covmean = _trace_sqrt_product(sigma1, sigma2)
     except np.linalg.LinAlgError:  # ADM's fallback for a singular product: a small ridge on both diagonals
@@ -204,7 +208,7 @@ def precision_recall(ref_pool3, sample_pool3, k=3, block=10000, device=None):
 
 # === File loading: ADM npz, image folders, statistics npz =============================================
 
-NPZ_ERRORS = (zipfile.BadZipFile, EOFError, zlib.error)  # what a damaged npz raises while it is read
+NPZ_ERRORS = plumbing.NPZ_ERRORS
 
 
 def _unreadable_npz(path, error):
@@ -314,29 +318,24 @@ def load_source(path, transform=None):
         raise FileNotFoundError(f"{path}: no such file or folder")
     if not path.endswith(".npz"):
         raise ValueError(f"{path}: expected a folder of images or an .npz (ADM `arr_0` images or `mu`/`sigma` stats)")
-    if not zipfile.is_zipfile(path):  # np.load would try to unpickle it and say only that pickles are refused
-        raise _unreadable_npz(path, EOFError("no zip directory at its end"))
     src = {"path": path, "images": None}
-    try:
-        with np.load(path) as data:
-            keys = set(data.files)
-            if "mu" not in keys and "arr_0" not in keys:
-                raise ValueError(f"{path}: found keys {sorted(keys)}; expected `arr_0` (uint8 images [N, H, W, 3], "
-                                 f"as ADM writes them) or `mu` and `sigma` (Inception statistics)")
-            for mu, sigma in (("mu", "sigma"), ("mu_s", "sigma_s")):
-                if mu in keys and sigma not in keys:
-                    raise ValueError(f"{path}: found `{mu}` but no `{sigma}`; statistics need both")
-            for key, shape in STAT_SHAPES.items():
-                if key in keys:  # a file's own statistics win over recomputing them from its `arr_0`
-                    src[key] = data[key].astype(np.float64)
-                    if src[key].shape != shape:
-                        raise ValueError(f"{path}: `{key}` has shape {src[key].shape}; expected {shape}")
-            if "pool3" in keys:
-                src["pool3"] = data["pool3"].astype(np.float32)
-        if "arr_0" in keys:
-            src["images"] = NpzImages(path)
-    except NPZ_ERRORS as error:
-        raise _unreadable_npz(path, error) from error
+    with plumbing.open_npz(path, "", "write it again with np.savez") as data:
+        keys = set(data.files)
+        if "mu" not in keys and "arr_0" not in keys:
+            raise ValueError(f"{path}: found keys {sorted(keys)}; expected `arr_0` (uint8 images [N, H, W, 3], "
+                             f"as ADM writes them) or `mu` and `sigma` (Inception statistics)")
+        for mu, sigma in (("mu", "sigma"), ("mu_s", "sigma_s")):
+            if mu in keys and sigma not in keys:
+                raise ValueError(f"{path}: found `{mu}` but no `{sigma}`; statistics need both")
+        for key, shape in STAT_SHAPES.items():
+            if key in keys:  # a file's own statistics win over recomputing them from its `arr_0`
+                src[key] = data[key].astype(np.float64)
+                if src[key].shape != shape:
+                    raise ValueError(f"{path}: `{key}` has shape {src[key].shape}; expected {shape}")
+        if "pool3" in keys:
+            src["pool3"] = data["pool3"].astype(np.float32)
+    if "arr_0" in keys:
+        src["images"] = NpzImages(path)
     return src
 
 
@@ -364,16 +363,17 @@ def complete(src, model, need_logits=False, mode="adm", batch_size=50, device=No
     src.update(n=len(f["pool3"]), skipped=len(skipped), logits=f["logits"], pool3=src.get("pool3", f["pool3"]))
     for mu, sigma, feats in (("mu", "sigma", "pool3"), ("mu_s", "sigma_s", "spatial")):
         if mu not in src:
-            src[mu], src[sigma] = statistics(f[feats])
+            src[mu], src[sigma] = statistics(f[feats], src["path"])
     return src
 
 
-def save_stats(src, out):
-    """Cache a completed source as npz: mu, sigma, mu_s, sigma_s (float64), pool3 of <= 10,000 images (for P/R)."""
+def save_stats(src, out, job=None):
+    """Cache a completed source as npz: mu, sigma, mu_s, sigma_s (float64), pool3 of <= 10,000 images (for P/R),
+    and the `job` that made it (plumbing.claim)."""
     arrays = {k: src[k] for k in STAT_SHAPES if k in src}
     if "pool3" in src:  # ADM's reference batches use 10k images for P/R; more would only grow the file
         arrays["pool3"] = np.asarray(src["pool3"][:PR_REFERENCE_SIZE], np.float32)
-    plumbing.save_npz(out, **arrays)
+    plumbing.save_npz(out, job=job, **arrays)
 
 
 # === Evaluation and command line ======================================================================
@@ -382,11 +382,12 @@ def save_stats(src, out):
 def scores(ref, smp, device=None):
     """ADM's five numbers from completed sources (see `complete`); a metric whose inputs are missing is None."""
     out = dict.fromkeys(["inception_score", "fid", "sfid", "precision", "recall"])
-    out["fid"] = frechet_distance(ref["mu"], ref["sigma"], smp["mu"], smp["sigma"])
+    names = (ref["path"], smp["path"])
+    out["fid"] = frechet_distance(ref["mu"], ref["sigma"], smp["mu"], smp["sigma"], names=names)
     if "logits" in smp:  # ADM scores IS on the samples only
         out["inception_score"] = inception_score(smp["logits"])
     if "mu_s" in ref and "mu_s" in smp:
-        out["sfid"] = frechet_distance(ref["mu_s"], ref["sigma_s"], smp["mu_s"], smp["sigma_s"])
+        out["sfid"] = frechet_distance(ref["mu_s"], ref["sigma_s"], smp["mu_s"], smp["sigma_s"], names=names)
     if "pool3" in ref and "pool3" in smp:
         out["precision"], out["recall"] = precision_recall(ref["pool3"], smp["pool3"], device=device)
     for metric, key, sources in (("Inception Score", "logits", [smp]), ("sFID", "mu_s", [ref, smp]),
@@ -442,7 +443,9 @@ def reconstruction_scores(tokenizer, images_path, model, mode="adm", batch_size=
         rec_f.append(extract(model, rec, mode, batch_size, device, progress=False)["pool3"])
     if not psnrs:
         raise ValueError(f"{images_path}: no readable images")
-    rfid = frechet_distance(*statistics(np.concatenate(real_f)), *statistics(np.concatenate(rec_f)))
+    rfid = frechet_distance(*statistics(np.concatenate(real_f), images_path),
+                            *statistics(np.concatenate(rec_f), f"reconstructions of {images_path}"),
+                            names=(images_path, f"reconstructions of {images_path}"))
     return {"rfid": rfid, "psnr": float(np.concatenate(psnrs).mean()), "num_images": int(sum(map(len, psnrs))),
             "codebook_usage": float((counts > 0).float().mean()), "skipped": len(getattr(images, "skipped", [])),
             "image_size": size, "mode": mode}
@@ -466,7 +469,26 @@ def build_parser():
     p.add_argument("--json", metavar="OUT.json", help="also write the results as JSON (null for n/a)")
     p.add_argument("--save-stats", metavar="OUT.npz", help="cache statistics (see above)")
     p.add_argument("--recon", metavar="TOKENIZER_CKPT", help="score a tokenizer's reconstructions of IMAGES")
+    p.add_argument("--overwrite", action="store_true", help="replace a --json or --save-stats file that holds "
+                   "something else than this job's output (another program's file, other inputs or settings)")
     return p
+
+
+def check_outputs(args):
+    """Refuse, before any work, a --json or --save-stats file that another job made (plumbing.claim; --overwrite
+    replaces it), and a --save-stats or --json that is one of the inputs. (json job, stats job)."""
+    inputs = [os.path.abspath(p) for p in args.paths + ([args.recon] if args.recon else [])]
+    for flag, out in (("--json", args.json), ("--save-stats", args.save_stats)):
+        if out and os.path.abspath(out) in inputs:
+            raise ValueError(f"{flag} {out} is an input of this run: it would be replaced by the results; choose "
+                             f"another {flag}")
+    json_job = {"program": "fid.py", "inputs": inputs, "mode": args.mode, "precision": args.precision}
+    stats_job = {"program": "fid.py --save-stats", "source": inputs[0], "mode": args.mode,
+                 "precision": args.precision}
+    for flag, out, job in (("--json", args.json, json_job), ("--save-stats", args.save_stats, stats_job)):
+        if out:
+            plumbing.claim(out, job, flag, args.overwrite)
+    return json_job, stats_job
 
 
 def run(argv=None):
@@ -480,8 +502,9 @@ def run(argv=None):
     if not args.recon and n != 2 and not (args.save_stats and n == 1):
         parser.error("give REF and SAMPLES (or one SOURCE with --save-stats)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    json_job, stats_job = check_outputs(args)
     # every input is opened (and checked) before the first image is run through the network
-    tokenizer = checkpoints.load_tokenizer(args.recon) if args.recon else None
+    tokenizer = checkpoints.load_tokenizer(args.recon, source=f"--recon {args.recon!r}") if args.recon else None
     sources = [] if args.recon else [load_source(path) for path in args.paths]
     if len(sources) == 2:
         check_same_size(*sources)
@@ -493,7 +516,7 @@ def run(argv=None):
     else:
         ref = complete(sources[0], model, False, **common)
         if args.save_stats:
-            save_stats(ref, args.save_stats)
+            save_stats(ref, args.save_stats, stats_job)
             print(f"saved statistics of {args.paths[0]} to {args.save_stats}", file=sys.stderr)
         if n == 1:
             result, rows = {"saved_stats": args.save_stats, "num_images": ref.get("n")}, []
@@ -507,7 +530,7 @@ def run(argv=None):
     for label, key in rows:
         print(f"{label}: {'n/a' if result[key] is None else result[key]}")
     if args.json:
-        plumbing.save_json(args.json, result | {"inception_precision": args.precision})
+        plumbing.save_json(args.json, result | {"inception_precision": args.precision}, job=json_job)
     return result
 
 

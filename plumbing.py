@@ -14,33 +14,132 @@ import signal
 import socket
 import sys
 from typing import NamedTuple
+import zipfile
+import zlib
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
 
 # ----------------------------------------------------------------------------------------------------
-# Files written atomically, processes under torchrun, locks, signals, errors
+# Files: read with one line naming a damaged file, written atomically, never over another job's file
 # ----------------------------------------------------------------------------------------------------
+
+NPZ_ERRORS = (zipfile.BadZipFile, EOFError, zlib.error)  # what a damaged npz raises while it is read
+
+
+@contextlib.contextmanager
+def open_npz(path, what="npz", fix="write it again"):
+    """np.load(path) without pickle, as a context; a missing, empty, truncated or damaged file, one that is not an
+    npz, and an object array read inside the context end as one FileNotFoundError or ValueError naming `what`
+    and the file, and saying `fix`."""
+    name, prefix = os.fspath(path), f"{what} " if what else ""
+    if not os.path.isfile(name):
+        raise FileNotFoundError(f"{prefix}not found: {name!r}")
+    if not zipfile.is_zipfile(name):        # np.load would try to unpickle it and say only that pickles are refused
+        found = "empty (0 bytes)" if os.path.getsize(name) == 0 else "no zip directory at its end: truncated, or no npz"
+        raise ValueError(f"{prefix}{name}: not a readable .npz ({found}): {fix}")
+    try:
+        with np.load(name, allow_pickle=False) as f:
+            yield f
+    except NPZ_ERRORS as error:
+        raise ValueError(f"{prefix}{name}: not a readable .npz (truncated or corrupt? {type(error).__name__}: "
+                         f"{str(error)[:160]}): {fix}") from error
+    except ValueError as error:
+        if "allow_pickle" not in str(error):
+            raise
+        raise ValueError(f"{prefix}{name}: holds an object array (pickled Python objects, which are not read): "
+                         f"store numbers or strings, e.g. np.asarray(labels, np.int64)") from None
+
+
+def read_json(path, what="JSON file", fix="write it again"):
+    """json.load(path); a missing, empty or damaged file ends as one FileNotFoundError or ValueError naming `what`
+    and the file, and saying `fix`."""
+    name = os.fspath(path)
+    try:
+        with open(name) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {name!r}") from None
+    except (ValueError, UnicodeDecodeError) as error:      # JSONDecodeError is a ValueError
+        raise ValueError(f"{what} {name!r} is not readable JSON ({str(error)[:120]}): {fix}") from None
+
+
+def job_of(path):
+    """The job record (a dict: the writing program and the settings that decide the file) that this project's
+    writers put in a JSON ("job" key), npz ("job" entry) or picture (PNG text, JPEG comment); None if none."""
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if ext == ".json":
+            with open(path) as f:
+                obj = json.load(f)
+            return obj.get("job") if isinstance(obj, dict) else None
+        if ext == ".npz":
+            with np.load(path, allow_pickle=False) as f:
+                return json.loads(str(f["job"])) if "job" in f.files else None
+        if ext in PICTURE_FORMATS:
+            with Image.open(path) as image:
+                text = image.info.get("job") or image.info.get("comment")
+            return json.loads(text) if text else None
+    except Exception:       # damaged, or no file of this project: no job record
+        return None
+    return None
+
+
+def claim(path, job, flag, overwrite=False):
+    """Before writing `path`: FileExistsError when it exists and is not a file made by the same `job` (a JSON-ready
+    dict), unless `overwrite`; the message says what is there and what to pass."""
+    if overwrite or not os.path.exists(path):
+        return
+    job, theirs = json.loads(json.dumps(job)), job_of(path)
+    if theirs == job:
+        return
+    if isinstance(theirs, dict) and theirs.get("program") == job.get("program"):
+        differ = sorted(k for k in set(job) | set(theirs) if job.get(k) != theirs.get(k))
+        what = f"the output of another {job['program']} job (it differs in {', '.join(differ)})"
+    elif isinstance(theirs, dict):
+        what = f"the output of {theirs.get('program')}"
+    else:
+        what = "a file this program did not make"
+    raise FileExistsError(f"{flag} {path} already holds {what}: choose another {flag}, or pass --overwrite to "
+                          f"replace it")
+
+
+def remove_stale_temporaries(folder, names=None):
+    """Remove the temporary files (<name>.tmp<pid>, of atomic_write) that a killed writer left in `folder` (only
+    those of `names`, where given); the caller holds the folder or file, so no live writer owns them."""
+    if not os.path.isdir(folder):
+        return
+    for entry in os.scandir(folder):
+        stem, tmp, pid = entry.name.rpartition(".tmp")
+        if tmp and pid.isdigit() and entry.is_file() and (names is None or stem in names):
+            os.remove(entry.path)
+
 
 def atomic_write(path, write, mode="wb"):
     """Call write(file) on a temporary file beside `path`, then rename it: readers see the old file or the
     whole new one, never half of one. A kill leaves `path` as it was; a full filesystem too, and raises an
-    OSError that says so, names the file and says that its previous version is intact."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    OSError that says so, names the file and says that its previous version is intact. Any other OSError is
+    one naming `path` (not the temporary file)."""
     tmp, existed = f"{path}.tmp{os.getpid()}", os.path.exists(path)
     try:
         try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             with open(tmp, mode) as f:
                 write(f)
             os.replace(tmp, path)
         except (OSError, RuntimeError) as error:
             why = full_filesystem(error, tmp)       # asked while the temporary file still takes its space
+            if why is None and not isinstance(error, OSError):
+                raise                               # a writer's own failure, not the file's
             if why is None:
-                raise
+                failed = OSError(f"cannot write {path}: {error.strerror or error}")
+                failed.errno = error.errno
+                raise failed from error
             kept = f"the previous {path} is intact" if existed else f"nothing was written to {path}"
             full = OSError(f"cannot write {path}: the filesystem is full ({why}); {kept}. Free some space "
                            f"on it (or write elsewhere) and run again")
@@ -75,13 +174,16 @@ def save_checkpoint(obj, path):
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def save_npz(path, **arrays):
-    """An uncompressed npz written atomically (a file object stops numpy appending ".npz" to the name)."""
-    atomic_write(path, lambda f: np.savez(f, **arrays))
+def save_npz(path, job=None, **arrays):
+    """An uncompressed npz written atomically (a file object stops numpy appending ".npz" to the name), with the
+    `job` that made it (claim) as a "job" string entry where given."""
+    extra = {} if job is None else {"job": np.array(json.dumps(job))}
+    atomic_write(path, lambda f: np.savez(f, **arrays, **extra))
 
 
-def save_json(path, obj):
-    """JSON (indented) written atomically."""
+def save_json(path, obj, job=None):
+    """JSON (indented) written atomically, with the `job` that made it (claim) as its "job" key where given."""
+    obj = obj if job is None else {"job": job, **obj}
     atomic_write(path, lambda f: json.dump(obj, f, indent=2), mode="w")
 
 
@@ -163,24 +265,33 @@ def to_uint8(images, rounding="round"):
 
 
 class RunFolderLock:
-    """Hold a run folder for this process: a second live run on it is refused with the holder's pid and host.
-    The lock is an flock on <folder>/.lock, which the kernel drops when its process dies, so a killed run
-    leaves nothing that blocks its own --resume."""
+    """Hold a run folder (or, given `path`, one output file) for this process: a second live run on it is
+    refused with the holder's pid and host. The lock is an flock on <folder>/.lock (or `path`), which the kernel
+    drops when its process dies, so a killed run leaves nothing that blocks its own --resume; the lock file is
+    removed when the holder leaves, and a killed holder's is taken over and removed by the next one."""
 
-    def __init__(self, folder):
-        self.path, self.file = os.path.join(folder, ".lock"), None
+    def __init__(self, folder, path=None, flag="--out"):
+        self.folder, self.flag, self.file = folder, flag, None
+        self.path = path or os.path.join(folder, ".lock")
 
     def __enter__(self):
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self.file = open(self.path, "a+")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "another process"
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        while True:
+            self.file = open(self.path, "a+")
+            try:
+                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                self.file.seek(0)
+                holder = self.file.read().strip() or "another process"
+                self.file.close()
+                raise ValueError(f"{self.folder} is in use by a live run ({holder}): wait for it to finish or "
+                                 f"stop it, or choose another {self.flag}") from None
+            try:        # the lock of a file its holder removed meanwhile holds nothing: take the new file's
+                if os.path.samestat(os.fstat(self.file.fileno()), os.stat(self.path)):
+                    break
+            except FileNotFoundError:
+                pass
             self.file.close()
-            raise ValueError(f"{os.path.dirname(self.path)} is in use by a live run ({holder}): wait for it to "
-                             f"finish or stop it, or choose another --out") from None
         self.file.seek(0)
         self.file.truncate()
         self.file.write(f"pid {os.getpid()} on {socket.gethostname()}")
@@ -188,6 +299,8 @@ class RunFolderLock:
         return self
 
     def __exit__(self, *exc):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.path)                    # before the unlock: a waiting process then takes a new file
         fcntl.flock(self.file, fcntl.LOCK_UN)
         self.file.close()
 
@@ -250,6 +363,7 @@ def _whole(x):
 FLAG_KINDS = {
     "count": (lambda x: _whole(x) and x >= 1, "a whole number >= 1"),
     "index": (lambda x: _whole(x) and x >= 0, "a whole number >= 0"),
+    "seed": (lambda x: _whole(x) and 0 <= x < 2 ** 32, "a whole number in [0, 4294967295]"),   # x 1000003 fits int64
     "positive": (lambda x: math.isfinite(x) and x > 0, "a finite number > 0"),
     "nonnegative": (lambda x: math.isfinite(x) and x >= 0, "a finite number >= 0"),
     "finite": (math.isfinite, "a finite number"),
@@ -287,6 +401,7 @@ class Logger:
 
     def __init__(self, out, rank):
         self.rank, self.path = rank, os.path.join(out, "metrics.jsonl")
+        self.last_good = "no checkpoint was written before"     # the training loop updates it at each save
 
     def info(self, msg):
         """Print a message line (rank 0), above the progress bar."""
@@ -294,10 +409,15 @@ class Logger:
             tqdm.write(msg)
 
     def metrics(self, record):
-        """Append a JSON-ready dict as one line of <out>/metrics.jsonl (rank 0)."""
+        """Append a JSON-ready dict as one line of <out>/metrics.jsonl (rank 0); a failed write (a full disk) is an
+        OSError naming the file and the last good checkpoint."""
         if self.rank == 0:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as error:
+                raise OSError(f"cannot append to {self.path} ({error.strerror or error}); {self.last_good}. Free "
+                              f"some space (or fix the folder) and continue with --resume") from None
 
 
 def agreed_signal(signals, group):
@@ -314,9 +434,16 @@ def agreed_signal(signals, group):
 # Pictures: image grids and metric curves
 # ----------------------------------------------------------------------------------------------------
 
-def save_grid(images, path, nrow=8, padding=2, min_side=128):
-    """Save float [B, 3, H, W] in [0, 1] as a PNG grid: nrow images per row, `padding` black px around each;
-    images smaller than min_side px are enlarged by a whole factor (nearest neighbour) so a person can see them."""
+PICTURE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}  # picture file name ending -> PIL format
+
+
+def save_grid(images, path, nrow=8, padding=2, min_side=128, job=None):
+    """Save float [B, 3, H, W] in [0, 1] as a grid in the format its name asks for (PICTURE_FORMATS): nrow images
+    per row, `padding` black px around each; images smaller than min_side px are enlarged by a whole factor
+    (nearest neighbour) so a person can see them. `job` (claim) goes in as PNG text or a JPEG comment."""
+    kind = PICTURE_FORMATS.get(os.path.splitext(path)[1].lower())
+    if kind is None:
+        raise ValueError(f"{path}: a picture is written as {' or '.join(PICTURE_FORMATS)}; name it so")
     x = to_uint8(images)
     zoom = max(1, -(-min_side // min(x.shape[1:3])))
     x = x.repeat(zoom, axis=1).repeat(zoom, axis=2)
@@ -326,7 +453,13 @@ def save_grid(images, path, nrow=8, padding=2, min_side=128):
     for i in range(b):
         top, left = padding + (i // nrow) * (h + padding), padding + (i % nrow) * (w + padding)
         grid[top:top + h, left:left + w] = x[i]
-    atomic_write(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
+    options = {"quality": 95} if kind == "JPEG" else {}
+    if job is not None and kind == "PNG":
+        options["pnginfo"] = PngInfo()
+        options["pnginfo"].add_text("job", json.dumps(job))
+    elif job is not None:
+        options["comment"] = json.dumps(job)
+    atomic_write(path, lambda f: Image.fromarray(grid).save(f, format=kind, **options))
 
 
 def font(size):

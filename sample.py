@@ -22,6 +22,7 @@ examples:
   python sample.py --ckpt GEN.pt --per-class 4
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -57,7 +58,7 @@ MIN_BATCH, DECODE_BATCH = 8, 32
 # The range of each numeric flag (plumbing.check_flags), checked before anything is loaded or written
 FLAG_RULES = {"--classes": "index", "--per-class": "count", "--npz": "count", "--shard-size": "count",
               "--cfg-scale": "finite", "--cfg-power": "nonnegative", "--temperature": "nonnegative",
-              "--top-k": "index", "--top-p": "fraction", "--seed": "index", "--batch-size": "count"}
+              "--top-k": "index", "--top-p": "fraction", "--seed": "seed", "--batch-size": "count"}
 
 
 # --- Loading the generator and its tokenizer --------------------------------------------------------
@@ -76,7 +77,7 @@ def load_models(gen_path, tok_path=None, device="cpu", precision="fp32", accept_
     refused (accept_tokenizer: used, with a warning). ckpt: the generator file as read already (default: read from
     gen_path)."""
     ckpt = read_weights(gen_path, "generator checkpoint") if ckpt is None else ckpt
-    generator = load_generator(ckpt)
+    generator = load_generator(ckpt, source=f"--ckpt {gen_path!r}")
     source = tok_path or (ckpt.get("tokenizer") if isinstance(ckpt, dict) else None)
     if source is None:
         raise FileNotFoundError(f"no tokenizer: {gen_path!r} carries no tokenizer path, so pass --tokenizer TOK "
@@ -87,8 +88,9 @@ def load_models(gen_path, tok_path=None, device="cpu", precision="fp32", accept_
     else:
         beside = os.path.join(os.path.dirname(gen_path), source)  # a relative path written from another folder
         source = source if tok_path or os.path.isfile(source) or not os.path.isfile(beside) else beside
-        what = "tokenizer" if tok_path else f"tokenizer (the path carried by {gen_path!r})"
-        tokenizer, source = load_tokenizer(read_weights(source, what)), os.path.abspath(source)
+        what = "--tokenizer" if tok_path else f"tokenizer (the path carried by {gen_path!r})"
+        tokenizer = load_tokenizer(read_weights(source, what), source=f"{what} {source!r}")
+        source = os.path.abspath(source)
     g, t = generator.config, tokenizer.config
     if (g.codebook_size, g.n_prefix, g.grid) != (t.codebook_size, t.n_prefix, t.grid):
         raise ValueError(f"generator and tokenizer do not fit: the generator samples {g.n_prefix} + {g.grid}^2 "
@@ -191,8 +193,8 @@ def open_work_folder(work, settings, rank=0):
     if rank == 0 and not os.path.isfile(path):
         plumbing.save_json(path, settings)
     plumbing.barrier()
-    with open(path) as f:
-        differ = sorted(k for k, v in json.load(f).items() if settings.get(k) != v)
+    found = plumbing.read_json(path, "the shard folder's settings", f"delete the folder {work} to start over")
+    differ = sorted(k for k, v in found.items() if settings.get(k) != v)
     if differ:
         raise FileExistsError(f"{work} holds shards of another run (it differs in {', '.join(differ)}): rerun "
                               f"with the same settings to resume it, or delete the folder to start over")
@@ -220,15 +222,16 @@ def sample_npz(generator, tokenizer, out, n, classes, opts, settings, seed=0, ba
                           codes=codes.numpy().astype(code_dtype))
     plumbing.barrier()
     if rank == 0:
-        assemble_npz(out, [shard(s) for s in range(0, n, shard_size)], labels)
+        assemble_npz(out, [shard(s) for s in range(0, n, shard_size)], labels, sample_job(settings))
         shutil.rmtree(work)
     plumbing.barrier()
     return sum(e - s for s, e in todo)
 
 
-def assemble_npz(out, shards, labels):
-    """Write out from the shard files in order, atomically; fixed zip timestamps make equal samples a byte-equal
-    file. arr_0 streams one shard at a time (50k 256 px images are 9.8 GB)."""
+def assemble_npz(out, shards, labels, job):
+    """Write out from the shard files in order, atomically, with `job` (plumbing.claim) as its "job" entry; fixed
+    zip timestamps make equal samples a byte-equal file. arr_0 streams one shard at a time (50k 256 px images are
+    9.8 GB). A damaged shard is named, to be made again."""
     entry = lambda name: zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
 
     def write(f):
@@ -236,14 +239,15 @@ def assemble_npz(out, shards, labels):
         with zipfile.ZipFile(f, "w", allowZip64=True) as zf:
             with zf.open(entry("arr_0.npy"), "w", force_zip64=True) as arr_0:
                 for k, path in enumerate(shards):
-                    with np.load(path) as part:
+                    with plumbing.open_npz(path, "sample shard", "delete it and rerun the same command, which makes "
+                                                                 "it again") as part:
                         images = part["images"]
                         codes.append(part["codes"])
                     if k == 0:
                         shape = (len(labels), *images.shape[1:])
                         np.lib.format.write_array_header_1_0(arr_0, dict(descr="|u1", fortran_order=False, shape=shape))
                     arr_0.write(np.ascontiguousarray(images).tobytes())
-            for name, array in (("arr_1", labels), ("codes", np.concatenate(codes))):
+            for name, array in (("arr_1", labels), ("codes", np.concatenate(codes)), ("job", np.array(json.dumps(job)))):
                 with zf.open(entry(f"{name}.npy"), "w", force_zip64=True) as g:
                     np.lib.format.write_array(g, array, allow_pickle=False)
     plumbing.atomic_write(out, write)
@@ -269,7 +273,7 @@ def build_parser():
     add("--temperature", type=float, default=1.0, help="softmax temperature; 0 = argmax (default 1, as released)")
     add("--top-k", type=int, default=0, help="sample among the k most likely codes; 0 = all (default)")
     add("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]; 1 = off (default)")
-    add("--seed", type=int, default=0, help="base seed: sample i uses seed * 1000003 + i (default 0)")
+    add("--seed", type=int, default=0, help="base seed, 0 to 4294967295: sample i uses seed * 1000003 + i (default 0)")
     add("--batch-size", type=int, help="samples per forward pass and process (default: 32 on a CPU; on a GPU the "
         "largest power of two up to 256 whose KV cache takes at most a quarter of the free memory; fewer than 8 "
         "run padded to 8); the samples do not depend on it")
@@ -280,20 +284,31 @@ def build_parser():
     add("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the whole sampling step (batches "
         "are padded to --batch-size; CUDA graphs on a GPU). Default: on for CUDA, off on a CPU, where compiling "
         "costs more than it saves for a few hundred images")
-    add("--out", help="output file (default: out/<ckpt name>_grid.png, or out/<ckpt name>_<N>.npz with --npz); "
-        "the settings and speed go beside it as .json")
+    add("--out", help="output file: a grid .png or .jpg (default: out/<ckpt name>_grid.png), or with --npz an .npz "
+        "(default out/<ckpt name>_<N>.npz); the settings and speed go beside it as .json")
+    add("--overwrite", action="store_true", help="replace --out and its .json record when they hold something else "
+        "than this run's samples (a file of another job or program)")
     add("--accept-tokenizer", action="store_true", help="sample even with a tokenizer whose codebook is not the "
         "one the generator checkpoint names (its fingerprint; a warning is printed)")
     return p
 
 
 def check_args(p, args, world):
-    """parser.error on combinations of arguments that cannot work, before any model is loaded (each flag's range,
-    FLAG_RULES, is checked before this)."""
+    """parser.error (ValueError for --out's name) on combinations of arguments that cannot work, before any model
+    is loaded (ranges: FLAG_RULES)."""
     if world > 1 and not args.npz:
         p.error("torchrun (WORLD_SIZE > 1) is for --npz only")
     if args.npz and args.out and not args.out.endswith(".npz"):
         p.error("--out must end in .npz with --npz (evaluators look for it)")
+    if not args.npz and args.out and os.path.splitext(args.out)[1].lower() not in plumbing.PICTURE_FORMATS:
+        raise ValueError(f"--out {args.out}: a grid is written as {' or '.join(plumbing.PICTURE_FORMATS)} (an .npz "
+                         f"sample batch with --npz N): name it so")
+
+
+def sample_job(keys, per_class=None):
+    """What decides a sample file (plumbing.claim): the program, the SHARD_KEYS settings `keys`, and a grid's
+    samples per class."""
+    return {"program": "sample.py", **keys, "per_class": per_class}
 
 
 def sampling_settings(args, cfg, classes, tok_source, device, world):
@@ -333,37 +348,45 @@ def main(argv=None):
     settings = json.loads(json.dumps(sampling_settings(args, cfg, classes, tok_source, device, world)))
     settings["class_names"] = [names[c] for c in classes] if names else None   # the released files name none
     keys = {k: settings[k] for k in SHARD_KEYS}
-    if args.npz and os.path.isfile(args.out) and os.path.isfile(record):
-        with open(record) as f:
-            if {k: v for k, v in json.load(f)["settings"].items() if k in SHARD_KEYS} == keys:
-                print(f"{args.out} already holds these samples ({record}): nothing to do; delete it to redo it")
-                return 0
-    if rank == 0:
-        shown = {"classes": f"{len(classes)}", "class_names": None} if not args.classes else {}
-        print("sampling with", json.dumps(dict(settings, **shown)))
-    opts = {k: settings[k] for k in ("cfg_scale", "cfg_power", "temperature", "top_k", "top_p")}
-    if args.compile:
-        opts["step"] = speed.compile_step(generator)
-    start = time.perf_counter()
-    if args.npz:
-        made = sample_npz(generator, tokenizer, args.out, args.npz, classes, opts, keys, args.seed,
-                          args.batch_size, args.shard_size, rank, world)
-    else:
-        _, images = sample_grid(generator, tokenizer, classes, args.per_class, opts, args.seed, args.batch_size,
-                                progress=True)
-        made = len(images)
-        plumbing.save_grid(images, args.out, nrow=args.per_class)
-    seconds = time.perf_counter() - start
-    if plumbing.is_distributed():         # every rank counts: the record is the whole job's
-        total = torch.tensor(made)
-        dist.all_reduce(total)
-        made = int(total)
-    rate = made / seconds if made else None
-    if rank == 0:
-        plumbing.save_json(record, dict(settings=settings, out=os.path.abspath(args.out), images_made=made,
-                                    seconds=round(seconds, 3), images_per_s=rate, torch=torch.__version__,
-                                    tokens_per_s=rate and rate * cfg.n_tokens, generator_config=asdict(cfg)))
-        print(f"wrote {args.out} ({made} images made in {seconds:.1f} s" + (f", {rate:.3f} images/s)" if rate else ")"))
+    job = sample_job(keys, settings["per_class"])
+    if args.npz and plumbing.job_of(args.out) == job:
+        print(f"{args.out} already holds these samples: nothing to do; delete it to redo it")
+        return 0
+    # rank 0 holds --out while it samples: a second run onto it is refused, naming this process
+    with plumbing.RunFolderLock(args.out, args.out + ".lock") if rank == 0 else contextlib.nullcontext():
+        if rank == 0:       # the files are this job's, or --overwrite says so; a killed writer's leftovers go
+            plumbing.claim(args.out, job, "--out", args.overwrite)
+            plumbing.claim(record, job, "the record of --out", args.overwrite)
+            plumbing.remove_stale_temporaries(os.path.dirname(os.path.abspath(args.out)),
+                                              [os.path.basename(args.out), os.path.basename(record)])
+            plumbing.remove_stale_temporaries(args.out + ".parts")
+            shown = {"classes": f"{len(classes)}", "class_names": None} if not args.classes else {}
+            print("sampling with", json.dumps(dict(settings, **shown)))
+        opts = {k: settings[k] for k in ("cfg_scale", "cfg_power", "temperature", "top_k", "top_p")}
+        if args.compile:
+            opts["step"] = speed.compile_step(generator)
+        start = time.perf_counter()
+        if args.npz:
+            made = sample_npz(generator, tokenizer, args.out, args.npz, classes, opts, keys, args.seed,
+                              args.batch_size, args.shard_size, rank, world)
+        else:
+            _, images = sample_grid(generator, tokenizer, classes, args.per_class, opts, args.seed, args.batch_size,
+                                    progress=True)
+            made = len(images)
+            plumbing.save_grid(images, args.out, nrow=args.per_class, job=job)
+        seconds = time.perf_counter() - start
+        if plumbing.is_distributed():         # every rank counts: the record is the whole job's
+            total = torch.tensor(made)
+            dist.all_reduce(total)
+            made = int(total)
+        rate = made / seconds if made else None
+        if rank == 0:
+            plumbing.save_json(record, dict(settings=settings, out=os.path.abspath(args.out), images_made=made,
+                                            seconds=round(seconds, 3), images_per_s=rate, torch=torch.__version__,
+                                            tokens_per_s=rate and rate * cfg.n_tokens,
+                                            generator_config=asdict(cfg)), job=job)
+            print(f"wrote {args.out} ({made} images made in {seconds:.1f} s"
+                  + (f", {rate:.3f} images/s)" if rate else ")"))
     if plumbing.is_distributed():
         plumbing.barrier()                # rank 0's record written, then all ranks leave together
         dist.destroy_process_group()

@@ -623,7 +623,7 @@ def test_mismatched_checkpoint_names_tensors_and_fitting_config():
     state["decoder.extra"] = torch.zeros(1)
     with pytest.raises(ValueError, match=r"missing: decoder\.ln_post\.bias(.|\n)*unexpected: decoder\.extra"):
         load_tokenizer(state)
-    with pytest.raises(ValueError, match="not a tokenizer checkpoint"):
+    with pytest.raises(ValueError, match="checkpoint is a generator checkpoint, not a tokenizer"):
         load_tokenizer(tiny_generator().state_dict())
 
 
@@ -1076,6 +1076,61 @@ def test_run_folder_lock_refuses_a_live_holder_and_not_a_killed_one(tmp_path):
         holder.wait()
     with plumbing.RunFolderLock(str(tmp_path)):                    # the killed run's lock file is left, yet free
         assert f"pid {os.getpid()}" in (tmp_path / ".lock").read_text()
+
+
+def test_a_refused_run_leaves_no_lock_and_a_killed_save_no_temporary_file(tmp_path, capsys):
+    """A run that ends in an error removes its .lock; the next start removes what a killed save left."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").write_text("pid 1 on a host that was killed")
+    (run / "ckpt.pt.tmp99999").write_bytes(b"half a checkpoint")
+    (run / "tokenizer.pt").write_bytes(b"a finished tokenizer")
+    argv = ["--stage", "2", "--init", str(tmp_path / "s1.pt"), "--out", str(run), *TINY]
+    assert plumbing.cli(train.main, argv) == 2
+    assert "holds a finished tokenizer.pt" in capsys.readouterr().err
+    assert sorted(os.listdir(run)) == ["tokenizer.pt"]
+
+
+def test_write_errors_name_the_file_asked_for(tmp_path, monkeypatch):
+    blocked_write(monkeypatch)
+    with pytest.raises(OSError) as error:
+        plumbing.save_json(str(tmp_path / "r.json"), {})
+    assert str(error.value) == f"cannot write {tmp_path / 'r.json'}: Permission denied"
+
+
+def test_grid_is_written_in_the_format_its_name_asks_for(tmp_path):
+    for name, kind in (("g.png", "PNG"), ("g.jpg", "JPEG"), ("g.JPEG", "JPEG")):
+        plumbing.save_grid(torch.rand(2, 3, 8, 8), str(tmp_path / name), job={"program": "test"})
+        with Image.open(tmp_path / name) as image:
+            assert image.format == kind
+        assert plumbing.job_of(str(tmp_path / name)) == {"program": "test"}
+    with pytest.raises(ValueError, match="a picture is written as .png or .jpg or .jpeg"):
+        plumbing.save_grid(torch.rand(2, 3, 8, 8), str(tmp_path / "g.gif"))
+
+
+def test_claim_refuses_another_jobs_file_and_says_what_to_pass(tmp_path):
+    path = str(tmp_path / "r.json")
+    plumbing.save_json(path, {"n": 1}, job={"program": "a.py", "seed": 0})
+    plumbing.claim(path, {"program": "a.py", "seed": 0}, "--out")                   # the same job: replaced
+    with pytest.raises(FileExistsError, match=r"another a.py job \(it differs in seed\): .*--overwrite"):
+        plumbing.claim(path, {"program": "a.py", "seed": 1}, "--out")
+    with pytest.raises(FileExistsError, match="holds the output of a.py: choose another --json"):
+        plumbing.claim(path, {"program": "b.py"}, "--json")
+    plumbing.claim(path, {"program": "b.py"}, "--json", overwrite=True)
+
+
+def test_metrics_on_a_full_disk_name_the_file_and_the_last_good_checkpoint(tmp_path, monkeypatch):
+    log = plumbing.Logger(str(tmp_path), 0)
+    log.last_good = "the last good checkpoint is run/ckpt.pt at step 4"
+
+    def full(path, mode="r", *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(plumbing, "open", full, raising=False)
+    with pytest.raises(OSError) as error:
+        log.metrics({"step": 5})
+    assert str(error.value) == (f"cannot append to {tmp_path / 'metrics.jsonl'} (No space left on device); the last "
+                                f"good checkpoint is run/ckpt.pt at step 4. Free some space (or fix the folder) and "
+                                f"continue with --resume")
 
 
 def test_stop_signals_turn_a_real_signal_into_a_request():
@@ -1841,6 +1896,16 @@ def bad_inputs(root, tmp):
     torch.save({"weight": torch.zeros(2)}, tmp / "foreign.pt")
     np.savez(tmp / "nchw.npz", x_train=np.zeros((4, 3, 8, 8), np.uint8), y_train=np.zeros(4, np.int64))
     (tmp / "a_file").write_text("")
+    np.savez(tmp / "other.npz", x_train=np.zeros((64, 8, 8, 3), np.uint8), y_train=np.arange(64) % 10)
+    (tmp / "arrun").mkdir(exist_ok=True)
+    for name in ("ckpt.pt", "codes.npz"):
+        shutil.copy(root / "ar" / name, tmp / "arrun" / name)
+    torch.manual_seed(1)
+    other = Tokenizer(tokenizer_config("tiny", "inference"))
+    torch.save(checkpoint(other), tmp / "other_tok.pt")
+    with np.load(root / "ar" / "codes.npz") as f:
+        np.savez(tmp / "other_codes.npz", **{**{k: f[k] for k in f.files},
+                                              "tokenizer_fingerprint": np.array(checkpoints.codebook_fingerprint(other))})
     s2, ar = ["--stage", "2", "--out", str(tmp / "s2")], ["--stage", "ar", "--out", str(tmp / "ar")]
     resume = ["--out", str(tmp / "run"), "--resume"]
     return [
@@ -1871,6 +1936,17 @@ def bad_inputs(root, tmp):
         (["--stage", "1", "--out", str(tmp / "new"), "--micro-batch", "3"], "--batch-size 8 must split into 1 "
                                                                             "process\\(es\\) x --micro-batch 3"),
         (["--stage", "1", "--out", str(tmp / "run"), "--resume", "--restart"], "give one of them"),
+        (["--stage", "1", *resume, "--data", str(tmp / "other.npz")],
+         r"run holds a stage-1 run of preset tiny trained on --data shapes \(fingerprint [0-9a-f]{16}\), but --data "
+         r"\S*other.npz has fingerprint [0-9a-f]{16}: resume with --data shapes, or train on the new one in another "
+         r"--out \(or --restart\)"),
+        (["--stage", "ar", "--out", str(tmp / "arrun"), "--resume", "--tokenizer", str(tmp / "other_tok.pt"), "--codes",
+          str(tmp / "other_codes.npz")], r"arrun holds a stage-ar run of preset tiny trained on --tokenizer \S*tokenizer"
+                                         r".pt \(fingerprint [0-9a-f]{16}\), but --tokenizer \S*other_tok.pt has "
+                                         r"fingerprint [0-9a-f]{16}: resume with --tokenizer"),
+        (["--stage", "ar", "--out", str(tmp / "arrun"), "--resume", "--tokenizer", str(tmp / "other_tok.pt")],
+         r"codes \S*arrun/codes.npz \(73 tokens per image, tokenizer fingerprint [0-9a-f]{16}\) were not made by "
+         r"--tokenizer \S*other_tok.pt"),
     ]
 
 
@@ -1891,6 +1967,24 @@ def test_bad_input_is_one_message_and_status_2(tmp_path, stages, capsys):
     (tmp_path / "run" / "ckpt.pt").write_bytes(before[:5000])
     assert plumbing.cli(train.main, ["--stage", "1", "--out", str(tmp_path / "run"), "--resume", *TINY]) == 2
     assert "training checkpoint (--resume)" in capsys.readouterr().err
+
+
+def test_a_finished_folder_without_ckpt_is_not_resumed_and_restart_trains_it_again(tmp_path, stages, capsys):
+    """A folder with a finished tokenizer.pt and no ckpt.pt: --resume is refused (nothing to continue), the plain
+    refusal does not advise --resume, and --restart (as both advise) trains it again."""
+    root, run = stages[0], tmp_path / "s2"
+    run.mkdir()
+    finished = (root / "s2" / "tokenizer.pt").read_bytes()
+    (run / "tokenizer.pt").write_bytes(finished)
+    common = ["--stage", "2", "--init", str(root / "s1" / "ckpt.pt"), "--out", str(run), *TINY, "--steps", "2"]
+    assert plumbing.cli(train.main, [*common, "--resume"]) == 2
+    assert "but no ckpt.pt to continue from" in capsys.readouterr().err
+    assert plumbing.cli(train.main, common) == 2
+    said = capsys.readouterr().err
+    assert "--restart" in said and "--resume" not in said and (run / "tokenizer.pt").read_bytes() == finished
+    assert train.main([*common, "--restart"]) == 0
+    assert (run / "tokenizer.pt").read_bytes() != finished
+    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")][-1] == 2
 
 
 def test_loss_networks_fetch_standard_weights_or_say_how_to_train_without(weight_server, monkeypatch, tmp_path):
@@ -2845,9 +2939,48 @@ def test_finished_npz_is_kept_or_redone(ckpts, npz_one, tmp_path, capsys):
     (tmp_path / "copy.json").write_bytes(npz_one.with_suffix(".json").read_bytes())
     assert S.main(npz_args(ckpts, out)) == 0  # the same line again: nothing to do
     assert "nothing to do" in capsys.readouterr().out and not os.path.exists(f"{out}.parts")
-    S.main(npz_args(ckpts, out, 20, 3, "--seed", "1"))  # other settings: sampled again
+    assert plumbing.cli(S.main, npz_args(ckpts, out, 20, 3, "--seed", "1")) == 2     # other settings: refused
+    assert "pass --overwrite to replace it" in capsys.readouterr().err and out.read_bytes() == npz_one.read_bytes()
+    S.main(npz_args(ckpts, out, 20, 3, "--seed", "1", "--overwrite"))  # as the refusal advises: sampled again
     with np.load(out) as f:
         assert not np.array_equal(f["arr_1"], S.balanced_labels(20, range(10), 0))
+    assert S.main(npz_args(ckpts, out, 20, 3, "--seed", "1")) == 0 and "nothing to do" in capsys.readouterr().out
+
+
+def test_sample_then_score_keeps_the_record_and_resumes(ckpts, npz_one, fid_weights, tmp_path, capsys):
+    """README's pair: sample.py --npz writes b.npz and b.json; fid.py --json b.json is refused (it is sample.py's
+    record), --json scores.json works, and the sample line again has nothing to do."""
+    out = tmp_path / "b.npz"
+    for name in ("b.npz", "b.json"):
+        (tmp_path / name).write_bytes((npz_one.parent / ("one" + Path(name).suffix)).read_bytes())
+    score = [str(out), str(out), "--inception", str(fid_weights), "--device", "cpu"]
+    assert plumbing.cli(fid.main, [*score, "--json", str(tmp_path / "b.json")]) == 2
+    assert "b.json already holds the output of sample.py" in capsys.readouterr().err
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert fid.main([*score, "--json", str(tmp_path / "scores.json")]) == 0
+        assert fid.main([*score, "--json", str(tmp_path / "scores.json")]) == 0        # its own: replaced
+    assert json.loads((tmp_path / "scores.json").read_text())["fid"] is not None
+    assert S.main(npz_args(ckpts, out)) == 0 and "nothing to do" in capsys.readouterr().out
+    assert json.loads((tmp_path / "b.json").read_text())["settings"]["n"] == 20
+
+
+def test_two_npz_runs_on_one_out_the_second_refused_naming_the_holder(ckpts, tmp_path, capsys):
+    out = tmp_path / "b.npz"
+    with plumbing.RunFolderLock(str(out), str(out) + ".lock"):
+        assert plumbing.cli(S.main, npz_args(ckpts, out, 8)) == 2
+    assert f"b.npz is in use by a live run (pid {os.getpid()} on" in capsys.readouterr().err
+    assert not out.exists() and not os.path.exists(f"{out}.lock")
+
+
+def test_a_damaged_shard_is_named_to_be_made_again(tmp_path):
+    shard = tmp_path / "000000.npz"
+    plumbing.save_npz(str(shard), images=np.zeros((2, 4, 4, 3), np.uint8), codes=np.zeros((2, 5), np.int16))
+    shard.write_bytes(shard.read_bytes()[:200])
+    with pytest.raises(ValueError, match=r"sample shard \S*000000.npz: not a readable .npz .*: delete it and rerun "
+                                         r"the same command, which makes it again"):
+        S.assemble_npz(str(tmp_path / "b.npz"), [str(shard)], np.zeros(2, np.int64), {"program": "test"})
+    assert not (tmp_path / "b.npz").exists()
 
 
 def test_balanced_labels():
@@ -3038,7 +3171,69 @@ def label_row(c, f, tmp):
 
 def disk_full_row(c, f, tmp):
     (tmp / "g.png").write_bytes(b"the previous grid")
-    return S.main, ["--ckpt", c["gen"], "--out", str(tmp / "g.png"), "--per-class", "1"]
+    return S.main, ["--ckpt", c["gen"], "--out", str(tmp / "g.png"), "--per-class", "1", "--overwrite"]
+
+
+def sampled_row(*flags, out="b.npz"):
+    """A finished 8-sample batch tmp/b.npz (and its record b.json), then sample.py with `flags` onto tmp/`out`."""
+    def build(c, f, tmp):
+        S.main(npz_args(c, tmp / "b.npz", 8))
+        return S.main, npz_args(c, tmp / out, 8, 3, *flags)
+    return build
+
+
+def fid_json_row(c, f, tmp):
+    S.main(npz_args(c, tmp / "b.npz", 8))
+    return fid.main, [str(tmp / "b.npz"), str(tmp / "b.npz"), "--json", str(tmp / "b.json"), "--inception",
+                      str(tmp / "absent.pth")]
+
+
+def run_row(stage, *flags, files=()):
+    """train.py --stage `stage` with `flags` (tmp/ and the ckpts fixture's paths as {tmp}, {tok}, {gen}), after
+    writing `files` ({name: bytes or a callable(tmp, ckpts) that writes it})."""
+    def build(c, f, tmp):
+        for name, content in dict(files).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            content(tmp / name, c) if callable(content) else (tmp / name).write_bytes(content)
+        return train.main, ["--stage", stage, *[x.format(tmp=tmp, **c) for x in flags], *TINY]
+    return build
+
+
+def codes_file(n_tokens=73, fingerprint="0123456789abcdef"):
+    """A writer of a codes npz as pretokenize writes it (64 images, codebook 256), made by `fingerprint`."""
+    def write(path, c):
+        labels = np.arange(64) % 10
+        np.savez(path, codes=np.zeros((64, 10, n_tokens), np.int16), labels=labels, n_tokens=n_tokens,
+                 codebook_size=256, image_size=32, num_classes=10, class_names=np.array([str(i) for i in range(10)]),
+                 tokenizer_fingerprint=np.array(fingerprint or checkpoints.codebook_fingerprint(load_tokenizer(
+                     c["tok"]))))
+    return write
+
+
+def copied(key, **changes):
+    """A writer of a copy of the ckpts fixture's checkpoint `key` with `changes` to its dict."""
+    return lambda path, c: torch.save({**torch.load(c[key], weights_only=True), **changes}, path)
+
+
+def stray_labels(path, c):
+    """80 images with labels 0..9 and two stray labels 100000 (no class names)."""
+    labels = np.arange(80) % 10
+    labels[[5, 50]] = 100_000
+    np.savez(path, x_train=np.zeros((80, 8, 8, 3), np.uint8), y_train=labels)
+
+
+def cut_npz(path, c):
+    np.savez(path, x_train=np.zeros((64, 8, 8, 3), np.uint8), y_train=np.arange(64) % 10)
+    path.write_bytes(path.read_bytes()[:2000])
+
+
+def blocked_write(monkeypatch):
+    """Make plumbing.atomic_write's temporary files fail to open: permission denied, naming the temporary file."""
+    def fake_open(path, mode="r", *args, **kwargs):
+        if "w" in mode:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return builtins.open(path, mode, *args, **kwargs)
+    monkeypatch.setattr(plumbing, "open", fake_open, raising=False)
 
 
 # case: (builder (ckpts, fingerprinted, tmp) -> (main, argv), the message as a regex)
@@ -3065,8 +3260,105 @@ BAD_INPUT_ROWS = {
                       r"compare images of one size .* resize or centre-crop one set to the other's size$"),
     "train stage ar, npz with one label 100000": (
         label_row, r"^error: \S*labels.npz \(labels without class names\): label 100000 \(1 of 64 images\) would "
-                   r"make 100001 classes, but 99% of the labels lie in 0..9 and only 11 of the ids 0..100000 "
+                   r"make 100001 classes, but 63 of the 64 labels lie in 0..9 and only 11 of the ids 0..100000 "
                    r"occur; fix the labels, or store the class names as `classes` in the npz"),
+    "train stage ar, npz with two labels 100000 among 80": (
+        run_row("ar", "--tokenizer", "{tok}", "--data", "{tmp}/two.npz", "--out", "{tmp}/ar",
+                files={"two.npz": stray_labels}),
+        r"^error: \S*two.npz \(labels without class names\): label 100000 \(2 of 80 images\) would make 100001 "
+        r"classes, but 78 of the 80 labels lie in 0..9"),
+    "sample --npz onto a finished batch of another seed": (
+        sampled_row("--seed", "1"), r"^error: --out \S*b.npz already holds the output of another sample.py job \(it "
+                                    r"differs in seed\): choose another --out, or pass --overwrite to replace it$"),
+    "sample --npz onto a dataset npz": (
+        lambda c, f, tmp: (bad_label_npz(tmp / "data.npz"), (S.main, npz_args(c, tmp / "data.npz", 8)))[1],
+        r"^error: --out \S*data.npz already holds a file this program did not make: choose another --out, or pass "
+        r"--overwrite to replace it$"),
+    "sample --out onto a checkpoint": (
+        lambda c, f, tmp: (S.main, ["--ckpt", c["gen"], "--out", c["gen"]]),
+        r"^error: --out \S*gen.pt: a grid is written as .png or .jpg or .jpeg \(an .npz sample batch with --npz N\): "
+        r"name it so$"),
+    "fid --json onto sample.py's record": (
+        fid_json_row, r"^error: --json \S*b.json already holds the output of sample.py: choose another --json, or pass "
+                      r"--overwrite to replace it$"),
+    "fid --save-stats onto its input": (
+        lambda c, f, tmp: (fid.main, [c["gen"], "--save-stats", c["gen"]]),
+        r"^error: --save-stats \S*gen.pt is an input of this run: it would be replaced by the results; choose "
+        r"another --save-stats$"),
+    "sample --seed beyond its range": (
+        sample_row("--seed", "99999999999999999"),
+        r"^error: --seed 99999999999999999: expected a whole number in \[0, 4294967295\]$"),
+    "train --seed beyond its range": (
+        run_row("1", "--seed", "99999999999999999", "--out", "{tmp}/new"),
+        r"^error: --seed 99999999999999999: expected a whole number in \[0, 4294967295\]$"),
+    "train --resume into a finished generator.pt without ckpt.pt": (
+        run_row("ar", "--resume", "--tokenizer", "{tok}", "--out", "{tmp}/done", files={"done/generator.pt":
+                                                                                      copied("gen")}),
+        r"^error: \S*done holds a finished generator.pt but no ckpt.pt to continue from: use it as it is, or choose "
+        r"another --out, or train it again with --restart \(replaces generator.pt\)$"),
+    "train stage 2, --init inside --out, --restart": (
+        run_row("2", "--init", "{tmp}/s1/ckpt.pt", "--out", "{tmp}/s1", "--restart",
+                files={"s1/ckpt.pt": b"a stage-1 state"}),
+        r"^error: --init \S*s1/ckpt.pt lies in --out \S*s1, where this run writes its ckpt.pt: choose another --out, "
+        r"so that --init stays as it is$"),
+    "train --codes of another tokenizer": (
+        run_row("ar", "--tokenizer", "{tok}", "--codes", "{tmp}/codes.npz", "--out", "{tmp}/ar",
+                files={"codes.npz": codes_file()}),
+        r"^error: codes \S*codes.npz \(73 tokens per image, tokenizer fingerprint 0123456789abcdef\) were not made "
+        r"by --tokenizer \S*tok.pt \(73 tokens per image, fingerprint [0-9a-f]{16}\): pass the --tokenizer they "
+        r"were made with, or another --codes"),
+    "train --codes with another token count": (
+        run_row("ar", "--tokenizer", "{tok}", "--codes", "{tmp}/codes.npz", "--out", "{tmp}/ar",
+                files={"codes.npz": codes_file(64, None)}),
+        r"^error: codes \S*codes.npz \(64 tokens per image, tokenizer fingerprint [0-9a-f]{16}\) were not made by "
+        r"--tokenizer \S*tok.pt \(73 tokens per image"),
+    "a checkpoint of an unknown format": (
+        lambda c, f, tmp: (copied("gen", format=7)(tmp / "f7.pt", c), (S.main, ["--ckpt", str(tmp / "f7.pt")]))[1],
+        r"^error: \S*f7.pt is a checkpoint of format 7; this code reads format 1: use the version of this code "
+        r"that wrote it$"),
+    "a checkpoint with an unknown config key": (
+        lambda c, f, tmp: (copied("gen", config={**torch.load(c["gen"])["config"], "attention_sink": 1})(
+            tmp / "k.pt", c), (S.main, ["--ckpt", str(tmp / "k.pt")]))[1],
+        r"^error: --ckpt \S*k.pt'?: its config has keys this code does not know \(attention_sink\): it was written by "
+        r"other code; use the version of this code that wrote it$"),
+    "a 0-byte checkpoint": (
+        lambda c, f, tmp: ((tmp / "empty.pt").write_bytes(b""), (S.main, ["--ckpt", str(tmp / "empty.pt")]))[1],
+        r"^error: generator checkpoint \S*empty.pt'? is empty \(0 bytes\): write it again, or pass another file$"),
+    "train, a 0-byte --init": (
+        run_row("2", "--init", "{tmp}/empty.pt", "--out", "{tmp}/ar", files={"empty.pt": b""}),
+        r"^error: the stage-1 checkpoint .*empty.pt'? is empty \(0 bytes\)"),
+    "train, a truncated data npz": (
+        run_row("1", "--data", "{tmp}/cut.npz", "--out", "{tmp}/ar", files={"cut.npz": cut_npz}),
+        r"^error: data npz \(--data\) \S*cut.npz: not a readable .npz \(no zip directory at its end: truncated, or "
+        r"no npz\): write it again, or pass another --data$"),
+    "train, a text file named .npz": (
+        run_row("1", "--data", "{tmp}/text.npz", "--out", "{tmp}/ar", files={"text.npz": b"labels,images\n"}),
+        r"^error: data npz \(--data\) \S*text.npz: not a readable .npz"),
+    "train, object-array labels": (
+        run_row("1", "--data", "{tmp}/obj.npz", "--out", "{tmp}/ar", files={"obj.npz": lambda p, c: np.savez(
+            p, x_train=np.zeros((64, 8, 8, 3), np.uint8), y_train=np.array([i % 10 for i in range(64)], object))}),
+        r"^error: data npz \(--data\) \S*obj.npz: holds an object array \(pickled Python objects, which are not "
+        r"read\): store numbers or strings"),
+    "train, a truncated codes.npz": (
+        run_row("ar", "--tokenizer", "{tok}", "--codes", "{tmp}/codes.npz", "--out", "{tmp}/ar",
+                files={"codes.npz": lambda p, c: (codes_file()(p, c), p.write_bytes(p.read_bytes()[:3000]))}),
+        r"^error: codes file \(--codes\) \S*codes.npz: not a readable .npz .*: delete it to pre-tokenize again, or "
+        r"pass another --codes$"),
+    "sample.py, a generator as --tokenizer": (
+        lambda c, f, tmp: (S.main, ["--ckpt", c["gen"], "--tokenizer", c["bare"], "--out", str(tmp / "g.png")]),
+        r"^error: --tokenizer '\S*bare.pt' is a generator checkpoint, not a tokenizer: pass a tokenizer"),
+    "fid.py --recon with a generator": (
+        lambda c, f, tmp: (fid.main, ["--recon", c["gen"], c["gen"]]),
+        r"^error: --recon '\S*gen.pt' is a generator checkpoint, not a tokenizer: pass a tokenizer"),
+    "sample --out grid.gif": (
+        sample_row("--out", "g.gif"), r"^error: --out g.gif: a grid is written as .png or .jpg or .jpeg"),
+    "memory_plan --json onto another file": (
+        lambda c, f, tmp: ((tmp / "plan.json").write_text("{}"), (memory_plan.main, [
+            "--stages", "ar", "--presets", "tiny", "--json", str(tmp / "plan.json")]))[1],
+        r"^error: --json \S*plan.json already holds a file this program did not make: choose another --json, or pass "
+        r"--overwrite to replace it$"),
+    "sample, a write refused by the filesystem": (
+        sample_row("--out", "g.png"), r"^error: cannot write g.png: Permission denied$"),
     "sample, disk full": (
         disk_full_row, r"^error: cannot write \S*g.png: the filesystem is full \(No space left on device\); the "
                        r"previous \S*g.png is intact. Free some space on it \(or write elsewhere\) and run again$"),
@@ -3080,6 +3372,9 @@ def test_bad_input_rows(case, ckpts, fingerprinted, tmp_path, monkeypatch, capsy
     main, argv = build(ckpts, fingerprinted, tmp_path)
     if case.endswith("disk full"):
         full_disk(monkeypatch)
+    if case.endswith("refused by the filesystem"):
+        blocked_write(monkeypatch)
+    monkeypatch.chdir(tmp_path)
     run_folder = tmp_path / "ar"                             # stage ar's: it holds the log of the refusal
     files = lambda: {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and run_folder not in p.parents}
     before = files()
@@ -3517,6 +3812,23 @@ def test_cli_refuses_bad_input_with_one_message(fid_weights, tmp_path, capsys):
     done = subprocess.run([sys.executable, str(HERE / "fid.py"), *argv], capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 2 and words in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_fid_messages_name_the_input_at_fault(fid_weights, tmp_path):
+    """Too few images, non-finite statistics and a folder without a readable image: the message names the file."""
+    np.savez(tmp_path / "ref.npz", arr_0=_fid_images(3))
+    np.savez(tmp_path / "one.npz", arr_0=_fid_images(1))
+    np.savez(tmp_path / "nan.npz", **{k: np.full(fid.STAT_SHAPES[k], np.nan) for k in ("mu", "sigma")})
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"not a picture")
+    net = ["--inception", str(fid_weights), "--device", "cpu"]
+    for samples, words in (("one.npz", "one.npz: 1 image(s) scored; statistics need at least 2"),
+                           ("nan.npz", "nan.npz: its statistics contain NaN or inf; compute them again"),
+                           ("bad", "bad: no readable images to extract features from")):
+        with pytest.raises(ValueError) as error:
+            fid.run([str(tmp_path / "ref.npz"), str(tmp_path / samples), *net])
+        assert str(error.value).startswith(str(tmp_path / samples)) and words in str(error.value), error.value
 
 
 class _FidStandInTokenizer(torch.nn.Module):

@@ -36,6 +36,7 @@ import data
 import heldout
 import losses
 import plumbing
+import run_folder
 import weights
 
 # ----------------------------------------------------------------------------------------------------
@@ -109,7 +110,7 @@ SCHEDULE = [  # (flag, type, help)
 FLAG_RULES = {"--batch-size": "count", "--micro-batch": "count", "--steps": "count", "--lr": "positive",
               "--lr-min": "nonnegative", "--warmup": "index", "--decay-start": "index", "--weight-decay": "nonnegative",
               "--grad-clip": "nonnegative", "--lpips-until": "index", "--log-every": "count",
-              "--image-every": "count", "--ckpt-every": "count", "--eval-every": "count", "--seed": "index",
+              "--image-every": "count", "--ckpt-every": "count", "--eval-every": "count", "--seed": "seed",
               "--n-images": "count", "--eval-images": "count", "--max-bad-fraction": "probability",
               "--stop-after": "count", "--workers": "index", "--aux-weight": "nonnegative",
               "--disc-weight": "nonnegative", "--gan-weight": "nonnegative", "--dropout": "probability",
@@ -157,7 +158,8 @@ def parse_args(argv=None):
     schedule.add_argument("--micro-batch", type=int, default=None,
                           help="sequences or images per process and forward pass: each process's share of "
                                "--batch-size is accumulated in steps of this size (default: the whole share at once)")
-    schedule.add_argument("--seed", type=int, default=0)
+    schedule.add_argument("--seed", type=int, default=0, help="data order, augmentations, dropout: 0 to 4294967295 "
+                          "(default 0)")
     (add_tokenizer_flags if stage in ("1", "2") else add_generator_flags)(parser, stage)
     system = parser.add_argument_group("system")
     system.add_argument("--resume", action="store_true", help="continue the run in --out (from its ckpt.pt)")
@@ -417,7 +419,7 @@ def stage2_tokenizer(args, log):
         return finished_tokenizer(first, args, log), {}
     made = (first.get("stage"), first.get("args", {}).get("preset")) if isinstance(first, dict) else None
     if made != ("1", args.preset) or "config" not in first:
-        raise ValueError(f"--init {args.init} holds {checkpoints.describe(first)}; stage 2 of preset {args.preset} "
+        raise ValueError(f"--init {args.init} holds {run_folder.describe(first)}; stage 2 of preset {args.preset} "
                          f"starts from a stage-1 run of preset {args.preset} (its <out>/ckpt.pt): pass that file "
                          f"with --init")
     cfg = replace(alitok.TokenizerConfig(**first["config"]), **alitok.STAGES[2],
@@ -494,6 +496,7 @@ class TokenizerStage:
         self.dataset, held = data.heldout_split(args.data, self.model.config.image_size, seed=args.seed,
                                                 n_images=args.n_images, n_heldout=args.eval_images,
                                                 max_bad_fraction=args.max_bad_fraction)
+        self.saved["data_fingerprint"] = data.source_fingerprint(args.data)
         self.fixed = torch.stack([self.dataset[index][0] for index in range(min(8, len(self.dataset)))])
         self.heldout_images, _ = data.heldout_images(held)
         self.inception = heldout.rfid_network(args, device, log)
@@ -561,7 +564,7 @@ class TokenizerStage:
     def finish(self):
         """Stage 2's final file: the tokenizer in the released inference layout."""
         if self.final is not None:
-            plumbing.save_checkpoint(checkpoints.checkpoint(self.model), self.final)
+            plumbing.save_checkpoint({**checkpoints.checkpoint(self.model), **self.saved}, self.final)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -573,16 +576,26 @@ def generator_stage(args, device, world, autocast, log):
     ten-crop"; made once if missing), the generator sized to the tokenizer's tokens and the data's classes, and
     its optimizer, as a GeneratorStage."""
     tok = checkpoints.load_frozen_tokenizer(args.tokenizer, device)
+    fingerprint = checkpoints.codebook_fingerprint(tok)
     codes = args.codes or os.path.join(args.out, "codes.npz")
-    if not os.path.exists(codes):
+    made = not os.path.exists(codes)
+    if made:
         log.info(f"pre-tokenizing {args.data} with ten-crop into {codes}")
         images, _ = data.heldout_split(args.data, int(tok.config.image_size * data.TEN_CROP_SCALE), seed=args.seed,
                                        n_images=args.n_images, max_bad_fraction=args.max_bad_fraction)
-        made_from = f"tokenizer {checkpoints.codebook_fingerprint(tok)}, --data {args.data}"
+        made_from = f"tokenizer {fingerprint}, --data {args.data}"
         with plumbing.StopSignals() as signals:     # a stop keeps the parts done; the same command continues
             data.pretokenize(tok, images, codes, batch_size=64, device=device, progress=not args.no_progress,
-                             num_workers=args.workers, seed=args.seed, made_from=made_from, signals=signals)
-    dataset = data.CodesDataset(codes)
+                             num_workers=args.workers, seed=args.seed, made_from=made_from, signals=signals,
+                             tokenizer_fingerprint=fingerprint)
+    try:
+        dataset = data.CodesDataset(codes)
+        check_codes(dataset, codes, tok, fingerprint, args.tokenizer)
+    except ValueError:
+        if made:                # a refused run leaves no codes behind
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(codes)
+        raise
     overrides = {name: getattr(args, name) for name in ("dropout", "token_dropout", "class_dropout")
                  if getattr(args, name) is not None}
     if args.init:
@@ -593,12 +606,22 @@ def generator_stage(args, device, world, autocast, log):
     stage = GeneratorStage(model, wrap(model, device, world), args, autocast)
     stage.dataset, stage.tokenizer = dataset, tok
     stage.heldout_codes, stage.heldout_labels = heldout.heldout_codes(tok, args, device)
-    # the path finds the tokenizer again; the fingerprint tells sample.py whether a tokenizer is that one
-    stage.saved = {"tokenizer": os.path.abspath(args.tokenizer),
-                   "tokenizer_fingerprint": checkpoints.codebook_fingerprint(tok),
-                   "class_names": list(dataset.class_names)}
+    # the path finds the tokenizer again; the fingerprints tell sample.py and --resume whether inputs are the same
+    stage.saved = {"tokenizer": os.path.abspath(args.tokenizer), "tokenizer_fingerprint": fingerprint,
+                   "data_fingerprint": data.source_fingerprint(args.data), "class_names": list(dataset.class_names)}
     stage.final = os.path.join(args.out, "generator.pt")
     return stage
+
+
+def check_codes(dataset, path, tok, fingerprint, tok_path):
+    """Refuse codes that another tokenizer made (its codebook fingerprint, its tokens per image): the generator
+    would learn codes that --tokenizer decodes into other images."""
+    theirs = (f"tokenizer fingerprint {dataset.tokenizer_fingerprint}" if dataset.tokenizer_fingerprint
+              else "no tokenizer fingerprint")
+    if dataset.n_tokens != tok.config.n_tokens or dataset.tokenizer_fingerprint != fingerprint:
+        raise ValueError(f"codes {path} ({dataset.n_tokens} tokens per image, {theirs}) were not made by --tokenizer "
+                         f"{tok_path} ({tok.config.n_tokens} tokens per image, fingerprint {fingerprint}): pass the "
+                         f"--tokenizer they were made with, or another --codes (a new path is made from --data)")
 
 
 def init_generator(args, tok, names, overrides, log):
@@ -701,14 +724,17 @@ def main(argv=None):
     if args.workers is None:       # decoding images beside the GPU, not between its steps
         per_process = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         args.workers = min(8, per_process) if device.type == "cuda" else 0
+    run_folder.check_inputs_outside(args)
     plumbing.make_run_folder(args.out)
     ckpt = os.path.join(args.out, "ckpt.pt")
     # rank 0 holds the folder for the whole run: a second run on it is refused, naming this process
     with plumbing.RunFolderLock(args.out) if rank == 0 else contextlib.nullcontext():
+        if rank == 0:
+            plumbing.remove_stale_temporaries(args.out)      # a killed save's ckpt.pt.tmp<pid>
         log = plumbing.Logger(args.out, rank)
-        saved = checkpoints.read_resumable(ckpt, args, log) if args.resume else None   # checked before any setup
+        saved = run_folder.read_resumable(ckpt, args, log) if args.resume else None   # checked before any setup
         if not args.resume:
-            checkpoints.refuse_or_restart(args, rank, log)
+            run_folder.refuse_or_restart(args, rank, log)
         # reduced precision for the trained model, "the whole loss module ... in float32 with autocast off" (spec 1,
         # "Training, as the original code does it"); the generator: "bf16 autocast" (spec 2, "Training recipe")
         precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
@@ -721,7 +747,7 @@ def main(argv=None):
         log.info(f"stage {args.stage}: {n_params / 1e6:.2f}M trainable parameters, {len(stage.dataset)} training "
                  f"items, global batch {args.batch_size} = {world} x {args.accumulate} x "
                  f"{args.batch_size // world // args.accumulate}, {device}, {precision}")
-        start = checkpoints.resume(stage, saved, ckpt, rank, world, log) if saved is not None else 0
+        start = run_folder.resume(stage, saved, ckpt, rank, world, log) if saved is not None else 0
         if start >= args.steps:
             log.info(f"{args.out}: already trained to step {start} (--steps {args.steps}); nothing to do")
         with plumbing.StopSignals() as signals:
@@ -752,6 +778,8 @@ def train_loop(stage, args, start, ckpt, process, log, signals):
     counts = torch.zeros(stage.codebook_size, device=device)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)   # first step with a non-finite loss
     sums, t0, seen, done, signum, kept = {}, time.time(), 0, start, 0, start
+    if start:
+        log.last_good = f"the last good checkpoint is {ckpt} at step {start}"
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0 or args.no_progress,
                desc=f"stage {args.stage}", dynamic_ncols=True)
     for step in bar:
@@ -776,7 +804,7 @@ def train_loop(stage, args, start, ckpt, process, log, signals):
             check_finite(first_bad, world, ckpt, kept)
         if logged:
             record = reduce_metrics(sums, seen // args.batch_size, counts, world, done, lr, seen / (time.time() - t0))
-        rngs = checkpoints.all_rng_states(world) if saving else None
+        rngs = run_folder.all_rng_states(world) if saving else None
         held = in_eval_mode(stage.model, stage.heldout) if evaluated and rank == 0 else {}
         if held:
             log.info(f"step {done} held-out: " + ", ".join(f"{key[8:]} {value:.4g}" for key, value in held.items()))
@@ -790,9 +818,9 @@ def train_loop(stage, args, start, ckpt, process, log, signals):
             images, per_row = in_eval_mode(stage.model, stage.pictures)
             plumbing.save_pictures(images, per_row, args.out, done)
         if saving and rank == 0:
-            checkpoints.save(stage, args, done, ckpt, rngs, kept)
+            run_folder.save(stage, args, done, ckpt, rngs, kept)
         if saving:
-            kept = done
+            kept, log.last_good = done, f"the last good checkpoint is {ckpt} at step {done}"
         if evaluated or pictured or saving:
             plumbing.barrier()          # the others wait here, not in the next step's gradient all-reduce
         if logged:

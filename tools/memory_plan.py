@@ -322,6 +322,8 @@ def main(argv=None):
                    help="alitok (tokenizer stages), B, L, XL (generator), tiny (either) (default: the paper's)")
     p.add_argument("--margin", type=float, default=0.1, help="fraction of GPU memory kept free (default 0.1)")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace a --json file that holds something else than "
+                   "this plan's rows (another program's file, other stages, presets or margin)")
     args = p.parse_args(argv)
     plumbing.check_flags(args, FLAG_RULES)
     os.environ[weights.OFFLINE_ENV] = "1"          # the loss networks' files are used if cached, never fetched
@@ -329,6 +331,9 @@ def main(argv=None):
     if not todo:
         raise ValueError(f"--presets {' '.join(args.presets)} has none of stages {' '.join(args.stages)}: "
                          f"tokenizer stages take alitok or tiny, the generator B, L, XL or tiny")
+    job = {"program": "tools/memory_plan.py", "stages": args.stages, "presets": args.presets, "margin": args.margin}
+    if args.json:                   # refused before the minutes of measuring, not after
+        plumbing.claim(args.json, job, "--json", args.overwrite)
     began, rows = time.time(), []
     for stage, preset in todo:
         print(f"measuring {STAGE_NAMES[stage]} {preset} ...", file=sys.stderr, flush=True)
@@ -344,7 +349,7 @@ def main(argv=None):
           "dropout off; an estimate: see --help for what is and is not measured.")
     if args.json:
         plumbing.save_json(args.json, dict(margin=args.margin, batches=BATCHES, gpus=GPUS, torch=torch.__version__,
-                                           seconds=time.time() - began, rows=rows))
+                                           seconds=time.time() - began, rows=rows), job=job)
     return 0
 
 
