@@ -23,7 +23,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from plumbing import Stopped, barrier, exact_float32, is_distributed, open_npz, save_npz
+from plumbing import Stopped, barrier, exact_float32, is_distributed, job_of, open_npz, save_npz
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")  # matched case-insensitively
 TEN_CROP_SCALE = 1.1  # ALITOK_SPEC.md 2, "Training recipe": "ADM centre crop to 281 px (int(256 * 1.1))"
@@ -590,8 +590,7 @@ class PartFiles:
     def check(self):
         """ValueError if the folder holds parts of another job, which this one must not mix in or delete."""
         for path in self.paths("all"):
-            with np.load(path) as f:
-                theirs = str(f["job"])
+            theirs = job_of(path)
             if theirs != self.job:
                 raise ValueError(f"{path} is a part of another pre-tokenization ({theirs}; this one: {self.job}): "
                                  f"run that one again to finish it, or delete {self.folder} to start over")
@@ -613,7 +612,7 @@ class PartFiles:
         """Batches [start, stop) of this rank's share as one part file (written atomically)."""
         save_npz(os.path.join(self.folder, f"rank{self.rank}of{self.world}_batch{start:07d}.npz"),
                  codes=np.concatenate(codes), labels=np.concatenate(labels), start=np.int64(start),
-                 stop=np.int64(stop), job=np.array(self.job))
+                 stop=np.int64(stop), job=self.job)
 
 
 def _encode_share(tokenizer, share, parts, batch_size, device, progress, num_workers, seed, signals):
