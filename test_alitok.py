@@ -1859,7 +1859,7 @@ def sigterm_then_resume(tmp_path, *args):
     step = int(re.search(rf"received SIGTERM at step (\d+): wrote {re.escape(str(out / 'ckpt.pt'))}; continue "
                          rf"with --resume", said).group(1))
     assert step >= 3 and torch.load(out / "ckpt.pt", weights_only=True)["step"] == step
-    assert (out / ".lock").exists()                           # left by the stopped run; it blocks nothing
+    assert not (out / ".lock").exists()                       # a stopped run removes its lock on the way out
     run_main([*common, "--out", str(out), "--resume", "--stop-after", "2"])
     run_main([*common, "--out", str(tmp_path / "whole"), "--stop-after", str(step + 2)])
     same_training_state(tmp_path / "whole" / "ckpt.pt", out / "ckpt.pt")
