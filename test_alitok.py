@@ -3401,14 +3401,16 @@ def test_bad_flags_end_as_one_line_from_the_command_line(ckpts, tmp_path):
 
 def test_accept_tokenizer_samples_with_a_warning(ckpts, fingerprinted, tmp_path, capsys):
     out = tmp_path / "g.png"
-    argv = ["--ckpt", fingerprinted["gen"], "--per-class", "1", "--classes", "0", "--out", str(out)]
-    assert S.main([*argv, "--tokenizer", fingerprinted["other_tok"], "--accept-tokenizer"]) == 0 and out.exists()
+    argv = ["--ckpt", fingerprinted["gen"], "--per-class", "1", "--classes", "0"]
+    assert S.main([*argv, "--out", str(out), "--tokenizer", fingerprinted["other_tok"], "--accept-tokenizer"]) == 0
+    assert out.exists()
     err = capsys.readouterr().err
     assert re.search(r"^warning: the tokenizer .* is not the one .*; sampling anyway \(--accept-tokenizer\)$", err,
                      re.M), err
-    assert S.main(argv) == 0 and "warning" not in capsys.readouterr().err    # the tokenizer it carries: no word
+    assert S.main([*argv, "--out", str(tmp_path / "carried.png")]) == 0
+    assert "warning" not in capsys.readouterr().err                            # the tokenizer it carries: no word
     assert S.main(["--ckpt", ckpts["gen"], "--tokenizer", fingerprinted["other_tok"], "--per-class", "1",
-                   "--classes", "0", "--out", str(out)]) == 0               # no fingerprint (released files): no check
+                   "--classes", "0", "--out", str(tmp_path / "released.png")]) == 0  # no fingerprint: no check
 
 
 def test_full_disk_is_named_and_the_previous_file_kept(tmp_path, monkeypatch):
@@ -3747,7 +3749,7 @@ def test_cli_end_to_end_and_cached_statistics(fid_weights, tmp_path, capsys):
         assert np.isfinite(metrics[key]), key
     assert metrics["num_samples"] == 6 and metrics["mode"] == "adm"
     cached = np.load(tmp_path / "stats.npz")
-    assert set(cached.files) == {"mu", "sigma", "mu_s", "sigma_s", "pool3"} and cached["pool3"].shape == (6, 2048)
+    assert set(cached.files) == {"mu", "sigma", "mu_s", "sigma_s", "pool3", "job"} and cached["pool3"].shape == (6, 2048)
     # the cache as REF gives the same numbers (P/R from its pool3)
     again = fid.run([str(tmp_path / "stats.npz"), str(tmp_path / "samples.npz"), *common])
     for key in ("inception_score", "fid", "sfid", "precision", "recall"):
@@ -3847,16 +3849,17 @@ class _FidStandInTokenizer(torch.nn.Module):
 
 
 def test_rfid_mode_with_a_stand_in_tokenizer(fid_weights, tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoints, "load_tokenizer", lambda path: _FidStandInTokenizer())
+    monkeypatch.setattr(checkpoints, "load_tokenizer", lambda path, **kwargs: _FidStandInTokenizer())
     folder = tmp_path / "real"
     folder.mkdir()
     for i, (h, w) in enumerate([(40, 30), (20, 50), (16, 16)]):  # mixed sizes: each is centre-cropped to 16
         Image.fromarray(_fid_images(1, h, w, seed=i)[0]).save(folder / f"{i}.png")
     np.savez(tmp_path / "real.npz", arr_0=_fid_images(3, 24, 20))
     for source in (folder, tmp_path / "real.npz"):
+        record = tmp_path / f"{source.stem}_recon.json"                # one record per job
         out = fid.run(["--recon", "tok.pth", str(source), "--inception", str(fid_weights), "--device", "cpu",
-                        "--json", str(tmp_path / "recon.json")])
-        saved = json.loads((tmp_path / "recon.json").read_text())
+                       "--json", str(record)])
+        saved = json.loads(record.read_text())
         assert saved["num_images"] == 3 and saved["image_size"] == 16
         assert np.isfinite(saved["rfid"]) and saved["rfid"] > -1e-6
         assert 20 < saved["psnr"] < 45 and saved["psnr"] == pytest.approx(out["psnr"])

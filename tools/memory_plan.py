@@ -246,7 +246,7 @@ def picture_bytes(stage_obj):
     with torch.device("meta"):
         sampler = train.sampling_copy(alitok.Generator(cfg), torch.bfloat16)
     sequences = min(train.PICTURE_CLASSES, cfg.num_classes) * train.PICTURES_PER_CLASS * (1 + (cfg.cfg_scale != 1))
-    sampler.setup_cache(sequences, torch.bfloat16)
+    sampler.setup_cache(sequences)                                  # in the weights' dtype: bfloat16
     caches = [t for block in sampler.blocks for t in (block.attn.cache.k, block.attn.cache.v)]
     return sum(t.numel() * t.element_size() for t in [*sampler.parameters(), *caches])   # the rotary table is shared
 
