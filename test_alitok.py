@@ -3856,7 +3856,7 @@ def test_rfid_mode_with_a_stand_in_tokenizer(fid_weights, tmp_path, monkeypatch)
         Image.fromarray(_fid_images(1, h, w, seed=i)[0]).save(folder / f"{i}.png")
     np.savez(tmp_path / "real.npz", arr_0=_fid_images(3, 24, 20))
     for source in (folder, tmp_path / "real.npz"):
-        record = tmp_path / f"{source.stem}_recon.json"                # one record per job
+        record = tmp_path / f"{source.name}.recon.json"                 # one record per job
         out = fid.run(["--recon", "tok.pth", str(source), "--inception", str(fid_weights), "--device", "cpu",
                        "--json", str(record)])
         saved = json.loads(record.read_text())
