@@ -241,6 +241,7 @@ def test_clustering_update_moves_unused_code_and_keeps_used_one():
     assert q.embed_prob[0] == pytest.approx(0.99 * 0.5 + 0.01)
 
 
+@pytest.mark.slow
 def test_golden_released_tokenizer():
     g, salt = golden("tokenizer.npz")
     tok = fill_(Tokenizer(tokenizer_config("alitok", "inference")), salt).eval()
@@ -249,6 +250,7 @@ def test_golden_released_tokenizer():
     np.testing.assert_allclose(tok.decode(inp["codes"]).numpy(), g["decode_of_codes"], rtol=1e-4, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_golden_stage1_tokenizer():
     g, salt = golden("tokenizer_stage1.npz")
     tok = fill_(Tokenizer(tokenizer_config("alitok", 1)), salt).eval()
@@ -365,6 +367,7 @@ def test_generate_equals_recomputing_the_prefix():
     assert torch.equal(c, d) and got.shape == (2, T)
 
 
+@pytest.mark.slow
 def test_per_sample_seeds_do_not_depend_on_batch():
     gen = tiny_generator()
     both = gen.generate(torch.tensor([1, 7]), cfg_scale=2.0, seeds=[11, 12])
@@ -372,6 +375,7 @@ def test_per_sample_seeds_do_not_depend_on_batch():
     assert torch.equal(both[1:], alone)
 
 
+@pytest.mark.slow
 def test_cfg_scale_one_equals_conditional_sampling():
     """Scale 1 runs no unconditional half and equals sampling from the conditional logits alone."""
     gen = tiny_generator()
@@ -386,6 +390,7 @@ def test_cfg_scale_one_equals_conditional_sampling():
     assert torch.equal(got, codes)
 
 
+@pytest.mark.slow
 def test_top_k_one_equals_argmax():
     gen = tiny_generator()
     greedy = gen.generate(torch.tensor([0, 5, 9]), cfg_scale=2.0, temperature=0)
@@ -405,6 +410,7 @@ def test_sample_token_filters():
     assert torch.allclose(counts, logits.exp()[0], atol=0.02)      # inverse-CDF draws are multinomial
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fast", [False, True], ids=["plain", "speed"])
 def test_golden_generator_b(fast):
     """The original's logits and greedy guided codes, by the plain model and by speed.for_inference's."""
@@ -1801,6 +1807,7 @@ def test_resume_after_stop_is_exact(tmp_path, stages):
     assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_is_exact(tmp_path):
     """Stage 1 (random crops and flips, clustering) killed for real (SIGKILL) mid-run, then resumed, ends bit
     for bit like an uninterrupted run."""
@@ -1911,8 +1918,8 @@ def bad_inputs(root, tmp):
     return [
         ([*s2, "--init", str(tmp / "nope.pt")], "stage-1 checkpoint .* not found"),
         ([*s2, "--init", str(tmp / "cut.pt")], "not a readable PyTorch file"),
-        ([*s2, "--init", str(tmp / "foreign.pt")], "holds weights without this project's training state"),
-        ([*s2, "--init", str(tok)], "holds a finished model file"),
+        ([*s2, "--init", str(tmp / "foreign.pt")], "is neither a stage-1 run nor a finished tokenizer"),
+        ([*s2, "--init", str(gen)], "is neither a stage-1 run nor a finished tokenizer"),   # a tokenizer.pt is fine-tuned
         ([*ar, "--tokenizer", str(tmp / "cut.pt")], "tokenizer checkpoint .* not a readable PyTorch file"),
         ([*ar, "--tokenizer", str(gen)], "is not a tokenizer checkpoint"),
         (["--stage", "2", "--init", str(s1), *resume], "run holds a stage-1 run of preset tiny; you asked for stage 2"),
@@ -2694,6 +2701,7 @@ def test_tokenizer_step_of_micro_batches_equals_one_batch_with_the_clustering_up
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 def test_two_processes_of_two_micro_batches_match_one_process(tmp_path, stages):
     """torchrun, gloo: 2 processes x 2 micro-batches of 1 end with the weights of 1 process x batch 4 (generator)."""
     root = stages[0]
@@ -2885,6 +2893,7 @@ def test_npz_is_the_same_file_at_another_batch_size(ckpts, npz_one, tmp_path):
     assert out.read_bytes() == npz_one.read_bytes()         # made at --batch-size 3
 
 
+@pytest.mark.slow
 def test_npz_two_processes_match_one(ckpts, npz_one, tmp_path):
     out = tmp_path / "two.npz"
     run = subprocess.run(torchrun("sample.py", *npz_args(ckpts, out, 20, 4)), cwd=HERE,
@@ -2947,6 +2956,7 @@ def test_finished_npz_is_kept_or_redone(ckpts, npz_one, tmp_path, capsys):
     assert S.main(npz_args(ckpts, out, 20, 3, "--seed", "1")) == 0 and "nothing to do" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_sample_then_score_keeps_the_record_and_resumes(ckpts, npz_one, fid_weights, tmp_path, capsys):
     """README's pair: sample.py --npz writes b.npz and b.json; fid.py --json b.json is refused (it is sample.py's
     record), --json scores.json works, and the sample line again has nothing to do."""
@@ -2989,6 +2999,7 @@ def test_balanced_labels():
     assert np.array_equal(labels, S.balanced_labels(23, [2, 5, 9], seed=1))
 
 
+@pytest.mark.slow
 def test_npz_resumes_after_a_crash(ckpts, npz_one, tmp_path, monkeypatch, capsys):
     out, real, calls = tmp_path / "resumed.npz", S.generate_batch, []
 
@@ -3014,6 +3025,7 @@ def test_npz_resumes_after_a_crash(ckpts, npz_one, tmp_path, monkeypatch, capsys
 # Guidance and sampling settings
 # ----------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cfg_scale_one_is_conditional_sampling(models):
     generator, tokenizer = models
     classes, seed = [1, 4, 8], 3
@@ -4044,6 +4056,7 @@ def test_demo_quick_pipeline_resumes_after_kill(tmp_path):
     assert f"rFID / FID / IS skipped: {weights.INCEPTION_WEIGHTS}" in done.stdout and "fid" not in metrics
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:ONLY 12 SAMPLES")
 def test_demo_scores_rfid_fid_and_is_with_the_inception_weights(stages, fid_weights, tmp_path):
     """With the Inception file, the demo reports rFID of both stages' files and FID / IS of the samples against
@@ -4105,6 +4118,7 @@ def test_ablation_quick_resumes_after_kill_and_writes_table_and_chart(tmp_path):
     assert run_rows(table) == [("bidirectional", "0"), ("alitok", "0")]        # the restarted run listed once
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:ONLY 12 SAMPLES")
 def test_ablation_scores_samples_against_heldout_images(stages, fid_weights, tmp_path):
     """With the Inception file, a run's FID / IS are fid.py's numbers for its generator's samples against as
