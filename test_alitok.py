@@ -1,5 +1,5 @@
-"""Tests for alitok: `make test` runs them on the CPU (tiny configs, a few minutes); `make test-slow` runs the
-tests marked slow: the full-size checks, the bench, and the demo and ablation pipelines killed and restarted.
+"""Tests for alitok: `make test` runs them on the CPU (tiny configs); `make test-slow` runs the tests marked slow:
+the full-size checks, the longest runs, every stage under torchrun, the bench, and the pipelines killed and restarted.
 Sections follow the files: alitok.py, speed.py, checkpoints.py, data.py, plumbing.py and weights.py, losses.py,
 train.py and heldout.py, sample.py, fid.py and inception.py, then tools/ (bench, memory_plan, demo, ablation).
 Manifests and golden vectors come from reference/ in this repository: nothing is skipped in a plain clone."""
@@ -347,6 +347,7 @@ def test_cpu_generation_does_not_import_dynamo():
     assert done.stdout.split()[-1] == "False" and "(2, 73)" in done.stdout
 
 
+@pytest.mark.slow
 def test_generate_equals_recomputing_the_prefix():
     """generate() with guidance draws what teacher forcing the sampled codes gives, both CFG halves recomputed
     from scratch at every step (the naive baseline), with the same uniforms; also when every step attends over
@@ -557,6 +558,7 @@ def test_packed_cpu_weights_follow_weight_changes():
     assert held.weight.grad is not None
 
 
+@pytest.mark.slow
 def test_bf16_samples_match_float32_in_distribution():
     """bf16 weights on a trained model: greedy codes agree with float32's at most positions; per-position code
     histograms of 400 samples are as close to float32's as two float32 runs with other seeds are; and the
@@ -1258,6 +1260,7 @@ def test_standard_weights_wrong_hash_is_refused_and_leaves_no_file(weight_server
     assert not (cache / "gone.pth").exists()
 
 
+@pytest.mark.slow
 def test_standard_weights_under_two_processes_are_downloaded_once(weight_server, monkeypatch, tmp_path):
     """Under torchrun local rank 0 downloads while the other rank waits, then reads the cached copy."""
     body = os.urandom(1 << 20)
@@ -2533,6 +2536,7 @@ def test_golden_train_losses_of_both_phases(train_nets):
     assert rel_err(parts["gan"]["gen_adv"], g["gan_loss_gen_adv"]) < 1e-5
 
 
+@pytest.mark.slow
 def test_golden_train_discriminator_step():
     """One discriminator step of the GAN phase on the images and the (golden) reconstruction: the hinge loss,
     gradients, and AdamW with torch's defaults at the schedule's current rate."""
@@ -2942,6 +2946,7 @@ def test_npz_adm_layout_balanced_and_not_sorted(npz_one):
     assert result["images_made"] == 20 and result["settings"]["n"] == 20
 
 
+@pytest.mark.slow
 def test_finished_npz_is_kept_or_redone(ckpts, npz_one, tmp_path, capsys):
     out = tmp_path / "copy.npz"
     out.write_bytes(npz_one.read_bytes())
@@ -3397,6 +3402,7 @@ def test_bad_input_rows(case, ckpts, fingerprinted, tmp_path, monkeypatch, capsy
     assert files() == before
 
 
+@pytest.mark.slow
 def test_bad_flags_end_as_one_line_from_the_command_line(ckpts, tmp_path):
     """As programs: status 2 and the one line, no traceback, nothing written."""
     for argv, words in [([str(HERE / "sample.py"), "--ckpt", ckpts["gen"], "--cfg-scale", "nan"],
@@ -3746,6 +3752,7 @@ def test_folder_with_a_corrupt_image_is_scored_with_the_skip_reported(fid_incept
 # --- command line ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_and_cached_statistics(fid_weights, tmp_path, capsys):
     np.savez(tmp_path / "ref.npz", arr_0=_fid_images(6, seed=1))
     np.savez(tmp_path / "samples.npz", arr_0=_fid_images(6, seed=2), arr_1=np.arange(6))
