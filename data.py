@@ -600,7 +600,7 @@ class PartFiles:
         and the number of batches they hold."""
         codes, labels, done = [], [], 0
         for path in self.paths(rank):
-            with np.load(path) as f:
+            with open_npz(path, "pre-tokenization part", f"delete {self.folder} to start over") as f:
                 if int(f["start"]) != done:
                     break
                 codes.append(f["codes"])
