@@ -63,6 +63,18 @@ def free_port():
         return s.getsockname()[1]
 
 
+def spawn(worker, args, timeout=180):
+    """torch.multiprocessing.spawn of worker(rank, *args) in 2 processes; a hang fails the test after `timeout`
+    seconds (the processes killed), as the torchrun tests' subprocess timeouts do."""
+    context = torch.multiprocessing.spawn(worker, args=args, nprocs=2, join=False)
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=max(0.1, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{worker.__name__}: 2 processes still running after {timeout} s: a hang")
+
+
 def torchrun(script, *args):
     """`script` under torchrun with 2 processes (gloo on the CPU) on a free port, as a command line."""
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
@@ -491,6 +503,7 @@ def test_non_finite_logits_refuse_naming_the_step():
 # speed.py: the opt-in fast path held equal to the plain model
 # ===================================================================================================
 
+@pytest.mark.slow      # torch.compile's C++ code generation: half a minute on 2 cores
 def test_compiled_sampling_step_gives_the_eager_codes():
     """speed.compile_step compiles the whole sampling step (one-token forward, guidance blend, sampling) with
     static shapes, attending over the whole cache: on the CPU it gives the eager step's codes, and neither it nor
@@ -1007,6 +1020,7 @@ def _pretokenize_worker(rank, world, port, source, out_path):
                                          world_size=world)
     try:
         D.pretokenize(PatchColourTokenizer(16, 8), source, out_path, batch_size=2, progress=False)
+        torch.distributed.barrier()               # all ranks done before the group goes (as train.py)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -1019,7 +1033,7 @@ def test_pretokenize_two_processes_matches_one(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     args = (2, port, source, str(tmp_path / "two.npz"))
-    torch.multiprocessing.spawn(_pretokenize_worker, args=args, nprocs=2)
+    spawn(_pretokenize_worker, args)
     with np.load(single) as one, np.load(tmp_path / "two.npz") as two:
         assert sorted(one.files) == sorted(two.files)
         for key in one.files:
@@ -1064,6 +1078,7 @@ def _download_worker(rank, world, port, url, sha256, torch_home, paths):
     weights.STANDARD_WEIGHTS["stand_in.pth"] = weights.WeightFile(url, sha256, "the tests", "the rest works")
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     paths[rank] = weights.standard_weights("stand_in.pth", progress=False)
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
@@ -1267,7 +1282,7 @@ def test_standard_weights_under_two_processes_are_downloaded_once(weight_server,
     serve_weights(weight_server, monkeypatch, "stand_in.pth", body)
     weight_server.delay = 1.0            # a slow answer: two ranks asking at once would both be served
     paths = torch.multiprocessing.Manager().dict()
-    torch.multiprocessing.spawn(_download_worker, nprocs=2, args=(
+    spawn(_download_worker, (
         2, free_port(), weights.STANDARD_WEIGHTS["stand_in.pth"].url, hashlib.sha256(body).hexdigest(),
         str(tmp_path / "torch_home"), paths))
     cached = tmp_path / "torch_home" / "hub" / "checkpoints" / "stand_in.pth"
@@ -1645,6 +1660,7 @@ sys.exit(plumbing.cli(train.main, sys.argv[2:]))
 """
 
 
+@pytest.mark.slow      # four train.py processes: half a minute on 2 cores
 def test_pretokenization_stops_on_a_signal_and_the_same_command_continues(tmp_path):
     """train.py --stage ar making its codes (200 images, 4 batches of 64): SIGTERM in batch 1 keeps batches 0 and
     1 and exits 143, Ctrl-C (SIGINT) in batch 2 of the rerun keeps batch 2 and exits 130, each with one line and
@@ -2188,6 +2204,7 @@ def _cluster_worker(rank, world, port, z, out):
     q.cluster_update_(z.chunk(world)[rank])
     if rank == 0:
         torch.save(q.state_dict(), out)
+    torch.distributed.barrier()         # destroying a gloo group while a peer still works can hang
     torch.distributed.destroy_process_group()
 
 
@@ -2203,7 +2220,7 @@ def _quantizer():
 def test_codebook_statistics_gathered_across_processes(tmp_path):
     """The clustering update over 2 gloo processes with half a batch each equals 1 process with all of it."""
     z = torch.randn(2 * 40, 8, generator=torch.Generator().manual_seed(1))
-    torch.multiprocessing.spawn(_cluster_worker, args=(2, free_port(), z, tmp_path / "two.pt"), nprocs=2)
+    spawn(_cluster_worker, (2, free_port(), z, tmp_path / "two.pt"))
     one = _quantizer()
     one.cluster_update_(z)
     two = torch.load(tmp_path / "two.pt", weights_only=True)
