@@ -3936,7 +3936,7 @@ def test_bench_counts_convolution_flops():
     assert bench.conv_flops(net, torch.rand(2, 3, 10, 10)) == 2 * (8 * 100 * 27 + 4 * 100 * 4 + 5 * 400)
 
 
-@pytest.mark.slow      # bf16 matmul-rate probes (2048^2 products) and the FID Inception rows: minutes on 2 cores
+@pytest.mark.slow      # generate() in two precisions, the tokenizer and the FID Inception rows
 def test_bench_runs_and_prints_a_table(capsys):
     assert bench.main(["--preset", "tiny", "--batch", "2", "--uncached-tokens", "6", "--device", "cpu",
                        "--tokenizer-batch", "1", "--inception-batch", "1"]) == 0
