@@ -1029,11 +1029,7 @@ def test_pretokenize_two_processes_matches_one(tmp_path):
     write_npz(tmp_path / "src.npz", n=5, side=20)  # 5 images: rank 0 gets 3, rank 1 gets 2
     source = str(tmp_path / "src.npz")
     single = D.pretokenize(PatchColourTokenizer(16, 8), source, str(tmp_path / "one.npz"), progress=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    args = (2, port, source, str(tmp_path / "two.npz"))
-    spawn(_pretokenize_worker, args)
+    spawn(_pretokenize_worker, (2, free_port(), source, str(tmp_path / "two.npz")))
     with np.load(single) as one, np.load(tmp_path / "two.npz") as two:
         assert sorted(one.files) == sorted(two.files)
         for key in one.files:
