@@ -1,6 +1,6 @@
 """The whole method on a laptop CPU: stage 1 -> stage 2 -> ten-crop codes -> generator -> samples -> scores.
 
-    python tools/demo.py                  # tiny preset, built-in shapes, about 10-15 minutes on 2 cores
+    python tools/demo.py                  # tiny preset, built-in shapes, about 20 minutes on 2 cores
     python tools/demo.py --offline        # no downloads: rFID / FID / IS only if the Inception file is cached
 
 Each step is the command it prints (so you can re-run any of them by hand) and is skipped or resumed when
